@@ -1,0 +1,229 @@
+"""safetensors: 8-byte little-endian header length, a JSON header, then the
+data block. Spec: https://github.com/huggingface/safetensors (README,
+"Format"). ``data_offsets`` are relative to the data block; readers must not
+assume any order of entries; writers pad the header with spaces to a multiple
+of 8 bytes. ``__metadata__`` is str -> str; ckptconv keeps the non-tensor tree,
+ties and source there under ``ckptconv.*`` keys, plus ``format: pt``.
+
+Sharded checkpoints follow the Hugging Face layout: ``NAME-0000K-of-0000N
+.safetensors`` shards and ``NAME.safetensors.index.json`` with
+``{"metadata": {...}, "weight_map": {tensor: shard}}``.
+"""
+from __future__ import annotations
+
+import json
+import struct
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from ckptconv import dtypes as _dt
+from ckptconv.atomic import atomic_file, atomic_files, check_target
+from ckptconv.errors import FormatError, UnsupportedError, UsageError
+from ckptconv.registry import Adapter
+from ckptconv.streaming import OutFile
+from ckptconv.tensor import FileHandle, FileSource, StoredTensor, TensorRef
+from ckptconv.tree import Checkpoint, iter_tensors, tree_from_metadata, tree_to_metadata
+
+MAX_HEADER = 100 << 20  # safetensors itself refuses headers above 100 MB
+DEFAULT_SHARD = 5 * 10**9
+
+
+def _parse_header(handle: FileHandle) -> tuple[dict, int]:
+    """(header dict, absolute offset of the data block)."""
+    name = handle.display
+    if handle.size < 8:
+        raise FormatError(f"{name}: too short for safetensors ({handle.size} bytes)")
+    (n,) = struct.unpack("<Q", handle.pread(0, 8))
+    if n > MAX_HEADER:
+        raise FormatError(f"{name}: safetensors header length {n} is absurd (limit {MAX_HEADER})")
+    if 8 + n > handle.size:
+        raise FormatError(f"{name}: truncated safetensors header (needs {n} bytes, "
+                          f"file has {handle.size - 8} after the length)")
+    try:
+        header = json.loads(handle.pread(8, n))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise FormatError(f"{name}: safetensors header is not valid JSON: {e}") from None
+    if not isinstance(header, dict):
+        raise FormatError(f"{name}: safetensors header is not a JSON object")
+    return header, 8 + n
+
+
+def read_safetensors_file(path: Path) -> tuple[dict[str, TensorRef], dict[str, str]]:
+    """Flat tensors (lazy) and ``__metadata__`` of one .safetensors file."""
+    handle = FileHandle(path)
+    header, data_start = _parse_header(handle)
+    data_size = handle.size - data_start
+    meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise FormatError(f"{handle.display}: __metadata__ must map strings to strings")
+    tensors: dict[str, TensorRef] = {}
+    spans = []
+    for name, info in header.items():
+        try:
+            dtype = _dt.from_safetensors(info["dtype"])
+            shape = [int(s) for s in info["shape"]]
+            begin, end = (int(x) for x in info["data_offsets"])
+        except FormatError as e:
+            raise FormatError(f"{handle.display}: tensor '{name}': {e}") from None
+        except (KeyError, TypeError, ValueError):
+            raise FormatError(f"{handle.display}: tensor '{name}' has a malformed header entry") from None
+        if any(s < 0 for s in shape):
+            raise FormatError(f"{handle.display}: tensor '{name}' has a negative dimension {shape}")
+        numel = 1
+        for s in shape:
+            numel *= s
+        if not 0 <= begin <= end or end - begin != numel * dtype.itemsize:
+            raise FormatError(f"{handle.display}: tensor '{name}' {dtype.name}{shape} needs "
+                              f"{numel * dtype.itemsize} bytes but data_offsets give {end - begin}")
+        if end > data_size:
+            raise FormatError(f"{handle.display}: tensor '{name}' ends at data offset {end}, "
+                              f"file holds {data_size} data bytes (truncated?)")
+        spans.append((begin, end, name))
+        tensors[name] = StoredTensor(dtype, shape,
+                                     FileSource(handle, data_start + begin, end - begin, f"tensor '{name}'"))
+    spans.sort()
+    for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
+        if b1 < e0 and e1 > b1:
+            raise FormatError(f"{handle.display}: tensors '{n0}' and '{n1}' overlap in the data block")
+    return tensors, meta
+
+
+def _read_index(path: Path) -> tuple[dict[str, TensorRef], dict[str, str]]:
+    try:
+        index = json.loads(path.read_text())
+        weight_map = index["weight_map"]
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise FormatError(f"{path.name}: not a safetensors index ({e})") from None
+    tensors: dict[str, TensorRef] = {}
+    shard_meta: dict[str, str] = {}
+    for shard in dict.fromkeys(weight_map.values()):
+        sp = (path.parent / shard).resolve()
+        if path.parent.resolve() not in sp.parents:
+            raise FormatError(f"{path.name}: shard '{shard}' lies outside the index's folder")
+        if not sp.exists():
+            raise FormatError(f"{path.name}: shard '{shard}' is missing")
+        t, m = read_safetensors_file(sp)
+        shard_meta.update(m)
+        for name, ref in t.items():
+            if weight_map.get(name) == shard:
+                tensors[name] = ref
+    missing = [n for n in weight_map if n not in tensors]
+    if missing:
+        raise FormatError(f"{path.name}: {len(missing)} tensors in weight_map not found in their "
+                          f"shard, e.g. '{missing[0]}'")
+    meta = {k: v for k, v in shard_meta.items() if not k.startswith("ckptconv.")}
+    meta.update({k: v for k, v in (index.get("metadata") or {}).items() if isinstance(v, str)})
+    # keep tensor order as in the weight map (the writer's order)
+    tensors = {n: tensors[n] for n in weight_map}
+    return tensors, meta
+
+
+class SafetensorsAdapter(Adapter):
+    name = "safetensors"
+    extensions = (".safetensors", ".safetensors.index.json")
+    description = "safetensors (single file or sharded *.index.json)"
+
+    def sniff(self, head: bytes, path: Path) -> bool:
+        if path.name.endswith(".index.json"):
+            return b'"weight_map"' in head or (path.is_file() and b'"weight_map"' in path.read_bytes()[:1 << 20])
+        if len(head) < 10 or head[8:9] != b"{":
+            return False
+        (n,) = struct.unpack("<Q", head[:8])
+        return 2 <= n <= MAX_HEADER
+
+    def read(self, path: Path, **options) -> Checkpoint:
+        if path.name.endswith(".index.json"):
+            tensors, meta = _read_index(path)
+        else:
+            tensors, meta = read_safetensors_file(path)
+        tree, meta = tree_from_metadata(tensors, meta, path.name)
+        return Checkpoint(tree, meta, self.name, str(path))
+
+    def write(self, ckpt: Checkpoint, path: Path, force: bool = False, shard_size: int | None = None,
+              dedupe_tied: bool = False, jobs: int = 1, **options) -> dict:
+        entries: list[tuple[str, TensorRef]] = []
+        names: dict[int, str] = {}
+        for name, ref in iter_tensors(ckpt.tree):
+            if name == "__metadata__":
+                raise UnsupportedError("safetensors cannot hold a tensor named '__metadata__'")
+            first = names.setdefault(id(ref), name)
+            if dedupe_tied and first != name:
+                continue
+            entries.append((name, ref))
+        for _, ref in entries:
+            if ref.dtype.safetensors is None:
+                raise UnsupportedError(f"{path.name}: safetensors has no dtype for {ref.dtype.name}")
+        metadata = {"format": "pt"}
+        metadata.update({k: str(v) for k, v in ckpt.metadata.items() if k != "format"})
+        if "format" in ckpt.metadata:
+            metadata["format"] = str(ckpt.metadata["format"])
+        metadata.update(tree_to_metadata(ckpt, names))
+        notes = []
+        if not ckpt.is_flat:
+            notes.append("non-tensor entries kept in __metadata__['ckptconv.tree']")
+        sharded = path.name.endswith(".index.json")
+        if sharded and not shard_size:
+            shard_size = DEFAULT_SHARD
+        total = sum(ref.nbytes for _, ref in entries)
+        if shard_size and (total > shard_size or sharded):
+            files = self._write_sharded(entries, metadata, path, shard_size, force, jobs)
+        else:
+            if sharded:
+                raise UsageError(f"{path}: give --shard-size to write a sharded index")
+            with atomic_file(path, force) as tmp:
+                _write_one(tmp, entries, metadata)
+            files = [str(path)]
+        return {"files": files, "notes": notes}
+
+    def _write_sharded(self, entries, metadata, path: Path, shard_size: int, force: bool, jobs: int):
+        shards: list[list[tuple[str, TensorRef]]] = [[]]
+        size = 0
+        for name, ref in entries:
+            if shards[-1] and size + ref.nbytes > shard_size:
+                shards.append([])
+                size = 0
+            shards[-1].append((name, ref))
+            size += ref.nbytes
+        stem = path.name
+        for suffix in (".safetensors.index.json", ".index.json", ".safetensors"):
+            if stem.endswith(suffix):
+                stem = stem[: -len(suffix)]
+                break
+        n = len(shards)
+        shard_names = [f"{stem}-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
+        index_path = path.parent / f"{stem}.safetensors.index.json"
+        targets = [path.parent / s for s in shard_names] + [index_path]
+        shard_md = {k: v for k, v in metadata.items() if not k.startswith("ckptconv.")}
+        index = {"metadata": {"total_size": str(sum(r.nbytes for _, r in entries)),
+                              **{k: v for k, v in metadata.items() if k != "format"}},
+                 "weight_map": {name: shard_names[k] for k, sh in enumerate(shards) for name, _ in sh}}
+        with atomic_files(targets, force) as tmps:
+            work = [(tmps[k], shards[k], shard_md) for k in range(n)]
+            if jobs > 1 and n > 1:
+                with ThreadPoolExecutor(max_workers=jobs) as ex:
+                    list(ex.map(lambda w: _write_one(*w), work))
+            else:
+                for w in work:
+                    _write_one(*w)
+            tmps[-1].write_text(json.dumps(index, indent=2) + "\n")
+        return [str(t) for t in targets]
+
+
+def _write_one(path: Path, entries, metadata: dict[str, str]) -> None:
+    order = sorted(range(len(entries)), key=lambda i: -entries[i][1].dtype.itemsize)
+    header: dict = {"__metadata__": metadata}
+    offset = 0
+    for i in order:
+        name, ref = entries[i]
+        header[name] = {"dtype": ref.dtype.safetensors, "shape": list(ref.shape),
+                        "data_offsets": [offset, offset + ref.nbytes]}
+        offset += ref.nbytes
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    raw += b" " * (-len(raw) % 8)
+    with OutFile(path) as out:
+        out.write(struct.pack("<Q", len(raw)))
+        out.write(raw)
+        for i in order:
+            out.write_tensor(entries[i][1])
+        if out.pos != 8 + len(raw) + offset:
+            raise FormatError(f"{path}: wrote {out.pos} bytes, planned {8 + len(raw) + offset}")

@@ -1,0 +1,120 @@
+"""Atomic output: write to a temp file in the target folder, fsync, rename,
+fsync the folder. A crash or a full disk never leaves a half-written target,
+and an existing target is only replaced with ``force``.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from .errors import CkptconvError, UsageError
+
+
+class WriteError(CkptconvError):
+    """The output could not be written (disk full, file-size limit, permissions)."""
+
+
+def check_target(path: Path, force: bool) -> None:
+    if path.exists() and not force:
+        raise UsageError(f"{path}: already exists; pass --force to replace it")
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _describe(e: OSError, path: Path) -> str:
+    if e.errno == errno.ENOSPC:
+        return f"{path}: no space left on device; nothing was written"
+    if e.errno == errno.EFBIG:
+        return f"{path}: file too large for this file system or limit; nothing was written"
+    return f"{path}: cannot write: {e.strerror or e}"
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
+    """Yield a temp path next to ``path``; on success it replaces ``path``."""
+    path = Path(path)
+    check_target(path, force)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".ckptconv-tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except OSError as e:
+        raise WriteError(_describe(e, path)) from e
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
+    """Like ``atomic_file`` for outputs that are folders (SavedModel-style)."""
+    path = Path(path)
+    check_target(path, force)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".ckptconv-tmp", dir=path.parent))
+    try:
+        yield tmp
+        for root, _, files in os.walk(tmp):
+            for f in files:
+                with open(os.path.join(root, f), "rb+") as fh:
+                    os.fsync(fh.fileno())
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-ckptconv-tmp")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+        else:
+            os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except OSError as e:
+        raise WriteError(_describe(e, path)) from e
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_files(paths: list[Path], force: bool = False) -> Iterator[list[Path]]:
+    """Several outputs (shards + index) that appear together or not at all."""
+    for p in paths:
+        check_target(p, force)
+    with contextlib.ExitStack() as stack:
+        tmps = []
+        for p in paths:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".ckptconv-tmp", dir=p.parent)
+            os.close(fd)
+            tmps.append(Path(tmp))
+            stack.callback(lambda t=Path(tmp): t.unlink() if t.exists() else None)
+        try:
+            yield tmps
+            for t in tmps:
+                with open(t, "rb+") as f:
+                    os.fsync(f.fileno())
+            for t, p in zip(tmps, paths):
+                os.replace(t, p)
+            for folder in {p.parent for p in paths}:
+                _fsync_dir(folder)
+        except OSError as e:
+            raise WriteError(_describe(e, paths[0])) from e

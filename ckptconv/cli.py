@@ -1,0 +1,220 @@
+"""Command-line interface: a thin layer over the Python API.
+
+Errors are one line on stderr (``ckptconv: error: FILE: problem``) with the
+contract's exit codes: 0 ok, 1 bad input or integrity failure, 2 usage,
+3 unsafe content refused. ``--debug`` shows the traceback. Heavy libraries
+(torch, tensorflow, h5py, onnx) are never imported at start-up.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Sequence
+
+from .errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_USAGE, CkptconvError
+
+PROG = "ckptconv"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, as the contract says
+        self.print_usage(sys.stderr)
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+
+
+def _size(text: str) -> int:
+    t = text.strip().upper().replace(" ", "")
+    units = {"KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40,
+             "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "K": 10**3, "M": 10**6,
+             "G": 10**9, "T": 10**12, "B": 1}
+    for u, mult in units.items():
+        if t.endswith(u):
+            num = t[: -len(u)]
+            break
+    else:
+        num, mult = t, 1
+    try:
+        value = int(float(num) * mult)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: '{text}' (try 5GB or 500MB)") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"size must be positive: '{text}'")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, description="Convert, inspect and check model checkpoints "
+                "(PyTorch, safetensors, TensorFlow, HDF5/Keras, ONNX) without running their code.")
+    p.add_argument("--version", action="version", version=f"{PROG} {_version()}")
+    sub = p.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
+    sub.required = True
+
+    def verb(name, help_, json_=True):
+        sp = sub.add_parser(name, help=help_, description=help_)
+        sp.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+        if json_:
+            sp.add_argument("--json", action="store_true", help="print a JSON report")
+        return sp
+
+    c = verb("convert", "convert SRC to DST (format from --to or DST's extension)")
+    c.add_argument("src")
+    c.add_argument("dst")
+    c.add_argument("--to", metavar="FMT", help="target format (see `ckptconv formats`)")
+    c.add_argument("--from", dest="from_", metavar="FMT", help="force the source format")
+    c.add_argument("--map", action="append", metavar="RULES_FILE|PRESET",
+                   help="key-rename rules (repeatable; applied in order)")
+    c.add_argument("--strict", action="store_true", help="unmatched keys are an error")
+    c.add_argument("--select", metavar="TREE.PATH", help="convert only this subtree")
+    c.add_argument("--dtype", metavar="DTYPE", help="cast floating-point tensors (bf16, fp16, ...)")
+    c.add_argument("--shard-size", type=_size, metavar="SIZE", help="shard output (e.g. 5GB)")
+    c.add_argument("--dedupe-tied", action="store_true",
+                   help="store tied tensors once (safetensors)")
+    c.add_argument("--template", metavar="MODEL.onnx",
+                   help="onnx: replace the weights of this exported graph by name")
+    c.add_argument("--torch-compat", metavar="VERSION",
+                   help="torch: write what this torch version can load, or fail")
+    c.add_argument("--manifest", action="store_true", help="also write <DST>.sha256.json")
+    c.add_argument("--jobs", type=int, default=1, help="write shards in parallel")
+    c.add_argument("--force", action="store_true", help="replace DST if it exists")
+    c.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    i = verb("inspect", "show format, tensors, dtypes, shapes, bytes, tree and metadata")
+    i.add_argument("src")
+    i.add_argument("--from", dest="from_", metavar="FMT", help="force the source format")
+    i.add_argument("--all", action="store_true", help="list every tensor (default: first 50)")
+
+    d = verb("diff", "compare two checkpoints: keys, shapes, dtypes, values")
+    d.add_argument("a")
+    d.add_argument("b")
+    d.add_argument("--map", action="append", metavar="RULES_FILE|PRESET",
+                   help="rules applied to A before comparing")
+    d.add_argument("--suggest", action="store_true", help="print DSL rules that map A onto B")
+
+    k = verb("check", "torch compatibility: minimum torch, weights_only blockers")
+    k.add_argument("src")
+
+    s = verb("sanitize", "rewrite as a torch file that loads with weights_only=True", json_=True)
+    s.add_argument("src")
+    s.add_argument("dst")
+    s.add_argument("--force", action="store_true")
+
+    v = verb("verify", "integrity: CRCs, offsets, sizes, checksums")
+    v.add_argument("src")
+    v.add_argument("--manifest", action="store_true", help="also check <SRC>.sha256.json")
+
+    sc = verb("scan", "pickle safety report; never executes anything")
+    sc.add_argument("src", nargs="+")
+
+    verb("formats", "list formats")
+    pr = verb("presets", "list mapping presets, or print one")
+    pr.add_argument("name", nargs="?")
+    return p
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _emit(report: Any, as_json: bool) -> None:
+    if as_json:
+        data = report.to_dict() if hasattr(report, "to_dict") else report
+        print(json.dumps(data, indent=2, default=str))
+    else:
+        print(str(report))
+
+
+def _progress_enabled(args) -> bool:
+    return not getattr(args, "no_progress", False) and sys.stderr.isatty()
+
+
+def run(args: argparse.Namespace) -> int:
+    from . import api
+
+    if args.verb == "convert":
+        report = api.convert(
+            args.src, args.dst, to=args.to, format=args.from_, mapping=args.map,
+            select=args.select, force=args.force, dtype=args.dtype, strict=args.strict,
+            shard_size=args.shard_size, dedupe_tied=args.dedupe_tied, template=args.template,
+            torch_compat=args.torch_compat, manifest=args.manifest, jobs=args.jobs,
+            progress=_progress_enabled(args))
+        _emit(report, args.json)
+        return EXIT_OK
+    if args.verb == "inspect":
+        from .inspect_ import inspect_checkpoint
+
+        report = inspect_checkpoint(api.load(args.src, format=args.from_), show_all=args.all)
+        _emit(report, args.json)
+        return EXIT_OK
+    if args.verb == "formats":
+        from .inspect_ import formats_report
+
+        _emit(formats_report(), args.json)
+        return EXIT_OK
+    if args.verb == "presets":
+        from .mapping import presets_report
+
+        _emit(presets_report(args.name), args.json)
+        return EXIT_OK
+    if args.verb == "diff":
+        from .diff import diff
+
+        report = diff(args.a, args.b, mapping=api.resolve_mapping(args.map), suggest=args.suggest)
+        _emit(report, args.json)
+        return getattr(report, "exit_code", EXIT_OK)
+    if args.verb == "check":
+        report = api.check(args.src)
+        _emit(report, args.json)
+        return getattr(report, "exit_code", EXIT_OK)
+    if args.verb == "sanitize":
+        from .compat import sanitize
+
+        report = sanitize(args.src, args.dst, force=args.force)
+        _emit(report, args.json)
+        return EXIT_OK
+    if args.verb == "verify":
+        report = api.verify(args.src, manifest=args.manifest)
+        _emit(report, args.json)
+        return getattr(report, "exit_code", EXIT_OK)
+    if args.verb == "scan":
+        from .safety import scan_paths
+
+        report = scan_paths(args.src)
+        _emit(report, args.json)
+        return getattr(report, "exit_code", EXIT_OK)
+    raise AssertionError(args.verb)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except CkptconvError as e:
+        if args.debug:
+            raise
+        print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return EXIT_OK
+    except Exception as e:  # a bug or an input we did not foresee: still one line
+        if args.debug:
+            raise
+        print(f"{PROG}: error: {_one_line(e, internal=True)} (run with --debug for the traceback)",
+              file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+def _one_line(e: BaseException, internal: bool = False) -> str:
+    msg = " ".join(str(e).split()) or type(e).__name__
+    return f"{type(e).__name__}: {msg}" if internal else msg
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

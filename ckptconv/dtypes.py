@@ -1,0 +1,133 @@
+"""Canonical dtypes: one name per element type, shared by every adapter.
+
+Names follow torch (``float32``, ``bfloat16``, ``float8_e4m3fn``, ``uint16``);
+each maps to a numpy dtype (ml_dtypes for the ones numpy lacks), to the
+safetensors code and to torch's name. Sources of truth: safetensors' README
+(dtype codes), ``torch/storage.py`` (``_dtype_to_storage_type_map``,
+``_new_dtypes``), ml_dtypes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import ml_dtypes
+import numpy as np
+
+from .errors import FormatError
+
+
+@dataclass(frozen=True)
+class DType:
+    name: str            # canonical (torch) name
+    itemsize: int        # bytes per element; sub-byte types are packed
+    numpy: np.dtype | None
+    safetensors: str | None
+    storage_class: str | None = None  # legacy torch.<X>Storage name, if any
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def _d(name, itemsize, np_type, st, storage=None):
+    return DType(name, itemsize, None if np_type is None else np.dtype(np_type), st, storage)
+
+
+_ALL = [
+    _d("float64", 8, np.float64, "F64", "DoubleStorage"),
+    _d("float32", 4, np.float32, "F32", "FloatStorage"),
+    _d("float16", 2, np.float16, "F16", "HalfStorage"),
+    _d("bfloat16", 2, ml_dtypes.bfloat16, "BF16", "BFloat16Storage"),
+    _d("float8_e4m3fn", 1, ml_dtypes.float8_e4m3fn, "F8_E4M3"),
+    _d("float8_e5m2", 1, ml_dtypes.float8_e5m2, "F8_E5M2"),
+    _d("float8_e4m3fnuz", 1, ml_dtypes.float8_e4m3fnuz, "F8_E4M3FNUZ"),
+    _d("float8_e5m2fnuz", 1, ml_dtypes.float8_e5m2fnuz, "F8_E5M2FNUZ"),
+    _d("float8_e8m0fnu", 1, ml_dtypes.float8_e8m0fnu, "F8_E8M0"),
+    _d("int64", 8, np.int64, "I64", "LongStorage"),
+    _d("int32", 4, np.int32, "I32", "IntStorage"),
+    _d("int16", 2, np.int16, "I16", "ShortStorage"),
+    _d("int8", 1, np.int8, "I8", "CharStorage"),
+    _d("uint64", 8, np.uint64, "U64"),
+    _d("uint32", 4, np.uint32, "U32"),
+    _d("uint16", 2, np.uint16, "U16"),
+    _d("uint8", 1, np.uint8, "U8", "ByteStorage"),
+    _d("bool", 1, np.bool_, "BOOL", "BoolStorage"),
+    _d("complex128", 16, np.complex128, "C128", "ComplexDoubleStorage"),
+    _d("complex64", 8, np.complex64, "C64", "ComplexFloatStorage"),
+    _d("complex32", 4, ml_dtypes.complex32 if hasattr(ml_dtypes, "complex32") else None, None),
+    _d("int4", 1, ml_dtypes.int4, None),
+    _d("uint4", 1, ml_dtypes.uint4, None),
+]
+
+DTYPES: dict[str, DType] = {d.name: d for d in _ALL}
+
+# Other spellings users and formats use for the same types.
+_ALIASES = {
+    "float": "float32", "double": "float64", "half": "float16", "long": "int64",
+    "int": "int32", "short": "int16", "bf16": "bfloat16", "fp16": "float16",
+    "fp32": "float32", "fp64": "float64", "f32": "float32", "f16": "float16",
+    "fp8": "float8_e4m3fn", "float8_e4m3": "float8_e4m3fn", "cfloat": "complex64",
+    "cdouble": "complex128", "chalf": "complex32", "bool_": "bool",
+}
+
+
+def get(name: str | DType) -> DType:
+    """The canonical DType for a name (torch, numpy, safetensors or alias)."""
+    if isinstance(name, DType):
+        return name
+    key = str(name).removeprefix("torch.").removeprefix("numpy.")
+    if key in DTYPES:
+        return DTYPES[key]
+    low = key.lower()
+    if low in _ALIASES:
+        return DTYPES[_ALIASES[low]]
+    st = _by_safetensors().get(key.upper())
+    if st is not None:
+        return st
+    raise FormatError(f"unknown dtype '{name}'; known: {', '.join(DTYPES)}")
+
+
+@lru_cache(maxsize=None)
+def _by_safetensors() -> dict[str, DType]:
+    return {d.safetensors: d for d in _ALL if d.safetensors}
+
+
+def from_safetensors(code: str) -> DType:
+    try:
+        return _by_safetensors()[code]
+    except KeyError:
+        raise FormatError(f"unknown safetensors dtype '{code}'") from None
+
+
+@lru_cache(maxsize=None)
+def _by_numpy() -> dict[np.dtype, DType]:
+    out = {}
+    for d in reversed(_ALL):
+        if d.numpy is not None:
+            out[d.numpy] = d
+    return out
+
+
+def from_numpy(dtype) -> DType:
+    dt = np.dtype(dtype)
+    if dt.byteorder == ">":
+        dt = dt.newbyteorder("<")
+    try:
+        return _by_numpy()[dt]
+    except KeyError:
+        raise FormatError(f"numpy dtype '{dt}' has no tensor equivalent") from None
+
+
+def from_storage_class(name: str) -> DType:
+    """``FloatStorage`` -> float32 (legacy typed storages of torch.save)."""
+    for d in _ALL:
+        if d.storage_class == name:
+            return d
+    raise FormatError(f"unknown storage type 'torch.{name}'")
+
+
+def numpy_dtype(name: str | DType) -> np.dtype:
+    d = get(name)
+    if d.numpy is None:
+        raise FormatError(f"dtype '{d.name}' has no numpy equivalent")
+    return d.numpy

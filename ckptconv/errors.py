@@ -1,0 +1,49 @@
+"""One exception hierarchy for ckptconv; the CLI maps it to exit codes.
+
+Messages name the file, the place and the fix, on one line:
+``model.pt: tensor 'fc.weight' needs 4.0 MB at offset 812, file ends at 512``.
+"""
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_BAD_INPUT = 1
+EXIT_USAGE = 2
+EXIT_UNSAFE = 3
+
+
+class CkptconvError(Exception):
+    """Base class; ``exit_code`` is what the CLI exits with."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+class FormatError(CkptconvError):
+    """The input is not what its format says it is (corrupt, truncated, unknown)."""
+
+
+class IntegrityError(CkptconvError):
+    """A checksum, CRC, size or offset does not agree with the data."""
+
+
+class UnsafePickleError(CkptconvError):
+    """A pickle asked for a callable outside the allowlist; nothing was executed."""
+
+    exit_code = EXIT_UNSAFE
+
+
+class MissingDependencyError(CkptconvError):
+    """An optional extra is needed for this format."""
+
+
+class MappingError(CkptconvError):
+    """A mapping rule file is malformed or does not fit the checkpoint."""
+
+
+class UsageError(CkptconvError):
+    """Bad arguments: unknown format, existing output without --force, ..."""
+
+    exit_code = EXIT_USAGE
+
+
+class UnsupportedError(CkptconvError):
+    """The target format cannot hold something the checkpoint has."""

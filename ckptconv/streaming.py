@@ -1,0 +1,107 @@
+"""Moving tensor bytes into an output file with memory flat in file size.
+
+Contiguous bytes that already lie in a file are copied file-to-file with
+``os.copy_file_range`` (``sendfile``, then bounded ``pread`` as fallbacks);
+everything else (strided views, casts, transforms) arrives from
+``TensorRef.iter_bytes`` in bounded chunks. Small writes are coalesced.
+"""
+from __future__ import annotations
+
+import os
+
+from .tensor import FileHandle, TensorRef
+
+_BUF_LIMIT = 4 << 20
+_DIRECT_MIN = 256 << 10  # below this a pread + buffered write is cheaper
+_COPY_STEP = 1 << 30
+
+
+class OutFile:
+    """A write-only output with coalesced small writes and zero-copy big ones."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self.buf = bytearray()
+        self.pos = 0  # bytes handed to us so far (logical end of file)
+        self._can_copy_range = hasattr(os, "copy_file_range")
+        self._can_sendfile = hasattr(os, "sendfile")
+
+    def write(self, data) -> None:
+        n = len(data)
+        if n >= _BUF_LIMIT:
+            self.flush()
+            self._write_all(memoryview(data).cast("B"))
+        else:
+            self.buf += data
+            if len(self.buf) >= _BUF_LIMIT:
+                self.flush()
+        self.pos += n
+
+    def _write_all(self, view) -> None:
+        while len(view):
+            k = os.write(self.fd, view)
+            view = view[k:]
+
+    def flush(self) -> None:
+        if self.buf:
+            self._write_all(memoryview(self.buf))
+            self.buf = bytearray()
+
+    def copy_from(self, handle: FileHandle, offset: int, nbytes: int) -> None:
+        """Append ``nbytes`` of ``handle`` starting at ``offset``."""
+        if nbytes < _DIRECT_MIN:
+            self.write(handle.pread(offset, nbytes))
+            return
+        if offset + nbytes > handle.size:
+            handle.pread(offset, nbytes)  # raises the one-line truncation error
+        self.flush()
+        src = handle.fileno()
+        done = 0
+        while done < nbytes:
+            want = min(nbytes - done, _COPY_STEP)
+            k = 0
+            if self._can_copy_range:
+                try:
+                    k = os.copy_file_range(src, self.fd, want, offset + done)
+                except OSError:
+                    self._can_copy_range = False
+                    k = 0
+            if k == 0 and self._can_sendfile:
+                try:
+                    k = os.sendfile(self.fd, src, offset + done, want)
+                except OSError:
+                    self._can_sendfile = False
+                    k = 0
+            if k == 0:
+                chunk = handle.pread(offset + done, min(want, 8 << 20))
+                self._write_all(memoryview(chunk))
+                k = len(chunk)
+            done += k
+        self.pos += nbytes
+
+    def write_tensor(self, ref: TensorRef) -> None:
+        span = ref.file_span()
+        if span is not None:
+            handle, off, n = span
+            self.copy_from(handle, off, n)
+            return
+        for chunk in ref.iter_bytes():
+            self.write(chunk)
+
+    def pad_to(self, multiple: int) -> None:
+        rem = self.pos % multiple
+        if rem:
+            self.write(b"\0" * (multiple - rem))
+
+    def close(self) -> None:
+        try:
+            self.flush()
+        finally:
+            os.close(self.fd)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,379 @@
+"""The canonical form: a ``Checkpoint`` is a tree with lazy tensor leaves.
+
+Nodes are dicts (any hashable keys, ``OrderedDict`` kept as such), lists,
+tuples, plain scalars, strings, bytes, None, numpy scalars, and inert
+``ObjectRecord``s (a pickled class instance that was *recorded*, never
+constructed). Leaves that are ``TensorRef``s are the tensors. The same
+``TensorRef`` object at two paths is a tied tensor (``aliases``).
+
+Flat tensor names join the path with ".": ``model_state_dict.conv.weight``;
+a plain state dict keeps its own keys. ``encode_tree``/``decode_tree`` turn
+the non-tensor structure into JSON, so formats that only hold flat named
+tensors (safetensors, TF, HDF5) can carry the whole checkpoint in metadata.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import math
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import numpy as np
+
+from .errors import FormatError, UsageError
+from .tensor import ArrayTensor, TensorRef
+
+TREE_KEY = "ckptconv.tree"
+ALIASES_KEY = "ckptconv.aliases"
+SOURCE_KEY = "ckptconv.source"
+
+
+@dataclass(eq=False)
+class ObjectRecord:
+    """An object from a pickle, recorded inertly: never imported nor called.
+
+    ``kind`` says how it was built: ``"newobj"`` (``cls.__new__(cls, *args)`` then
+    ``__setstate__``/``__dict__`` update with ``state``), ``"reduce"`` (an
+    allowlisted call such as ``torch.Size((2, 3))``) or ``"global"`` (a bare
+    reference such as ``torch.float32``).
+    """
+
+    cls: str
+    state: Any = None
+    args: tuple = ()
+    kind: str = "newobj"
+
+    def __eq__(self, other):
+        return (isinstance(other, ObjectRecord) and self.cls == other.cls
+                and self.kind == other.kind and _eq(self.args, other.args)
+                and _eq(self.state, other.state))
+
+    def __hash__(self):
+        return hash((self.cls, self.kind))
+
+    def __repr__(self):
+        if self.kind == "global":
+            return f"<{self.cls}>"
+        inner = ", ".join(repr(a) for a in self.args) if self.kind == "reduce" else repr(self.state)
+        return f"<{self.cls}({inner})>"
+
+
+def _eq(a, b) -> bool:
+    try:
+        r = a == b
+        return bool(r) if not isinstance(r, np.ndarray) else bool(r.all())
+    except Exception:
+        return a is b
+
+
+def _children(node) -> Iterator[tuple[Any, Any]]:
+    if isinstance(node, dict):
+        yield from node.items()
+    elif isinstance(node, (list, tuple)):
+        yield from enumerate(node)
+    elif isinstance(node, ObjectRecord):
+        if node.kind == "newobj" and isinstance(node.state, dict):
+            yield from node.state.items()
+        elif node.kind == "newobj" and node.state is not None:
+            yield "__state__", node.state
+        if node.args:
+            yield "__args__", node.args
+
+
+def join_path(path: tuple) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def iter_leaves(tree, path: tuple = ()) -> Iterator[tuple[tuple, Any]]:
+    """Every leaf (tensor or plain value) with its path, depth first, in order."""
+    if isinstance(tree, (dict, list, tuple)) or (isinstance(tree, ObjectRecord) and tree.kind == "newobj"):
+        kids = list(_children(tree))
+        if not kids:
+            yield path, tree
+        for k, v in kids:
+            yield from iter_leaves(v, path + (k,))
+    else:
+        yield path, tree
+
+
+def iter_tensors(tree) -> Iterator[tuple[str, TensorRef]]:
+    for path, leaf in iter_leaves(tree):
+        if isinstance(leaf, TensorRef):
+            yield join_path(path), leaf
+
+
+@dataclass
+class Checkpoint:
+    """A lazily loaded checkpoint: ``tree`` plus ``metadata`` (str -> str)."""
+
+    tree: Any
+    metadata: dict[str, str] = field(default_factory=dict)
+    format: str | None = None
+    path: str | None = None
+    info: dict[str, Any] = field(default_factory=dict)  # reader notes (object paths, writer...)
+
+    def tensors(self) -> dict[str, TensorRef]:
+        """Flat name -> tensor, every name (tied tensors appear under each)."""
+        out: dict[str, TensorRef] = {}
+        for name, ref in iter_tensors(self.tree):
+            if name in out:
+                raise FormatError(f"two tensors flatten to the same name '{name}'")
+            out[name] = ref
+        return out
+
+    def unique_tensors(self) -> dict[str, TensorRef]:
+        """Flat name -> tensor, each tied group once, under its first name."""
+        seen: set[int] = set()
+        out = {}
+        for name, ref in iter_tensors(self.tree):
+            if id(ref) not in seen:
+                seen.add(id(ref))
+                out[name] = ref
+        return out
+
+    @property
+    def aliases(self) -> dict[str, str]:
+        """Tied tensors: name -> the first name holding the same tensor."""
+        first: dict[int, str] = {}
+        out = {}
+        for name, ref in iter_tensors(self.tree):
+            if id(ref) in first:
+                out[name] = first[id(ref)]
+            else:
+                first[id(ref)] = name
+        return out
+
+    def leaves(self) -> list[tuple[str, Any]]:
+        return [(join_path(p), v) for p, v in iter_leaves(self.tree)]
+
+    @property
+    def is_flat(self) -> bool:
+        """True for a plain state dict: a dict of str keys -> tensors only."""
+        return isinstance(self.tree, dict) and all(
+            isinstance(k, str) and isinstance(v, TensorRef) for k, v in self.tree.items())
+
+    def select(self, tree_path: str) -> "Checkpoint":
+        """The subtree at ``tree_path`` (``model_state_dict`` or ``a.b.0``)."""
+        node = self.tree
+        if not tree_path:
+            return self
+        rest = tree_path
+        while rest:
+            found = False
+            for k, v in _children(node):
+                ks = str(k)
+                if rest == ks or rest.startswith(ks + "."):
+                    node, rest, found = v, rest[len(ks) + 1:], True
+                    break
+            if not found:
+                tops = [str(k) for k, _ in _children(node)][:12]
+                raise UsageError(f"--select '{tree_path}': no '{rest}' in the checkpoint; "
+                                 f"subtrees here: {', '.join(tops) or '(none)'}")
+        return Checkpoint(node, dict(self.metadata), self.format, self.path, dict(self.info))
+
+    def map_tensors(self, fn) -> "Checkpoint":
+        """A copy whose tensors are ``fn(ref)`` (ties kept: each ref mapped once)."""
+        memo: dict[int, TensorRef] = {}
+
+        def one(ref):
+            if id(ref) not in memo:
+                memo[id(ref)] = fn(ref)
+            return memo[id(ref)]
+
+        return Checkpoint(map_tree(self.tree, one), dict(self.metadata), self.format,
+                          self.path, dict(self.info))
+
+    @classmethod
+    def from_state_dict(cls, tensors: dict, metadata: dict | None = None) -> "Checkpoint":
+        """A checkpoint from name -> tensor (TensorRef, numpy array or torch tensor)."""
+        return cls(to_canonical(dict(tensors)), dict(metadata or {}))
+
+    def __repr__(self):
+        t = self.unique_tensors()
+        return (f"<Checkpoint {self.format or ''} {len(t)} tensors, "
+                f"{sum(r.nbytes for r in t.values())} bytes>")
+
+
+def map_tree(tree, fn):
+    """Copy ``tree`` with every tensor replaced by ``fn(tensor)``."""
+    if isinstance(tree, TensorRef):
+        return fn(tree)
+    if isinstance(tree, OrderedDict):
+        return OrderedDict((k, map_tree(v, fn)) for k, v in tree.items())
+    if isinstance(tree, dict):
+        return {k: map_tree(v, fn) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [map_tree(v, fn) for v in tree]
+    if isinstance(tree, tuple):
+        return tuple(map_tree(v, fn) for v in tree)
+    if isinstance(tree, ObjectRecord):
+        return ObjectRecord(tree.cls, map_tree(tree.state, fn), map_tree(tree.args, fn), tree.kind)
+    return tree
+
+
+def to_canonical(obj, _memo=None):
+    """Turn torch tensors / numpy arrays in a user's tree into TensorRefs (ties kept)."""
+    memo = {} if _memo is None else _memo
+    if isinstance(obj, TensorRef):
+        return obj
+    mod = type(obj).__module__
+    if mod.startswith("torch") and hasattr(obj, "untyped_storage") and hasattr(obj, "dtype"):
+        from .tensor import from_torch
+
+        key = (obj.untyped_storage().data_ptr(), obj.storage_offset(), tuple(obj.shape),
+               tuple(obj.stride()), obj.dtype) if obj.numel() else id(obj)
+        if key not in memo:
+            memo[key] = from_torch(obj)
+        return memo[key]
+    if isinstance(obj, np.ndarray):
+        if id(obj) not in memo:
+            memo[id(obj)] = (ArrayTensor(obj), obj)  # keep obj alive so its id stays unique
+        return memo[id(obj)][0]
+    if isinstance(obj, OrderedDict):
+        return OrderedDict((k, to_canonical(v, memo)) for k, v in obj.items())
+    if isinstance(obj, dict):
+        return {k: to_canonical(v, memo) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [to_canonical(v, memo) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(to_canonical(v, memo) for v in obj)
+    return obj
+
+
+# --- JSON encoding of the structure --------------------------------------------
+
+def encode_tree(tree, names: dict[int, str]) -> Any:
+    """JSON-able structure of ``tree``; tensors become ``{"$t": name}``."""
+    if isinstance(tree, TensorRef):
+        return {"$t": names[id(tree)]}
+    if tree is None or isinstance(tree, (bool, str)):
+        return tree
+    if isinstance(tree, int) and type(tree) is int:
+        return tree
+    if isinstance(tree, float) and type(tree) is float:
+        return tree if math.isfinite(tree) else {"$f": repr(tree)}
+    if isinstance(tree, OrderedDict):
+        return {"$od": [[encode_tree(k, names), encode_tree(v, names)] for k, v in tree.items()]}
+    if isinstance(tree, dict):
+        if all(type(k) is str and not k.startswith("$") for k in tree):
+            return {k: encode_tree(v, names) for k, v in tree.items()}
+        return {"$d": [[encode_tree(k, names), encode_tree(v, names)] for k, v in tree.items()]}
+    if isinstance(tree, list):
+        return [encode_tree(v, names) for v in tree]
+    if isinstance(tree, tuple):
+        return {"$tuple": [encode_tree(v, names) for v in tree]}
+    if isinstance(tree, (bytes, bytearray)):
+        return {"$b": base64.b64encode(bytes(tree)).decode()}
+    if isinstance(tree, complex):
+        return {"$c": [repr(tree.real), repr(tree.imag)]}
+    if isinstance(tree, np.ndarray):
+        from . import dtypes as _dt
+
+        return {"$nd": _dt.from_numpy(tree.dtype).name, "shape": list(tree.shape),
+                "data": base64.b64encode(np.ascontiguousarray(tree).tobytes()).decode()}
+    if isinstance(tree, np.generic):
+        return {"$np": str(tree.dtype), "v": base64.b64encode(tree.tobytes()).decode()}
+    if isinstance(tree, np.dtype):
+        return {"$npdtype": tree.str}
+    if isinstance(tree, (set, frozenset)):
+        return {"$set" if isinstance(tree, set) else "$frozenset": [encode_tree(v, names) for v in tree]}
+    if isinstance(tree, ObjectRecord):
+        return {"$obj": tree.cls, "kind": tree.kind, "args": encode_tree(tree.args, names),
+                "state": encode_tree(tree.state, names)}
+    if isinstance(tree, (int, float)):  # bool/int/float subclasses (IntEnum, ...)
+        return encode_tree(type(tree).__mro__[-2](tree), names)
+    raise FormatError(f"cannot encode a value of type {type(tree).__name__} in the checkpoint tree")
+
+
+def decode_tree(obj, tensors: dict[str, TensorRef]) -> Any:
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if isinstance(obj, list):
+        return [decode_tree(v, tensors) for v in obj]
+    if not isinstance(obj, dict):
+        raise FormatError(f"bad tree node {obj!r}")
+    if "$t" in obj:
+        name = obj["$t"]
+        if name not in tensors:
+            raise FormatError(f"tree refers to tensor '{name}' that is not in the file")
+        return tensors[name]
+    if "$od" in obj:
+        return OrderedDict((_hashable(decode_tree(k, tensors)), decode_tree(v, tensors))
+                           for k, v in obj["$od"])
+    if "$d" in obj:
+        return {_hashable(decode_tree(k, tensors)): decode_tree(v, tensors) for k, v in obj["$d"]}
+    if "$tuple" in obj:
+        return tuple(decode_tree(v, tensors) for v in obj["$tuple"])
+    if "$f" in obj:
+        return float(obj["$f"])
+    if "$b" in obj:
+        return base64.b64decode(obj["$b"])
+    if "$c" in obj:
+        return complex(float(obj["$c"][0]), float(obj["$c"][1]))
+    if "$nd" in obj:
+        from . import dtypes as _dt
+
+        dt = _dt.numpy_dtype(obj["$nd"])
+        return np.frombuffer(base64.b64decode(obj["data"]), dtype=dt).reshape(obj["shape"]).copy()
+    if "$np" in obj:
+        return np.frombuffer(base64.b64decode(obj["v"]), dtype=np.dtype(obj["$np"]))[0]
+    if "$npdtype" in obj:
+        return np.dtype(obj["$npdtype"])
+    if "$set" in obj:
+        return {_hashable(decode_tree(v, tensors)) for v in obj["$set"]}
+    if "$frozenset" in obj:
+        return frozenset(_hashable(decode_tree(v, tensors)) for v in obj["$frozenset"])
+    if "$obj" in obj:
+        return ObjectRecord(obj["$obj"], decode_tree(obj.get("state"), tensors),
+                            tuple(decode_tree(obj.get("args"), tensors) or ()), obj.get("kind", "newobj"))
+    return {k: decode_tree(v, tensors) for k, v in obj.items()}
+
+
+def _hashable(k):
+    return tuple(_hashable(x) for x in k) if isinstance(k, list) else k
+
+
+def tree_to_metadata(ckpt: Checkpoint, names: dict[int, str] | None = None) -> dict[str, str]:
+    """Namespaced metadata keys that let a flat format restore the whole tree.
+
+    Nothing is added for a plain state dict (its keys are the whole story).
+    """
+    if names is None:
+        names = {}
+        for name, ref in iter_tensors(ckpt.tree):
+            names.setdefault(id(ref), name)
+    out = {}
+    if not ckpt.is_flat:
+        out[TREE_KEY] = json.dumps(encode_tree(ckpt.tree, names), separators=(",", ":"))
+    al = ckpt.aliases
+    if al:
+        out[ALIASES_KEY] = json.dumps(al, separators=(",", ":"))
+    if ckpt.format:
+        out[SOURCE_KEY] = json.dumps({"format": ckpt.format,
+                                      "file": ckpt.path and str(ckpt.path).rsplit("/", 1)[-1]})
+    return out
+
+
+def tree_from_metadata(tensors: dict[str, TensorRef], metadata: dict[str, str],
+                       display: str = "") -> tuple[Any, dict[str, str]]:
+    """Rebuild the tree from flat named tensors + our metadata keys.
+
+    Returns (tree, the metadata left for the user). Tied names listed in
+    ``ckptconv.aliases`` point at one TensorRef again.
+    """
+    md = dict(metadata)
+    tensors = dict(tensors)
+    try:
+        aliases = json.loads(md.pop(ALIASES_KEY)) if ALIASES_KEY in md else {}
+        for name, target in aliases.items():
+            if target in tensors:
+                tensors[name] = tensors[target]
+        md.pop(SOURCE_KEY, None)
+        if TREE_KEY in md:
+            tree = decode_tree(json.loads(md.pop(TREE_KEY)), tensors)
+            return tree, md
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise FormatError(f"{display}: bad ckptconv metadata: {e}") from e
+    return dict(tensors), md
