@@ -1,0 +1,454 @@
+"""A restricted pickle reader: an opcode interpreter that never imports or
+calls anything named by the file.
+
+It walks the opcodes with ``pickletools.genops`` and builds plain Python
+values itself, the way torch's ``_weights_only_unpickler`` does. ``GLOBAL``
+and ``STACK_GLOBAL`` only push a ``Global(module, name)`` marker; what a
+``REDUCE``/``INST``/``OBJ`` of it means is decided by ``call`` (allowlisted
+constructors of the caller's choosing, everything else refused with
+``UnsafePickleError`` naming the callable). ``NEWOBJ`` + ``BUILD`` of a class
+become an inert ``ObjectRecord`` unless the class lives in a module that can
+run code (``os``, ``subprocess``, ``builtins`` ...), which is refused too.
+
+Ground truth: CPython ``Lib/pickle.py`` and ``Lib/pickletools.py`` (opcode
+semantics), ``torch/_weights_only_unpickler.py`` (the safe pattern).
+"""
+from __future__ import annotations
+
+import io
+import pickletools
+from collections import OrderedDict
+from typing import Any, Callable
+
+from .errors import FormatError, UnsafePickleError
+from .tree import ObjectRecord
+
+MAX_DEPTH = 1000
+MAX_MEMO = 10_000_000
+
+# Modules whose names in a pickle mean "this can run code". A NEWOBJ/BUILD or a
+# bare reference to anything in them is refused, not recorded.
+DANGEROUS_MODULES = (
+    "os", "posix", "nt", "subprocess", "sys", "builtins", "__builtin__", "importlib", "runpy",
+    "pickle", "_pickle", "cPickle", "marshal", "shutil", "socket", "functools", "operator",
+    "code", "codeop", "types", "ctypes", "pty", "webbrowser", "multiprocessing", "asyncio",
+    "signal", "threading", "_thread", "io", "_io", "pathlib", "tempfile", "commands", "platform",
+    "pdb", "bdb", "timeit", "trace", "cProfile", "profile", "urllib", "http", "requests", "ftplib",
+    "smtplib", "telnetlib", "xmlrpc", "zipimport", "pkgutil", "site", "sysconfig", "inspect",
+    "ast", "dis", "gc", "copyreg", "copy_reg", "_codecs", "codecs", "dill", "cloudpickle",
+    "joblib", "numpy.testing", "numpy.f2py", "numpy.distutils", "torch._C", "torch.jit",
+    "torch.hub", "torch.serialization", "torch.storage", "torch.utils", "torch._dynamo",
+    "torch._inductor", "torch.ops", "torch.library", "torch.distributed", "torch.multiprocessing",
+    "__main__.os", "setuptools", "distutils", "venv", "ensurepip", "imp", "glob", "fnmatch",
+    "logging", "unittest", "doctest", "idlelib", "tkinter", "turtle", "sqlite3", "shelve", "dbm",
+    "yaml", "jinja2", "mako", "paramiko", "fabric", "invoke", "_posixsubprocess", "_winapi",
+    "msvcrt", "winreg", "resource", "fcntl", "mmap", "readline", "rlcompleter", "ssl", "select",
+    "selectors", "uuid", "random", "secrets", "base64", "zlib", "bz2", "lzma", "gzip", "tarfile",
+    "zipfile", "abc", "contextlib", "atexit", "weakref", "warnings", "traceback", "linecache",
+    "tokenize", "compileall", "py_compile", "keyword", "string", "re", "sre_compile",
+    "sre_parse", "ntpath", "posixpath", "genericpath", "stat", "getpass", "pwd", "grp",
+    "crypt", "spwd", "termios", "tty", "email", "mailbox", "mimetypes", "cgi", "wsgiref",
+    "socketserver", "xml", "html", "json", "csv", "configparser", "plistlib", "netrc",
+)
+
+
+def is_dangerous(qualname: str) -> bool:
+    mod = qualname.rsplit(".", 1)[0] if "." in qualname else qualname
+    return any(mod == d or mod.startswith(d + ".") for d in DANGEROUS_MODULES) or \
+        qualname.split(".")[-1].startswith("__") and qualname.split(".")[-1] != "__main__"
+
+
+class Global:
+    """A name from GLOBAL/STACK_GLOBAL/INST: recorded, never imported."""
+
+    __slots__ = ("module", "name")
+
+    def __init__(self, module: str, name: str):
+        self.module, self.name = module, name
+
+    @property
+    def qualname(self) -> str:
+        return f"{self.module}.{self.name}"
+
+    def __repr__(self):
+        return self.qualname
+
+    def __eq__(self, other):
+        return isinstance(other, Global) and other.qualname == self.qualname
+
+    def __hash__(self):
+        return hash(self.qualname)
+
+
+class Pending:
+    """A value finished by a later BUILD (numpy arrays, dtypes): ``value()`` at the end."""
+
+    def build(self, state) -> None:
+        raise NotImplementedError
+
+    def value(self):
+        raise NotImplementedError
+
+
+class _Mark:
+    pass
+
+
+class RestrictedUnpickler:
+    """Interpret one pickle. Subclasses decide what calls and persistent ids mean."""
+
+    def __init__(self, display: str = "pickle"):
+        self.display = display
+        self.globals_seen: list[str] = []
+        self.records: list[str] = []
+        self.opcodes = 0
+
+    # --- hooks ----------------------------------------------------------------
+
+    def call(self, func: Global, args: tuple, opcode: str):
+        """REDUCE/INST/OBJ of ``func`` with ``args``: allowlisted or refused."""
+        raise UnsafePickleError(f"{self.display}: pickle calls {func.qualname} via {opcode} "
+                                "(not allowlisted; nothing was executed)")
+
+    def new_object(self, cls: Global, args: tuple, kwargs: dict | None = None):
+        """NEWOBJ/NEWOBJ_EX: an inert record of ``cls``, unless its module can run code."""
+        if is_dangerous(cls.qualname):
+            raise UnsafePickleError(f"{self.display}: pickle builds {cls.qualname} via NEWOBJ "
+                                    "(a class that can run code; nothing was executed)")
+        self.records.append(cls.qualname)
+        if kwargs:
+            return ObjectRecord(cls.qualname, None, tuple(args) + (("__kwargs__", kwargs),))
+        return ObjectRecord(cls.qualname, None, tuple(args))
+
+    def persistent_load(self, pid):
+        raise UnsafePickleError(f"{self.display}: pickle has a persistent id {pid!r} "
+                                "that is not a storage")
+
+    def build(self, obj, state):
+        if isinstance(obj, Pending):
+            obj.build(state)
+        elif isinstance(obj, ObjectRecord):
+            obj.state = state if obj.state is None else _merge_state(obj.state, state)
+        elif isinstance(obj, OrderedDict) and isinstance(state, dict):
+            # OrderedDict.__reduce__ puts instance attributes (a state dict's
+            # `_metadata`) in BUILD; keep them as attributes.
+            for k, v in state.items():
+                if not isinstance(k, str):
+                    raise FormatError(f"{self.display}: bad attribute name {k!r} in BUILD")
+                setattr(obj, k, v)
+        else:
+            self.build_other(obj, state)
+        return obj
+
+    def build_other(self, obj, state):
+        raise UnsafePickleError(f"{self.display}: pickle BUILDs state into a "
+                                f"{type(obj).__name__} (only records and known types allowed)")
+
+    def bare_global(self, g: Global):
+        """A Global left in the result as a value (e.g. a dtype argument)."""
+        if is_dangerous(g.qualname):
+            raise UnsafePickleError(f"{self.display}: pickle references {g.qualname} "
+                                    "(a callable that can run code; nothing was executed)")
+        return ObjectRecord(g.qualname, kind="global")
+
+    # --- the interpreter --------------------------------------------------------
+
+    def load(self, data: bytes | io.BufferedIOBase) -> Any:
+        stream = io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
+        stack: list[Any] = []
+        metastack: list[list[Any]] = []
+        memo: dict[int, Any] = {}
+        mark = _Mark
+        d = self.display
+
+        def pop_mark() -> list:
+            nonlocal stack
+            if not metastack:
+                raise FormatError(f"{d}: corrupt pickle (MARK missing)")
+            items = stack
+            stack = metastack.pop()
+            return items
+
+        def top():
+            if not stack:
+                raise FormatError(f"{d}: corrupt pickle (stack underflow)")
+            return stack[-1]
+
+        try:
+            ops = pickletools.genops(stream)
+            for op, arg, pos in ops:
+                self.opcodes += 1
+                name = op.name
+                if name in ("PROTO", "FRAME"):
+                    continue
+                if name == "STOP":
+                    if len(stack) != 1:
+                        raise FormatError(f"{d}: corrupt pickle (stack holds {len(stack)} at STOP)")
+                    return self.finish(stack.pop())
+                if name in ("INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4",
+                            "FLOAT", "BINFLOAT", "UNICODE", "SHORT_BINUNICODE", "BINUNICODE",
+                            "BINUNICODE8", "STRING", "BINSTRING", "SHORT_BINSTRING",
+                            "BINBYTES", "SHORT_BINBYTES", "BINBYTES8"):
+                    stack.append(arg)
+                elif name == "BYTEARRAY8":
+                    stack.append(bytearray(arg))
+                elif name == "NONE":
+                    stack.append(None)
+                elif name == "NEWTRUE":
+                    stack.append(True)
+                elif name == "NEWFALSE":
+                    stack.append(False)
+                elif name == "MARK":
+                    metastack.append(stack)
+                    stack = []
+                elif name == "POP":
+                    if stack:
+                        stack.pop()
+                    else:
+                        pop_mark()
+                elif name == "POP_MARK":
+                    pop_mark()
+                elif name == "DUP":
+                    stack.append(top())
+                elif name == "EMPTY_LIST":
+                    stack.append([])
+                elif name == "EMPTY_DICT":
+                    stack.append({})
+                elif name == "EMPTY_TUPLE":
+                    stack.append(())
+                elif name == "EMPTY_SET":
+                    stack.append(set())
+                elif name == "LIST":
+                    items = pop_mark()  # rebinds `stack`: pop before appending
+                    stack.append(items)
+                elif name == "TUPLE":
+                    items = pop_mark()
+                    stack.append(tuple(items))
+                elif name in ("TUPLE1", "TUPLE2", "TUPLE3"):
+                    n = int(name[-1])
+                    if len(stack) < n:
+                        raise FormatError(f"{d}: corrupt pickle (stack underflow)")
+                    items = tuple(stack[-n:])
+                    del stack[-n:]
+                    stack.append(items)
+                elif name == "DICT":
+                    items = pop_mark()
+                    stack.append(self._pairs({}, items))
+                elif name == "FROZENSET":
+                    items = pop_mark()
+                    stack.append(frozenset(self._hashable(x) for x in items))
+                elif name == "APPEND":
+                    v = stack.pop() if stack else None
+                    lst = top()
+                    if not isinstance(lst, list):
+                        raise FormatError(f"{d}: corrupt pickle (APPEND to {type(lst).__name__})")
+                    lst.append(v)
+                elif name == "APPENDS":
+                    items = pop_mark()
+                    lst = top()
+                    if not isinstance(lst, list):
+                        raise FormatError(f"{d}: corrupt pickle (APPENDS to {type(lst).__name__})")
+                    lst.extend(items)
+                elif name == "SETITEM":
+                    if len(stack) < 3:
+                        raise FormatError(f"{d}: corrupt pickle (stack underflow)")
+                    v = stack.pop()
+                    k = stack.pop()
+                    self._pairs(top(), [k, v])
+                elif name == "SETITEMS":
+                    items = pop_mark()
+                    self._pairs(top(), items)
+                elif name == "ADDITEMS":
+                    items = pop_mark()
+                    s = top()
+                    if not isinstance(s, set):
+                        raise FormatError(f"{d}: corrupt pickle (ADDITEMS to {type(s).__name__})")
+                    s.update(self._hashable(x) for x in items)
+                elif name in ("GET", "BINGET", "LONG_BINGET"):
+                    try:
+                        stack.append(memo[int(arg)])
+                    except KeyError:
+                        raise FormatError(f"{d}: corrupt pickle (memo {arg} read before written)") from None
+                elif name in ("PUT", "BINPUT", "LONG_BINPUT"):
+                    if int(arg) < 0 or len(memo) > MAX_MEMO:
+                        raise FormatError(f"{d}: corrupt pickle (bad memo index {arg})")
+                    memo[int(arg)] = top()
+                elif name == "MEMOIZE":
+                    memo[len(memo)] = top()
+                elif name == "GLOBAL":
+                    module, _, gname = str(arg).partition(" ")
+                    stack.append(self._global(module, gname))
+                elif name == "STACK_GLOBAL":
+                    if len(stack) < 2:
+                        raise FormatError(f"{d}: corrupt pickle (stack underflow)")
+                    gname, module = stack.pop(), stack.pop()
+                    if not isinstance(module, str) or not isinstance(gname, str):
+                        raise FormatError(f"{d}: corrupt pickle (STACK_GLOBAL needs two strings)")
+                    stack.append(self._global(module, gname))
+                elif name == "REDUCE":
+                    if len(stack) < 2:
+                        raise FormatError(f"{d}: corrupt pickle (stack underflow)")
+                    args = stack.pop()
+                    func = stack.pop()
+                    stack.append(self._call(func, args, "REDUCE"))
+                elif name == "INST":
+                    module, _, gname = str(arg).partition(" ")
+                    args = tuple(pop_mark())
+                    stack.append(self._call(self._global(module, gname), args, "INST"))
+                elif name == "OBJ":
+                    items = pop_mark()
+                    if not items:
+                        raise FormatError(f"{d}: corrupt pickle (OBJ without a class)")
+                    stack.append(self._call(items[0], tuple(items[1:]), "OBJ"))
+                elif name == "NEWOBJ":
+                    if len(stack) < 2:
+                        raise FormatError(f"{d}: corrupt pickle (stack underflow)")
+                    args = stack.pop()
+                    cls = stack.pop()
+                    stack.append(self._newobj(cls, args, None))
+                elif name == "NEWOBJ_EX":
+                    if len(stack) < 3:
+                        raise FormatError(f"{d}: corrupt pickle (stack underflow)")
+                    kwargs = stack.pop()
+                    args = stack.pop()
+                    cls = stack.pop()
+                    stack.append(self._newobj(cls, args, kwargs))
+                elif name == "BUILD":
+                    if len(stack) < 2:
+                        raise FormatError(f"{d}: corrupt pickle (stack underflow)")
+                    state = stack.pop()
+                    self.build(top(), state)
+                elif name in ("PERSID", "BINPERSID"):
+                    pid = arg if name == "PERSID" else stack.pop()
+                    stack.append(self.persistent_load(pid))
+                elif name in ("EXT1", "EXT2", "EXT4"):
+                    raise UnsafePickleError(f"{d}: pickle uses the copyreg extension registry "
+                                            f"({name} code {arg}); refused, nothing was executed")
+                elif name in ("NEXT_BUFFER", "READONLY_BUFFER"):
+                    raise FormatError(f"{d}: pickle uses out-of-band buffers ({name}), "
+                                      "which a checkpoint file cannot carry")
+                else:
+                    raise FormatError(f"{d}: unsupported pickle opcode {name}")
+        except (ValueError, EOFError, IndexError, TypeError, OverflowError, UnicodeDecodeError,
+                MemoryError, KeyError, AttributeError, RecursionError) as e:
+            raise FormatError(f"{d}: corrupt or truncated pickle ({type(e).__name__}: "
+                              f"{' '.join(str(e).split())[:160]})") from e
+        raise FormatError(f"{d}: truncated pickle (no STOP opcode)")
+
+    def _global(self, module: str, name: str) -> Global:
+        g = Global(module, name)
+        self.globals_seen.append(g.qualname)
+        return g
+
+    def _call(self, func, args, opcode):
+        if not isinstance(func, Global):
+            raise UnsafePickleError(f"{self.display}: pickle calls a {type(func).__name__} "
+                                    f"via {opcode} (only named callables are considered)")
+        if not isinstance(args, tuple):
+            raise FormatError(f"{self.display}: corrupt pickle ({opcode} arguments are not a tuple)")
+        return self.call(func, args, opcode)
+
+    def _newobj(self, cls, args, kwargs):
+        if not isinstance(cls, Global):
+            raise UnsafePickleError(f"{self.display}: pickle NEWOBJ of a {type(cls).__name__}")
+        if not isinstance(args, tuple) or (kwargs is not None and not isinstance(kwargs, dict)):
+            raise FormatError(f"{self.display}: corrupt pickle (bad NEWOBJ arguments)")
+        return self.new_object(cls, args, kwargs)
+
+    def _hashable(self, k):
+        try:
+            hash(k)
+        except TypeError:
+            raise FormatError(f"{self.display}: corrupt pickle (unhashable {type(k).__name__} "
+                              "used as a key)") from None
+        return k
+
+    def _pairs(self, target, items):
+        if not isinstance(target, dict):
+            raise FormatError(f"{self.display}: corrupt pickle (SETITEM on {type(target).__name__})")
+        if len(items) % 2:
+            raise FormatError(f"{self.display}: corrupt pickle (odd number of dict items)")
+        for i in range(0, len(items), 2):
+            target[self._hashable(items[i])] = items[i + 1]
+        return target
+
+    # --- finishing: resolve pending values, refuse cycles and absurd depth ------
+
+    def finish(self, root):
+        memo: dict[int, Any] = {}
+        active: set[int] = set()
+
+        def fix(obj, depth):
+            if depth > MAX_DEPTH:
+                raise FormatError(f"{self.display}: pickle nests deeper than {MAX_DEPTH} levels")
+            if isinstance(obj, (str, bytes, int, float, bool, complex, type(None))):
+                return obj
+            key = id(obj)
+            if key in memo:
+                return memo[key]
+            if key in active:
+                raise FormatError(f"{self.display}: pickle holds a self-referencing structure")
+            active.add(key)
+            try:
+                if isinstance(obj, Pending):
+                    out = fix(obj.value(), depth + 1)
+                elif isinstance(obj, Global):
+                    out = self.bare_global(obj)
+                elif isinstance(obj, OrderedDict):
+                    out = OrderedDict((fix(k, depth + 1), fix(v, depth + 1)) for k, v in obj.items())
+                    for attr, v in vars(obj).items():
+                        setattr(out, attr, fix(v, depth + 1))
+                elif isinstance(obj, dict):
+                    out = {fix(k, depth + 1): fix(v, depth + 1) for k, v in obj.items()}
+                elif isinstance(obj, list):
+                    out = [fix(v, depth + 1) for v in obj]
+                elif isinstance(obj, tuple):
+                    out = tuple(fix(v, depth + 1) for v in obj)
+                elif isinstance(obj, (set, frozenset)):
+                    out = type(obj)(fix(v, depth + 1) for v in obj)
+                elif isinstance(obj, ObjectRecord):
+                    out = ObjectRecord(obj.cls, fix(obj.state, depth + 1),
+                                       fix(obj.args, depth + 1), obj.kind)
+                else:
+                    out = self.finish_other(obj)
+            finally:
+                active.discard(key)
+            memo[key] = out
+            return out
+
+        return fix(root, 0)
+
+    def finish_other(self, obj):
+        return obj
+
+
+def _merge_state(old, new):
+    if isinstance(old, dict) and isinstance(new, dict):
+        merged = dict(old)
+        merged.update(new)
+        return merged
+    return new
+
+
+def scan_globals(data: bytes, display: str = "pickle") -> list[tuple[str, str]]:
+    """Every (opcode, module.name) a pickle names, without interpreting it."""
+    found = []
+    strings: list[str] = []
+    try:
+        for op, arg, _ in pickletools.genops(io.BytesIO(data)):
+            if op.name in ("GLOBAL", "INST"):
+                module, _, name = str(arg).partition(" ")
+                found.append((op.name, f"{module}.{name}"))
+            elif op.name == "STACK_GLOBAL":
+                if len(strings) >= 2:
+                    found.append((op.name, f"{strings[-2]}.{strings[-1]}"))
+                else:
+                    found.append((op.name, "<unknown>"))
+            elif isinstance(arg, str):
+                strings.append(arg)
+    except Exception as e:  # noqa: BLE001 - a report, not a reader
+        found.append(("ERROR", f"{type(e).__name__}: {e}"))
+    return found
+
+
+Constructor = Callable[..., Any]

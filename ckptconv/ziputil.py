@@ -1,0 +1,188 @@
+"""Zip archives as torch writes them: stored (uncompressed) members, data
+aligned to 64 bytes with padding in the local header's extra field, zip64
+when sizes or offsets pass 4 GiB.
+
+Reading gives each member's absolute data offset so tensors can be lazy
+file ranges; writing streams member data (copy_file_range when possible) and
+patches each CRC-32 into its local header afterwards. Ground truth: PKWARE
+APPNOTE.TXT; torch's ``caffe2/serialize/inline_container.cc``.
+"""
+from __future__ import annotations
+
+import os
+import struct
+import zipfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import FormatError
+from .streaming import OutFile
+from .tensor import FileHandle, TensorRef, human_bytes
+
+ALIGN = 64
+_LOCAL = struct.Struct("<IHHHHHIIIHH")
+_CENTRAL = struct.Struct("<IHHHHHHIIIHHHHHII")
+
+
+@dataclass
+class Member:
+    name: str
+    data_offset: int
+    compressed_size: int
+    size: int
+    crc: int
+    compress_type: int
+
+
+def read_members(handle: FileHandle) -> dict[str, Member]:
+    """Central directory of a zip: name -> Member with absolute data offsets."""
+    name = handle.display
+    try:
+        with open(handle.path, "rb") as f, zipfile.ZipFile(f) as zf:
+            infos = zf.infolist()
+    except zipfile.BadZipFile as e:
+        raise FormatError(f"{name}: truncated or corrupt zip archive ({e})") from None
+    except (OSError, ValueError, NotImplementedError) as e:
+        raise FormatError(f"{name}: cannot read zip archive ({e})") from None
+    members: dict[str, Member] = {}
+    end_of_data = 0
+    for info in infos:
+        if info.header_offset + 30 > handle.size:
+            raise FormatError(f"{name}: zip member '{info.filename}' starts past the end of the file")
+        hdr = handle.pread(info.header_offset, 30, f"zip header of '{info.filename}'")
+        sig, _, _, _, _, _, _, _, _, nlen, xlen = _LOCAL.unpack(hdr)
+        if sig != 0x04034B50:
+            raise FormatError(f"{name}: corrupt zip: bad local header for '{info.filename}'")
+        start = info.header_offset + 30 + nlen + xlen
+        if start + info.compress_size > handle.size:
+            raise FormatError(
+                f"{name}: truncated zip archive (member '{info.filename}' needs "
+                f"{human_bytes(info.compress_size)} at offset {start}, file ends at {handle.size})")
+        end_of_data = max(end_of_data, start + info.compress_size)
+        members[info.filename] = Member(info.filename, start, info.compress_size, info.file_size,
+                                        info.CRC, info.compress_type)
+    return members
+
+
+def read_member_bytes(handle: FileHandle, m: Member, limit: int = 1 << 31) -> bytes:
+    """A whole member's bytes (for small members: pickles, version files)."""
+    if m.size > limit:
+        raise FormatError(f"{handle.display}: zip member '{m.name}' is {human_bytes(m.size)}, too big")
+    raw = handle.pread(m.data_offset, m.compressed_size, f"zip member '{m.name}'")
+    if m.compress_type == zipfile.ZIP_STORED:
+        return raw
+    if m.compress_type == zipfile.ZIP_DEFLATED:
+        d = zlib.decompressobj(-15)
+        out = d.decompress(raw, m.size + 1)
+        if len(out) != m.size:
+            raise FormatError(f"{handle.display}: zip member '{m.name}' inflates to "
+                              f"{len(out)} bytes, header says {m.size} (zip bomb or corrupt)")
+        return out
+    raise FormatError(f"{handle.display}: zip member '{m.name}' uses compression "
+                      f"{m.compress_type}, which checkpoints never use")
+
+
+def crc_of_member(handle: FileHandle, m: Member, chunk: int = 8 << 20) -> int:
+    crc = 0
+    for off in range(0, m.compressed_size, chunk):
+        crc = zlib.crc32(handle.pread(m.data_offset + off, min(chunk, m.compressed_size - off)), crc)
+    return crc
+
+
+class ZipWriter:
+    """Stored members, 64-byte aligned data, CRCs patched in after streaming."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.out = OutFile(path)
+        self.entries: list[tuple[bytes, int, int, int]] = []  # name, header offset, size, crc
+
+    def _local_header(self, name: bytes, size: int, zip64: bool) -> tuple[bytes, int]:
+        extra = b""
+        if zip64:
+            extra = struct.pack("<HHQQ", 1, 16, size, size)
+        start = self.out.pos + 30 + len(name) + len(extra)
+        pad = -start % ALIGN
+        if pad:
+            pad = pad if pad >= 4 else pad + ALIGN
+            extra += struct.pack("<HH", 0x4246, pad - 4) + b"Z" * (pad - 4)  # torch's "FB" padding
+        fields = (0x04034B50, 45 if zip64 else 20, 0, 0, 0, 0x21, 0,
+                  0xFFFFFFFF if zip64 else size, 0xFFFFFFFF if zip64 else size, len(name), len(extra))
+        return _LOCAL.pack(*fields) + name + extra, pad
+
+    def add_bytes(self, name: str, data: bytes) -> None:
+        self._add(name, len(data), [data], crc=zlib.crc32(data))
+
+    def add_tensor_bytes(self, name: str, nbytes: int, refs: list[TensorRef], crc: int | None = None):
+        """A member made of the bytes of ``refs`` in order (one storage)."""
+        self._add(name, nbytes, refs, crc)
+
+    def _add(self, name: str, size: int, parts, crc: int | None):
+        bname = name.encode()
+        zip64 = size >= 0xFFFFFFFF
+        offset = self.out.pos
+        header, _ = self._local_header(bname, size, zip64)
+        self.out.write(header)
+        written = 0
+        running = 0
+        for part in parts:
+            if isinstance(part, (bytes, bytearray, memoryview)):
+                self.out.write(part)
+                written += len(part)
+                continue
+            span = part.file_span() if crc is not None else None
+            if span is not None:
+                self.out.copy_from(*span)
+                written += span[2]
+            else:
+                for chunk in part.iter_bytes():
+                    running = zlib.crc32(chunk, running)
+                    self.out.write(chunk)
+                    written += len(chunk)
+        if written != size:
+            raise FormatError(f"zip member '{name}': wrote {written} bytes, planned {size}")
+        if crc is None:
+            crc = running
+        self.entries.append((bname, offset, size, crc))
+
+    def close(self) -> None:
+        out = self.out
+        out.flush()
+        # patch CRCs into the local headers
+        for bname, offset, size, crc in self.entries:
+            os.pwrite(out.fd, struct.pack("<I", crc), offset + 14)
+        cd_start = out.pos
+        for bname, offset, size, crc in self.entries:
+            extra = b""
+            big = size >= 0xFFFFFFFF or offset >= 0xFFFFFFFF
+            if big:
+                extra = struct.pack("<HHQQQ", 1, 24, size, size, offset)
+            out.write(_CENTRAL.pack(
+                0x02014B50, 45 if big else 20, 45 if big else 20, 0, 0, 0, 0x21, crc,
+                0xFFFFFFFF if big else size, 0xFFFFFFFF if big else size, len(bname), len(extra),
+                0, 0, 0, 0, 0xFFFFFFFF if big else offset) + bname + extra)
+        cd_size = out.pos - cd_start
+        n = len(self.entries)
+        if n >= 0xFFFF or cd_start >= 0xFFFFFFFF or cd_size >= 0xFFFFFFFF:
+            z64_start = out.pos
+            out.write(struct.pack("<IQHHIIQQQQ", 0x06064B50, 44, 45, 45, 0, 0, n, n, cd_size, cd_start))
+            out.write(struct.pack("<IIQI", 0x07064B50, 0, z64_start, 1))
+            out.write(struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, 0xFFFF, 0xFFFF,
+                                  0xFFFFFFFF, 0xFFFFFFFF, 0))
+        else:
+            out.write(struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, n, n, cd_size, cd_start, 0))
+        out.close()
+
+
+def is_zip(head: bytes) -> bool:
+    return head[:4] == b"PK\x03\x04"
+
+
+def member_root(names, path: Path) -> str:
+    """The archive's root folder (torch uses the file stem; any name is fine)."""
+    for n in names:
+        if n.endswith("/data.pkl") and n.count("/") == 1:
+            return n.split("/", 1)[0]
+    if "data.pkl" in names:
+        return ""
+    raise FormatError(f"{path.name}: zip archive has no data.pkl: not a torch checkpoint")
