@@ -139,7 +139,8 @@ def _state_file_prefix(folder: Path) -> str:
     if not names:
         raise FormatError(f"{folder.name}/checkpoint: no model_checkpoint_path in the state file")
     name = names[0]
-    candidates = [Path(name) if os.path.isabs(name) else folder / name, folder / Path(name).name]
+    # TF writes absolute paths; a copied or moved folder still means its own files
+    candidates = [folder / Path(name).name, Path(name) if os.path.isabs(name) else folder / name]
     for c in candidates:
         if Path(str(c) + ".index").exists():
             return str(c)

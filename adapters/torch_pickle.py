@@ -363,7 +363,10 @@ def read_zip_checkpoint(path: Path) -> Checkpoint:
             raise FormatError(f"{display}: storage '{key}' needs {nbytes} bytes, member holds {m.size}")
         if m.compress_type != 0:
             return BufferSource(read_member_bytes(handle, m))
-        return FileSource(handle, m.data_offset, nbytes, f"storage '{key}'")
+        src = FileSource(handle, m.data_offset, nbytes, f"storage '{key}'")
+        if nbytes == m.size:
+            src.crc32 = m.crc  # lets a zip writer copy the storage without re-reading it
+        return src
 
     up = TorchUnpickler(f"{display}:{prefix}data.pkl", storage_source, big)
     data = read_member_bytes(handle, members[f"{prefix}data.pkl"], 1 << 31)
@@ -750,7 +753,8 @@ def write_zip_checkpoint(ckpt: Checkpoint, path: Path, force: bool = False,
                     ref = st["ref"]
                     whole = StoredTensor(st["dtype"], (st["nbytes"] // st["dtype"].itemsize,),
                                          st["source"])
-                    zw.add_tensor_bytes(f"{root}/data/{idx}", st["nbytes"], [whole])
+                    zw.add_tensor_bytes(f"{root}/data/{idx}", st["nbytes"], [whole],
+                                        getattr(st["source"], "crc32", None))
                 else:
                     zw.add_tensor_bytes(f"{root}/data/{idx}", st["nbytes"], [st["ref"]])
             zw.add_bytes(f"{root}/version", b"3\n")

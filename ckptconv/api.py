@@ -122,8 +122,12 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str | None = Non
         report.mapping = m.report.to_dict() if hasattr(m.report, "to_dict") else m.report
     if dtype:
         ck = cast_floats(ck, dtype)
-    info = save(ck, dst, format=target_format, force=force, **options)
     uniq = ck.unique_tensors()
+    from .progress import progress
+
+    with progress(sum(r.nbytes for r in uniq.values()), bool(options.pop("progress", False)),
+                  f"{src.name} -> {dst.name}"):
+        info = save(ck, dst, format=target_format, force=force, **options)
     report.tensors = len(uniq)
     report.bytes = sum(r.nbytes for r in uniq.values())
     report.files = [str(f) for f in info.get("files", [dst])]

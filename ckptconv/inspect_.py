@@ -60,8 +60,9 @@ class InspectReport:
             width = min(max(len(t["name"]) for t in listed), 60)
             for t in listed:
                 tie = f"  = {self.tied[t['name']]}" if t["name"] in self.tied else ""
+                obj = f"  ({t['object']})" if t.get("object") else ""
                 lines.append(f"  {t['name']:<{width}}  {t['dtype']:<10} {str(t['shape']):<18}"
-                             f" {human_bytes(t['bytes'])}{tie}")
+                             f" {human_bytes(t['bytes'])}{tie}{obj}")
             if len(listed) < len(self.tensors):
                 lines.append(f"  ... {len(self.tensors) - len(listed)} more (--all lists them)")
         if self.values:
@@ -77,11 +78,15 @@ def inspect_checkpoint(ck: Checkpoint, show_all: bool = False) -> InspectReport:
     rep = InspectReport(str(ck.path), str(ck.format), metadata=dict(ck.metadata),
                         info={k: v for k, v in ck.info.items()}, show_all=show_all)
     rep.tied = ck.aliases
+    # readers may name the object a stored tensor belongs to (TF2 object graphs)
+    objects = ck.info.get("object_paths") if isinstance(ck.info.get("object_paths"), dict) else {}
     for path, leaf in iter_leaves(ck.tree):
         name = join_path(path)
         if isinstance(leaf, TensorRef):
             rep.tensors.append({"name": name, "dtype": leaf.dtype.name, "shape": list(leaf.shape),
                                 "bytes": leaf.nbytes})
+            if name in objects:
+                rep.tensors[-1]["object"] = objects[name]
         else:
             rep.values[name or "(root)"] = _describe_leaf(leaf)
     return rep

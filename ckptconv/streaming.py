@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 
+from .progress import advance
 from .tensor import FileHandle, TensorRef
 
 _BUF_LIMIT = 4 << 20
@@ -21,7 +22,8 @@ class OutFile:
 
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
-        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o644)
+        os.ftruncate(self.fd, 0)
         self.buf = bytearray()
         self.pos = 0  # bytes handed to us so far (logical end of file)
         self._can_copy_range = hasattr(os, "copy_file_range")
@@ -85,9 +87,11 @@ class OutFile:
         if span is not None:
             handle, off, n = span
             self.copy_from(handle, off, n)
+            advance(n)
             return
         for chunk in ref.iter_bytes():
             self.write(chunk)
+            advance(len(chunk))
 
     def pad_to(self, multiple: int) -> None:
         rem = self.pos % multiple

@@ -17,10 +17,56 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import FormatError
+from .progress import advance
 from .streaming import OutFile
 from .tensor import FileHandle, TensorRef, human_bytes
 
 ALIGN = 64
+_PARALLEL_CRC_MIN = 1 << 20
+
+
+def crc_of_span(handle: FileHandle, offset: int, nbytes: int, chunk: int = 8 << 20) -> int:
+    """CRC-32 of a file range (zlib releases the GIL, so this overlaps a copy)."""
+    crc = 0
+    for off in range(0, nbytes, chunk):
+        crc = zlib.crc32(handle.pread(offset + off, min(chunk, nbytes - off)), crc)
+    return crc
+
+
+def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
+    """CRC-32 of A+B from crc(A), crc(B) and len(B) (zlib's crc32_combine, GF(2) matrices)."""
+    if len2 == 0:
+        return crc1
+
+    def times(mat, vec):
+        s, i = 0, 0
+        while vec:
+            if vec & 1:
+                s ^= mat[i]
+            vec >>= 1
+            i += 1
+        return s
+
+    def square(mat):
+        return [times(mat, mat[n]) for n in range(32)]
+
+    odd = [0xEDB88320] + [1 << n for n in range(31)]
+    even = square(odd)
+    odd = square(even)
+    while True:
+        even = square(odd)
+        if len2 & 1:
+            crc1 = times(even, crc1)
+        len2 >>= 1
+        if not len2:
+            break
+        odd = square(even)
+        if len2 & 1:
+            crc1 = times(odd, crc1)
+        len2 >>= 1
+        if not len2:
+            break
+    return crc1 ^ crc2
 _LOCAL = struct.Struct("<IHHHHHIIIHH")
 _CENTRAL = struct.Struct("<IHHHHHHIIIHHHHHII")
 
@@ -96,6 +142,7 @@ class ZipWriter:
     def __init__(self, path: str | os.PathLike):
         self.out = OutFile(path)
         self.entries: list[tuple[bytes, int, int, int]] = []  # name, header offset, size, crc
+        self._pool = None
 
     def _local_header(self, name: bytes, size: int, zip64: bool) -> tuple[bytes, int]:
         extra = b""
@@ -124,28 +171,49 @@ class ZipWriter:
         header, _ = self._local_header(bname, size, zip64)
         self.out.write(header)
         written = 0
-        running = 0
+        # CRC pieces: (crc or a future computing it in a thread while the
+        # kernel copies the same bytes, length); combined at the end.
+        pieces: list = []
         for part in parts:
             if isinstance(part, (bytes, bytearray, memoryview)):
+                pieces.append((zlib.crc32(part), len(part)))
                 self.out.write(part)
                 written += len(part)
                 continue
-            span = part.file_span() if crc is not None else None
-            if span is not None:
+            span = part.file_span()
+            if span is not None and (crc is not None or span[2] >= _PARALLEL_CRC_MIN):
+                if crc is None:
+                    pieces.append((self._crc_pool().submit(crc_of_span, *span), span[2]))
                 self.out.copy_from(*span)
+                advance(span[2])
                 written += span[2]
-            else:
-                for chunk in part.iter_bytes():
-                    running = zlib.crc32(chunk, running)
-                    self.out.write(chunk)
-                    written += len(chunk)
+                continue
+            running, n = 0, 0
+            for chunk in part.iter_bytes():
+                running = zlib.crc32(chunk, running)
+                self.out.write(chunk)
+                advance(len(chunk))
+                n += len(chunk)
+            pieces.append((running, n))
+            written += n
         if written != size:
             raise FormatError(f"zip member '{name}': wrote {written} bytes, planned {size}")
         if crc is None:
-            crc = running
+            crc = 0
+            for piece, n in pieces:
+                crc = crc32_combine(crc, piece if isinstance(piece, int) else piece.result(), n)
         self.entries.append((bname, offset, size, crc))
 
+    def _crc_pool(self):
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(max_workers=1)
+        return self._pool
+
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
         out = self.out
         out.flush()
         # patch CRCs into the local headers
