@@ -1,0 +1,196 @@
+"""Conversion benchmark: ckptconv against `cp` and the tools people use today.
+
+    python benchmarks/bench_convert.py            # 2 GiB inputs, median of 3
+    python benchmarks/bench_convert.py --quick    # 256 MiB inputs, a smoke run
+
+Generates its inputs under benchmarks/_work/ (kept between runs), then runs
+every contender of a task interleaved, three times, in fresh processes, and
+prints the median time as a ratio to `cp` of the same input measured in the
+same run, with each process's peak RSS (from wait4). Absolute seconds are
+printed for reference only: these machines are noisy, ratios are the result.
+Needs torch (input generation and baselines); TF/h5 tasks need those adapters,
+h5py for the h5 baseline.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+PY = sys.executable
+
+
+def run(cmd: list[str]) -> tuple[float, float]:
+    """(seconds, peak RSS MiB) of one command in a fresh process."""
+    t0 = time.perf_counter()
+    pid = os.fork()
+    if pid == 0:  # child
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 1)
+            os.execvp(cmd[0], cmd)
+        finally:
+            os._exit(127)
+    _, status, ru = os.wait4(pid, 0)
+    elapsed = time.perf_counter() - t0
+    if status != 0:
+        raise SystemExit(f"benchmark command failed ({status}): {' '.join(cmd)}")
+    return elapsed, ru.ru_maxrss / 1024
+
+
+def py(code: str) -> list[str]:
+    return [PY, "-c", code]
+
+
+def ckptconv(*args: str) -> list[str]:
+    return [PY, "-m", "ckptconv", *args]
+
+
+def generate(work: Path, total_bytes: int, small_count: int, small_bytes: int) -> dict[str, Path]:
+    import numpy as np
+    import torch
+    from safetensors.torch import save_file
+
+    import ckptconv as cc
+
+    work.mkdir(parents=True, exist_ok=True)
+    files = {"pt": work / "big.pt", "st": work / "big.safetensors", "small": work / "small.pt",
+             "tf": work / "big_tf" / "model.ckpt", "h5": work / "big.h5",
+             "shards": work / "bf16" / "model.safetensors.index.json"}
+    stamp = work / "inputs.json"
+    want = {"total": total_bytes, "small_count": small_count, "small_bytes": small_bytes}
+    if stamp.exists() and json.loads(stamp.read_text()) == want and all(
+            p.exists() or Path(str(p) + ".index").exists() for p in files.values()):
+        return files
+    for p in work.iterdir():
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    print(f"generating inputs in {work} ...", file=sys.stderr)
+    n = 100
+    cols = 1024
+    rows = max(1, total_bytes // (n * cols * 4))
+    g = torch.Generator().manual_seed(0)
+    sd = {f"layers.{i}.weight": torch.randn(rows, cols, generator=g) for i in range(n)}
+    torch.save(sd, files["pt"])
+    save_file(sd, files["st"])
+    cc.convert(files["st"], files["tf"], to="tf")
+    try:
+        cc.convert(files["st"], files["h5"], to="hdf5")
+    except Exception as e:  # h5py missing: that task is skipped
+        print(f"h5 input not made: {e}", file=sys.stderr)
+    del sd
+    per = max(1, small_bytes // small_count // 4)
+    small = {f"block.{i}.param": torch.randn(per, generator=g) for i in range(small_count)}
+    torch.save(small, files["small"])
+    del small
+    bf = {f"model.layers.{i}.weight": torch.randn(rows, cols, generator=g).to(torch.bfloat16)
+          for i in range(n)}
+    files["shards"].parent.mkdir(parents=True, exist_ok=True)
+    cc.save(bf, files["shards"], shard_size=(total_bytes // 2) // 4 + 1)
+    del bf
+    stamp.write_text(json.dumps(want))
+    return files
+
+
+def tasks(files: dict[str, Path], out: Path) -> list[tuple[str, str, list[str], list[str]]]:
+    """(task, contender, command, extra files the command writes)."""
+    pt, st, small = str(files["pt"]), str(files["st"]), str(files["small"])
+    o_st, o_pt = str(out / "out.safetensors"), str(out / "out.pt")
+    load_save = ("import torch; from safetensors.torch import save_file; "
+                 "sd = torch.load({src!r}, weights_only=True{mm}); "
+                 "save_file({{k: v.contiguous() for k, v in sd.items()}}, {dst!r})")
+    t = []
+    for task, src, in_size_file in (("pth -> safetensors", pt, pt),
+                                    ("50,000 small tensors pth -> safetensors", small, small)):
+        t += [(task, "cp", ["cp", src, o_st]),
+              (task, "torch.load + save_file", py(load_save.format(src=src, mm="", dst=o_st))),
+              (task, "torch.load(mmap) + save_file",
+               py(load_save.format(src=src, mm=", mmap=True", dst=o_st))),
+              (task, "ckptconv convert", ckptconv("convert", src, o_st, "--force", "--no-progress"))]
+    t += [("safetensors -> pth", "cp", ["cp", st, o_pt]),
+          ("safetensors -> pth", "load_file + torch.save",
+           py(f"import torch; from safetensors.torch import load_file; "
+              f"torch.save(load_file({st!r}), {o_pt!r})")),
+          ("safetensors -> pth", "ckptconv convert",
+           ckptconv("convert", st, o_pt, "--force", "--no-progress"))]
+    tf = files["tf"]
+    data = sorted(tf.parent.glob(tf.name + ".data-*"))
+    if data:
+        t += [("TF bundle -> safetensors", "cp", ["cp", str(data[0]), o_st]),
+              ("TF bundle -> safetensors", "ckptconv convert",
+               ckptconv("convert", str(tf), o_st, "--force", "--no-progress"))]
+    if files["h5"].exists():
+        h5 = str(files["h5"])
+        t += [("h5 -> safetensors", "cp", ["cp", h5, o_st]),
+              ("h5 -> safetensors", "h5py read + save_file",
+               py(f"import h5py; from safetensors.numpy import save_file; f = h5py.File({h5!r}); "
+                  "d = {}; f.visititems(lambda n, o: d.__setitem__(n, o[()]) "
+                  "if isinstance(o, h5py.Dataset) and o.dtype.kind in 'fiub' else None); "
+                  f"save_file(d, {o_st!r})")),
+              ("h5 -> safetensors", "ckptconv convert",
+               ckptconv("convert", h5, o_st, "--force", "--no-progress"))]
+    shards = files["shards"]
+    shard_bytes = sum(p.stat().st_size for p in shards.parent.glob("*.safetensors"))
+    t += [("bf16 4 shards -> one safetensors", "cp", ["cp", "-r", str(shards.parent), str(out / "cpdir")]),
+          ("bf16 4 shards -> one safetensors", "ckptconv convert",
+           ckptconv("convert", str(shards), o_st, "--force", "--no-progress"))]
+    t += [("inspect 2 GiB .pt (metadata only)", "ckptconv inspect", ckptconv("inspect", pt)),
+          ("CLI start-up", "ckptconv --help", ckptconv("--help"))]
+    del shard_bytes
+    return t
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", type=float, default=2.0, help="GiB of the big inputs (default 2)")
+    ap.add_argument("--small-count", type=int, default=50_000)
+    ap.add_argument("--small-size", type=float, default=1.0, help="GiB of the small-tensor input")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="256 MiB inputs, 5,000 small tensors")
+    ap.add_argument("--work", type=Path, default=HERE / "_work")
+    ap.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.size, args.small_count, args.small_size = 0.25, 5_000, 0.1
+    files = generate(args.work, int(args.size * (1 << 30)), args.small_count,
+                     int(args.small_size * (1 << 30)))
+    out = args.work / "out"
+    out.mkdir(exist_ok=True)
+    plan = tasks(files, out)
+    results: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    for _ in range(args.repeat):  # interleaved: every contender once per round
+        for task, who, cmd in plan:
+            for p in out.iterdir():
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+            results.setdefault((task, who), []).append(run(cmd))
+    rows = []
+    for task in dict.fromkeys(t for t, _, _ in plan):
+        base = results.get((task, "cp"))
+        base_t = statistics.median(s for s, _ in base) if base else None
+        for (t2, who), runs in results.items():
+            if t2 != task:
+                continue
+            med = statistics.median(s for s, _ in runs)
+            rss = max(r for _, r in runs)
+            ratio = f"{med / base_t:.2f}x" if base_t else "-"
+            rows.append((task, who, f"{med:.2f}", ratio, f"{rss:.0f}"))
+    head = ("task", "contender", "median s", "vs cp", "peak RSS MiB")
+    if args.markdown:
+        print("| " + " | ".join(head) + " |")
+        print("|" + "---|" * len(head))
+        for r in rows:
+            print("| " + " | ".join(r) + " |")
+    else:
+        widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
+        for r in [head] + rows:
+            print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""Memory stays flat in file size: converting a 512 MiB checkpoint keeps the
+converting process's peak RSS under 256 MiB (time is not asserted: noisy)."""
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+import pytest
+
+import ckptconv
+
+LIMIT_MIB = 256
+
+
+def peak_rss_mib(args) -> float:
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.execv(sys.executable, [sys.executable, "-m", "ckptconv", *map(str, args)])
+        finally:
+            os._exit(127)
+    _, status, ru = os.wait4(pid, 0)
+    assert status == 0, f"ckptconv {args} failed with status {status}"
+    return ru.ru_maxrss / 1024
+
+
+@pytest.fixture(scope="module")
+def big_pt(tmp_path_factory):
+    torch = pytest.importorskip("torch")
+    d = tmp_path_factory.mktemp("big")
+    g = torch.Generator().manual_seed(0)
+    sd = {f"layers.{i}.weight": torch.randn(1024, 2048, generator=g) for i in range(64)}  # 512 MiB
+    path = d / "big.pt"
+    torch.save(sd, path)
+    return path
+
+
+def test_pt_to_safetensors_and_back_with_flat_memory(tmp_path, big_pt):
+    st = tmp_path / "big.safetensors"
+    rss = peak_rss_mib(["convert", big_pt, st])
+    assert rss < LIMIT_MIB, f"pt -> safetensors peak RSS {rss:.0f} MiB"
+    back = tmp_path / "back.pt"
+    rss = peak_rss_mib(["convert", st, back])
+    assert rss < LIMIT_MIB, f"safetensors -> pt peak RSS {rss:.0f} MiB"
+    src, out = ckptconv.load(big_pt).tensors(), ckptconv.load(back).tensors()
+    for name in ("layers.0.weight", "layers.63.weight"):
+        assert np.array_equal(src[name].numpy(), out[name].numpy())
+
+
+def test_strided_views_stream_in_bounded_chunks(tmp_path):
+    torch = pytest.importorskip("torch")
+    base = torch.arange(4096 * 1024, dtype=torch.float32).reshape(4096, 1024)
+    path = tmp_path / "views.pt"
+    torch.save({"rows": base[100:3000:3], "cols": base[:, 5:900]}, path)
+    out = tmp_path / "views.safetensors"
+    ckptconv.convert(path, out)
+    from safetensors.torch import load_file
+
+    got = load_file(out)
+    assert torch.equal(got["rows"], base[100:3000:3]) and torch.equal(got["cols"], base[:, 5:900])
