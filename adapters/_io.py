@@ -262,6 +262,26 @@ def as_int64(value: int) -> int:
     return value - (1 << 64) if value >= 1 << 63 else value
 
 
+def varint_value(field: int, wire: int, value, signed: bool = True) -> int:
+    """A field's value that must be a varint (``int32``/``int64``/enum/bool)."""
+    if wire != WIRE_VARINT:
+        raise DecodeError(f"field {field} should be a varint, has wire type {wire}")
+    return as_int64(value) if signed else value
+
+
+def bytes_value(field: int, wire: int, value) -> memoryview:
+    """A field's value that must be length-delimited (message, string, bytes)."""
+    if wire != WIRE_BYTES:
+        raise DecodeError(f"field {field} should be length-delimited, has wire type {wire}")
+    return value
+
+
+def fixed32_value(field: int, wire: int, value) -> int:
+    if wire != WIRE_FIXED32:
+        raise DecodeError(f"field {field} should be fixed32, has wire type {wire}")
+    return value
+
+
 def iter_fields(buf: Bytes) -> Iterator[tuple[int, int, int | memoryview]]:
     """(field number, wire type, value) for each field of a serialized message.
 

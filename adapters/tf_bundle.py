@@ -48,9 +48,9 @@ from ckptconv.tensor import (CHUNK_BYTES, FileHandle, FileSource, StoredTensor, 
 from ckptconv.tree import (TREE_KEY, Checkpoint, ObjectRecord, iter_tensors,
                            tree_from_metadata, tree_to_metadata)
 
-from ._io import (DecodeError, as_int64, crc32c, encode_varint, field_bytes, field_fixed32,
-                  field_varint, iter_fields, mask_crc, read_varint, snappy_decompress,
-                  unmask_crc)
+from ._io import (DecodeError, bytes_value, crc32c, encode_varint, field_bytes, field_fixed32,
+                  field_varint, fixed32_value, iter_fields, mask_crc, read_varint,
+                  snappy_decompress, unmask_crc, varint_value)
 
 # --- TensorFlow DataType numbers (core/framework/types.proto) -------------------
 
@@ -295,14 +295,14 @@ class BundleEntry:
 
 def _parse_shape(buf) -> tuple[int, ...]:
     dims = []
-    for f, _, v in iter_fields(buf):
+    for f, w, v in iter_fields(buf):
         if f == 2:
             size = 0
-            for f2, _, v2 in iter_fields(v):
+            for f2, w2, v2 in iter_fields(bytes_value(f, w, v)):
                 if f2 == 1:
-                    size = as_int64(v2)
+                    size = varint_value(f2, w2, v2)
             dims.append(size)
-        elif f == 3 and v:
+        elif f == 3 and varint_value(f, w, v):
             raise DecodeError("tensor shape of unknown rank")
     if any(d < 0 for d in dims):
         raise DecodeError(f"tensor shape {dims} has an unknown or negative dimension")
@@ -311,35 +311,35 @@ def _parse_shape(buf) -> tuple[int, ...]:
 
 def _parse_slice(buf) -> list[tuple[int, int]]:
     extents = []
-    for f, _, v in iter_fields(buf):
+    for f, w, v in iter_fields(buf):
         if f == 1:
             start, length = 0, -1          # an extent without length covers the whole dim
-            for f2, _, v2 in iter_fields(v):
+            for f2, w2, v2 in iter_fields(bytes_value(f, w, v)):
                 if f2 == 1:
-                    start = as_int64(v2)
+                    start = varint_value(f2, w2, v2)
                 elif f2 == 2:
-                    length = as_int64(v2)
+                    length = varint_value(f2, w2, v2)
             extents.append((start, length))
     return extents
 
 
 def parse_entry(key: bytes, buf) -> BundleEntry:
     e = BundleEntry(key)
-    for f, _, v in iter_fields(buf):
+    for f, w, v in iter_fields(buf):
         if f == 1:
-            e.dtype = v
+            e.dtype = varint_value(f, w, v, signed=False)
         elif f == 2:
-            e.shape = _parse_shape(v)
+            e.shape = _parse_shape(bytes_value(f, w, v))
         elif f == 3:
-            e.shard_id = as_int64(v)
+            e.shard_id = varint_value(f, w, v)
         elif f == 4:
-            e.offset = as_int64(v)
+            e.offset = varint_value(f, w, v)
         elif f == 5:
-            e.size = as_int64(v)
+            e.size = varint_value(f, w, v)
         elif f == 6:
-            e.crc32c = v
+            e.crc32c = fixed32_value(f, w, v)
         elif f == 7:
-            e.slices.append(_parse_slice(v))
+            e.slices.append(_parse_slice(bytes_value(f, w, v)))
     if e.shard_id < 0 or e.offset < 0 or e.size < 0:
         raise DecodeError(f"negative shard, offset or size ({e.shard_id}, {e.offset}, {e.size})")
     return e
@@ -375,21 +375,22 @@ TENSOR_BUNDLE_VERSION = 1   # kTensorBundleVersion
 def parse_header(buf) -> BundleHeader:
     h = BundleHeader()
     bad = []
-    for f, _, v in iter_fields(buf):
+    for f, w, v in iter_fields(buf):
         if f == 1:
-            h.num_shards = as_int64(v)
+            h.num_shards = varint_value(f, w, v)
         elif f == 2:
+            v = varint_value(f, w, v)
             if v not in (0, 1):
                 raise DecodeError(f"unknown endianness {v}")
             h.big_endian = v == 1
         elif f == 3:
-            for f2, w2, v2 in iter_fields(v):
+            for f2, w2, v2 in iter_fields(bytes_value(f, w, v)):
                 if f2 == 1:
-                    h.producer = as_int64(v2)
+                    h.producer = varint_value(f2, w2, v2)
                 elif f2 == 2:
-                    h.min_consumer = as_int64(v2)
+                    h.min_consumer = varint_value(f2, w2, v2)
                 elif f2 == 3 and w2 == 0:
-                    bad.append(as_int64(v2))
+                    bad.append(varint_value(f2, w2, v2))
     h.bad_consumers = tuple(bad)
     return h
 
@@ -794,26 +795,32 @@ def object_paths(graph: bytes) -> tuple[dict[str, str], dict[str, str]]:
     path (``model.layer_with_weights-0.kernel``; optimizer slots read
     ``optimizer.m[model.dense.kernel]``), and checkpoint key -> the variable's
     own name (``dense/kernel``) where TF recorded one."""
+    def record(buf, ints: tuple[int, ...], texts: tuple[int, ...]) -> dict[int, Any]:
+        """The int and string fields of a small message (defaults 0 and "")."""
+        out: dict[int, Any] = {k: 0 for k in ints}
+        out.update({k: "" for k in texts})
+        for f, w, v in iter_fields(buf):
+            if f in ints:
+                out[f] = varint_value(f, w, v)
+            elif f in texts:
+                out[f] = bytes(bytes_value(f, w, v)).decode("utf-8", "replace")
+        return out
+
     nodes = []
-    for f, _, v in iter_fields(graph):
-        if f != 1:
+    for f, w, v in iter_fields(graph):
+        if f != 1:                       # TrackableObjectGraph.nodes
             continue
-        node = {"children": [], "attributes": [], "slots": []}
-        for f2, _, v2 in iter_fields(v):
-            if f2 == 1:
-                ref = {1: 0, 2: b""}
-                ref.update({k: val for k, _, val in iter_fields(v2) if k in (1, 2)})
-                node["children"].append((as_int64(ref[1]), bytes(ref[2]).decode("utf-8", "replace")))
-            elif f2 == 2:
-                att = {1: b"", 2: b"", 3: b""}
-                att.update({k: val for k, _, val in iter_fields(v2) if k in (1, 2, 3)})
-                node["attributes"].append(tuple(bytes(att[k]).decode("utf-8", "replace")
-                                                for k in (1, 2, 3)))
-            elif f2 == 3:
-                sl = {1: 0, 2: b"", 3: 0}
-                sl.update({k: val for k, _, val in iter_fields(v2) if k in (1, 2, 3)})
-                node["slots"].append((as_int64(sl[1]), bytes(sl[2]).decode("utf-8", "replace"),
-                                      as_int64(sl[3])))
+        node: dict[str, list] = {"children": [], "attributes": [], "slots": []}
+        for f2, w2, v2 in iter_fields(bytes_value(f, w, v)):
+            if f2 == 1:                  # ObjectReference{node_id, local_name}
+                r = record(bytes_value(f2, w2, v2), (1,), (2,))
+                node["children"].append((r[1], r[2]))
+            elif f2 == 2:                # SerializedTensor{name, full_name, checkpoint_key}
+                r = record(bytes_value(f2, w2, v2), (), (1, 2, 3))
+                node["attributes"].append((r[1], r[2], r[3]))
+            elif f2 == 3:                # SlotVariableReference{original, slot_name, slot}
+                r = record(bytes_value(f2, w2, v2), (1, 3), (2,))
+                node["slots"].append((r[1], r[2], r[3]))
         nodes.append(node)
     path: dict[int, str] = {0: ""} if nodes else {}
     queue = deque([0] if nodes else [])

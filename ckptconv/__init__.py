@@ -3,30 +3,38 @@
     import ckptconv
     ck = ckptconv.load("model.pt")                 # lazy Checkpoint
     ckptconv.convert("model.pt", "model.safetensors")
+
+Names are resolved on first use so that ``ckptconv --help`` starts without
+importing numpy.
 """
 from __future__ import annotations
 
+import importlib
+
 __version__ = "0.1.0"
 
-from .api import check, convert, inspect, load, load_into, save, scan, verify  # noqa: E402
-from .errors import (  # noqa: E402
-    CkptconvError, FormatError, IntegrityError, MappingError, MissingDependencyError,
-    UnsafePickleError, UsageError)
-from .tensor import ArrayTensor, LazyTensor, StoredTensor, TensorRef  # noqa: E402
-from .tree import Checkpoint, ObjectRecord  # noqa: E402
+_EXPORTS = {
+    "load": "api", "save": "api", "convert": "api", "inspect": "api", "load_into": "api",
+    "check": "api", "verify": "api", "scan": "api", "Mapping": "mapping",
+    "Checkpoint": "tree", "ObjectRecord": "tree",
+    "TensorRef": "tensor", "StoredTensor": "tensor", "ArrayTensor": "tensor", "LazyTensor": "tensor",
+    "CkptconvError": "errors", "FormatError": "errors", "IntegrityError": "errors",
+    "MappingError": "errors", "MissingDependencyError": "errors", "UnsafePickleError": "errors",
+    "UsageError": "errors", "UnsupportedError": "errors",
+}
+
+__all__ = list(_EXPORTS)
 
 
 def __getattr__(name):
-    if name == "Mapping":
-        from .mapping import Mapping
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    if name in ("dtypes", "tree", "tensor", "registry", "errors", "api"):
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'ckptconv' has no attribute {name!r}")
 
-        return Mapping
-    raise AttributeError(name)
 
-
-__all__ = [
-    "load", "save", "convert", "inspect", "load_into", "check", "verify", "scan", "Mapping",
-    "Checkpoint", "ObjectRecord", "TensorRef", "StoredTensor", "ArrayTensor", "LazyTensor",
-    "CkptconvError", "FormatError", "IntegrityError", "MappingError", "MissingDependencyError",
-    "UnsafePickleError", "UsageError",
-]
+def __dir__():
+    return sorted(list(globals()) + __all__)

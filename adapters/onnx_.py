@@ -1,0 +1,864 @@
+"""ONNX models: the weights a graph carries.
+
+Sources of truth: ``onnx/onnx.proto`` (``ModelProto``, ``GraphProto``,
+``NodeProto``, ``AttributeProto``, ``TensorProto``, ``SparseTensorProto``),
+``onnx/external_data_helper.py`` (``location``/``offset``/``length`` entries,
+resolved relative to the model's folder) and the protobuf wire format
+(https://protobuf.dev/programming-guides/encoding/).
+
+Reading walks the serialized model with a small wire-format scanner over a
+memory map (no protobuf object of the whole model is built), so it knows the
+byte offset of every ``raw_data`` and makes those tensors ``StoredTensor``s
+over the ``.onnx`` file itself; external data are ``StoredTensor``s over the
+data file. Tensors held in typed fields (``float_data``, ``int64_data``, ...),
+packed 4-bit tensors and the scalar/list forms of ``Constant``
+(``value_float(s)``, ``value_int(s)``) are decoded lazily by ``onnx`` itself.
+
+What is a weight, and its name:
+
+- ``graph.initializer``: its own name.
+- ``Constant`` nodes (``value``, ``sparse_value``, ``value_float(s)``,
+  ``value_int(s)``): the node's output name.
+- Weights inside subgraphs (``If`` branches, ``Loop``/``Scan`` bodies, any
+  GRAPH/GRAPHS attribute, nested): the same, prefixed by the node path,
+  ``<node name or OpType_index>/<attribute>/`` (``/<k>`` for GRAPHS lists),
+  so names stay unique however the exporter named things.
+- ``sparse_initializer`` / ``sparse_value``: a dense tensor, computed lazily
+  from the values and indices (linear ``[NNZ]`` or coordinate ``[NNZ, rank]``).
+- String tensors, ``FLOAT4E2M1``/2-bit types and ``functions`` are not
+  weights ckptconv reads; they are listed in ``info['skipped']``.
+
+``metadata_props`` become the checkpoint's metadata (and carry the
+non-tensor tree when ckptconv wrote the file).
+
+Writing: ``--to onnx`` writes a weights-only model (a graph with only
+initializers, which ``onnx.checker`` accepts), streamed: the protobuf framing
+is computed first, tensor bytes follow file-to-file. ``template=model.onnx``
+replaces the weights of an existing graph by name instead (shapes and dtypes
+must match); when every replaced tensor sits inline as ``raw_data`` the output
+is the template's bytes with those ranges swapped (same length), otherwise the
+model is rebuilt with ``onnx``. External data (``<name>.onnx.data`` next to
+the model, tensors from 1 KB up, 4 KB aligned above 64 KB) is used when the
+model would pass 2 GB or with ``external_data=True``.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from ckptconv import dtypes as _dt
+from ckptconv.atomic import atomic_file, atomic_files
+from ckptconv.errors import FormatError, UnsupportedError
+from ckptconv.registry import Adapter
+from ckptconv.streaming import OutFile
+from ckptconv.tensor import (FileHandle, FileSource, LazyTensor, StoredTensor, TensorRef,
+                             human_bytes)
+from ckptconv.tree import Checkpoint, iter_tensors, tree_from_metadata, tree_to_metadata
+
+PROTOBUF_LIMIT = 2**31 - 1
+EXTERNAL_MARGIN = 64 << 20        # headroom for the graph itself below the 2 GB limit
+EXTERNAL_MIN_BYTES = 1024         # smaller tensors stay inline (as onnx's size_threshold)
+EXTERNAL_ALIGN_FROM = 64 << 10    # bigger tensors start on a 4 KB boundary (mmap friendly)
+
+# TensorProto.DataType -> canonical dtype name (onnx/onnx.proto)
+ONNX_DTYPES = {
+    1: "float32", 2: "uint8", 3: "int8", 4: "uint16", 5: "int16", 6: "int32", 7: "int64",
+    9: "bool", 10: "float16", 11: "float64", 12: "uint32", 13: "uint64", 14: "complex64",
+    15: "complex128", 16: "bfloat16", 17: "float8_e4m3fn", 18: "float8_e4m3fnuz",
+    19: "float8_e5m2", 20: "float8_e5m2fnuz", 21: "uint4", 22: "int4", 24: "float8_e8m0fnu",
+}
+ONNX_CODES = {v: k for k, v in ONNX_DTYPES.items()}
+ONNX_TYPE_NAMES = {8: "STRING", 23: "FLOAT4E2M1", 25: "UINT2", 26: "INT2"}
+PACKED_4BIT = ("int4", "uint4")   # two elements per byte in raw_data
+_TYPED_FIELDS = (3, 4, 5, 6, 7, 10, 11)   # segment and the typed value fields of TensorProto
+_MODEL_FIELDS = {1: 0, 2: 2, 3: 2, 4: 2, 5: 0, 6: 2, 7: 2, 8: 2, 14: 2, 20: 2, 25: 2, 26: 2}
+
+
+# --- protobuf wire format -------------------------------------------------------
+
+class WireError(Exception):
+    """A malformed protobuf; carries the offset."""
+
+
+def read_varint(buf, pos: int, end: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if pos >= end:
+            raise WireError(f"varint runs past the end of its message at offset {pos}")
+        b = buf[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if b < 0x80:
+            return result, pos
+        shift += 7
+        if shift > 63:
+            raise WireError(f"varint longer than 10 bytes at offset {pos}")
+
+
+def iter_fields(buf, start: int, end: int) -> Iterator[tuple[int, int, Any]]:
+    """(field number, wire type, value) of one message; length-delimited values
+    are (start, end) spans into ``buf``, never copied."""
+    pos = start
+    while pos < end:
+        key, pos = read_varint(buf, pos, end)
+        num, wire = key >> 3, key & 7
+        if num == 0:
+            raise WireError(f"field number 0 at offset {pos}")
+        if wire == 0:
+            value, pos = read_varint(buf, pos, end)
+        elif wire == 2:
+            n, pos = read_varint(buf, pos, end)
+            if pos + n > end:
+                raise WireError(f"field {num} needs {n} bytes at offset {pos}, "
+                                f"its message ends at {end}")
+            value, pos = (pos, pos + n), pos + n
+        elif wire == 1:
+            value, pos = (pos, pos + 8), pos + 8
+        elif wire == 5:
+            value, pos = (pos, pos + 4), pos + 4
+        else:
+            raise WireError(f"unsupported wire type {wire} at offset {pos}")
+        if pos > end:
+            raise WireError(f"field {num} runs past the end of its message at offset {pos}")
+        yield num, wire, value
+
+
+def _text(buf, span) -> str:
+    return bytes(buf[span[0]:span[1]]).decode("utf-8", "replace")
+
+
+def _packed_varints(buf, span) -> list[int]:
+    out, pos = [], span[0]
+    while pos < span[1]:
+        v, pos = read_varint(buf, pos, span[1])
+        out.append(v)
+    return out
+
+
+def encode_varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def _len_field(num: int, length: int) -> bytes:
+    """Tag and length prefix of a length-delimited field."""
+    return encode_varint(num << 3 | 2) + encode_varint(length)
+
+
+def looks_like_onnx(head: bytes, size: int) -> bool:
+    """ModelProto serializations start with ir_version (field 1) and only hold
+    ModelProto fields with their proper wire types; a long field may run past
+    ``head`` as long as the file holds it."""
+    if len(head) < 4 or head[0] != 0x08:
+        return False
+    pos, seen = 0, 0
+    try:
+        while pos < len(head):
+            key, pos = read_varint(head, pos, len(head))
+            num, wire = key >> 3, key & 7
+            if _MODEL_FIELDS.get(num) != wire or (seen == 0) != (num == 1):
+                return False
+            value, pos = read_varint(head, pos, len(head))
+            seen += 1
+            if num == 1 and not 1 <= value <= 64:
+                return False
+            if wire == 2:
+                pos += value
+                if pos > len(head):
+                    return pos <= size
+    except WireError:
+        return seen >= 2    # a varint cut by the end of head
+    return seen >= 2
+
+
+# --- reading ------------------------------------------------------------------
+
+@dataclass
+class OnnxTensor:
+    """One weight found in the model, with where it lives in the protobuf."""
+
+    name: str
+    kind: str                      # initializer | constant | constant-attr | sparse
+    ref: TensorRef
+    proto_path: tuple              # steps from the ModelProto to the TensorProto / AttributeProto
+    raw_span: tuple[int, int] | None = None   # raw_data bytes inside the .onnx file
+    external: bool = False
+    attr_form: str | None = None   # value_float, value_floats, value_int, value_ints
+
+
+@dataclass
+class OnnxScan:
+    tensors: list[OnnxTensor] = field(default_factory=list)
+    metadata: dict[str, str] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+
+
+class _Scanner:
+    """Walks a serialized ModelProto and builds lazy refs for its weights."""
+
+    def __init__(self, path: Path, handle: FileHandle, buf):
+        self.path, self.handle, self.buf = path, handle, buf
+        self.folder = path.resolve().parent
+        self.external_handles: dict[str, FileHandle] = {}
+        self.scan = OnnxScan()
+        self.names: set[str] = set()
+        self.counts = {"initializers": 0, "constants": 0, "sparse": 0, "in_subgraphs": 0}
+
+    def fail(self, what: str):
+        raise FormatError(f"{self.handle.display}: {what}")
+
+    def model(self) -> OnnxScan:
+        buf, info = self.buf, self.scan.info
+        opsets = []
+        graph_span = None
+        for num, wire, v in iter_fields(buf, 0, len(buf)):
+            if num == 1 and wire == 0:
+                info["ir_version"] = v
+            elif num == 2 and wire == 2:
+                info["producer"] = _text(buf, v)
+            elif num == 3 and wire == 2:
+                info["producer_version"] = _text(buf, v)
+            elif num == 7 and wire == 2:
+                graph_span = v
+            elif num == 8 and wire == 2:
+                domain, version = "", 0
+                for n2, w2, v2 in iter_fields(buf, *v):
+                    if n2 == 1 and w2 == 2:
+                        domain = _text(buf, v2)
+                    elif n2 == 2 and w2 == 0:
+                        version = v2
+                opsets.append(f"{domain or 'ai.onnx'}:{version}")
+            elif num == 14 and wire == 2:
+                key, value = self._string_entry(v)
+                self.scan.metadata[key] = value
+            elif num == 25 and wire == 2:
+                self.scan.skipped.append("functions (weights in model-local functions are not read)")
+        if "ir_version" not in info:
+            self.fail("not an ONNX model (no ir_version)")
+        if graph_span is None:
+            self.fail("ONNX model without a graph")
+        if opsets:
+            info["opset"] = ", ".join(opsets)
+        self.graph(graph_span, "", ("graph",))
+        info.update({k: v for k, v in self.counts.items() if v})
+        if self.external_handles:
+            info["external_data"] = ", ".join(sorted(self.external_handles))
+        return self.scan
+
+    def _string_entry(self, span) -> tuple[str, str]:
+        key = value = ""
+        for num, wire, v in iter_fields(self.buf, *span):
+            if num == 1 and wire == 2:
+                key = _text(self.buf, v)
+            elif num == 2 and wire == 2:
+                value = _text(self.buf, v)
+        return key, value
+
+    def graph(self, span, prefix: str, ppath: tuple) -> None:
+        inits, sparse, nodes = [], [], []
+        counters = {"node": 0, "initializer": 0, "sparse_initializer": 0}
+        for num, wire, v in iter_fields(self.buf, *span):
+            if wire != 2:
+                continue
+            if num == 1:
+                nodes.append((v, counters["node"]))
+                counters["node"] += 1
+            elif num == 5:
+                inits.append((v, counters["initializer"]))
+                counters["initializer"] += 1
+            elif num == 15:
+                sparse.append((v, counters["sparse_initializer"]))
+                counters["sparse_initializer"] += 1
+        for v, i in inits:
+            self.tensor(v, prefix, ppath + (("initializer", i),), "initializer")
+        for v, i in sparse:
+            self.sparse(v, None, prefix, ppath + (("sparse_initializer", i),))
+        for v, i in nodes:
+            self.node(v, i, prefix, ppath + (("node", i),))
+
+    def node(self, span, index: int, prefix: str, ppath: tuple) -> None:
+        buf = self.buf
+        outputs, name, op, domain, attrs = [], "", "", "", []
+        for num, wire, v in iter_fields(buf, *span):
+            if wire != 2:
+                continue
+            if num == 2:
+                outputs.append(_text(buf, v))
+            elif num == 3:
+                name = _text(buf, v)
+            elif num == 4:
+                op = _text(buf, v)
+            elif num == 5:
+                attrs.append(v)
+            elif num == 7:
+                domain = _text(buf, v)
+        label = name or f"{op}_{index}"
+        is_constant = op == "Constant" and domain in ("", "ai.onnx")
+        for a, aspan in enumerate(attrs):
+            aname, tensor_span, sparse_span, graphs = "", None, None, []
+            for num, wire, v in iter_fields(buf, *aspan):
+                if num == 1 and wire == 2:
+                    aname = _text(buf, v)
+                elif num == 5 and wire == 2:
+                    tensor_span = v
+                elif num == 22 and wire == 2:
+                    sparse_span = v
+                elif num == 6 and wire == 2:
+                    graphs.append((v, None))
+                elif num == 11 and wire == 2:
+                    graphs.append((v, len(graphs)))
+            apath = ppath + (("attribute", a),)
+            if is_constant and outputs:
+                out_name = prefix + outputs[0]
+                if aname == "value" and tensor_span:
+                    self.tensor(tensor_span, "", apath + ("t",), "constant", out_name)
+                elif aname == "sparse_value" and sparse_span:
+                    self.sparse(sparse_span, out_name, "", apath + ("sparse_tensor",))
+                elif aname in ("value_float", "value_floats", "value_int", "value_ints"):
+                    self.attribute_constant(aspan, aname, out_name, apath)
+                elif aname.startswith("value_string"):
+                    self.scan.skipped.append(f"{out_name} (string constant)")
+            for gspan, k in graphs:
+                sub = f"{prefix}{label}/{aname}/" + (f"{k}/" if k is not None else "")
+                step = "g" if k is None else ("graphs", k)
+                self.graph(gspan, sub, apath + (step,))
+
+    def attribute_constant(self, span, form: str, name: str, apath: tuple) -> None:
+        handle, (start, end) = self.handle, span
+        dtype = "float32" if form.startswith("value_float") else "int64"
+        shape: tuple[int, ...] = ()
+        if form.endswith("s"):
+            count = 0
+            for num, wire, v in iter_fields(self.buf, start, end):
+                if num in (7, 8):
+                    if wire == 2:
+                        count += (v[1] - v[0]) // 4 if num == 7 else len(_packed_varints(self.buf, v))
+                    else:
+                        count += 1
+            shape = (count,)
+
+        def compute():
+            import onnx
+            from onnx import helper
+
+            attr = onnx.AttributeProto.FromString(handle.pread(start, end - start, f"constant '{name}'"))
+            return np.asarray(helper.get_attribute_value(attr), dtype=dtype).reshape(shape)
+
+        self.add(OnnxTensor(name, "constant-attr", LazyTensor(dtype, shape, compute), apath,
+                            attr_form=form))
+
+    def _header(self, span) -> dict:
+        """The fields of a TensorProto that say what and where its data are."""
+        buf = self.buf
+        h = {"dims": [], "data_type": 0, "name": "", "raw": None, "external": {}, "location": 0,
+             "typed": False}
+        for num, wire, v in iter_fields(buf, *span):
+            if num == 1:
+                h["dims"] += _packed_varints(buf, v) if wire == 2 else [v]
+            elif num == 2 and wire == 0:
+                h["data_type"] = v
+            elif num == 8 and wire == 2:
+                h["name"] = _text(buf, v)
+            elif num == 9 and wire == 2:
+                h["raw"] = v
+            elif num == 13 and wire == 2:
+                key, value = self._string_entry(v)
+                h["external"][key] = value
+            elif num == 14 and wire == 0:
+                h["location"] = v
+            elif num in _TYPED_FIELDS:
+                h["typed"] = True
+        # dims are int64: negative values arrive as huge unsigned varints
+        if any(d >= 2**62 for d in h["dims"]):
+            self.fail(f"tensor '{h['name']}' has a negative dimension")
+        return h
+
+    def tensor_ref(self, span, name: str, h: dict | None = None) -> tuple[TensorRef | None, dict]:
+        h = h or self._header(span)
+        code = h["data_type"]
+        if code not in ONNX_DTYPES:
+            what = ONNX_TYPE_NAMES.get(code, f"data type {code}")
+            self.scan.skipped.append(f"{name} ({what})")
+            return None, h
+        dtype = _dt.get(ONNX_DTYPES[code])
+        shape = tuple(h["dims"])
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if h["location"] == 1:
+            return self.external_ref(name, dtype, shape, nbytes, h["external"]), h
+        if h["raw"] is not None and not h["typed"] and dtype.name not in PACKED_4BIT:
+            start, end = h["raw"]
+            if end - start != nbytes:
+                self.fail(f"tensor '{name}' {dtype.name}{list(shape)} needs {nbytes} bytes, "
+                          f"raw_data holds {end - start}")
+            return StoredTensor(dtype, shape, FileSource(self.handle, start, nbytes,
+                                                         f"tensor '{name}'")), h
+        if h["raw"] is None and not h["typed"] and nbytes:
+            self.fail(f"tensor '{name}' {dtype.name}{list(shape)} has no data")
+        return self.decoded_ref(span, name, dtype, shape), h
+
+    def decoded_ref(self, span, name: str, dtype: _dt.DType, shape) -> TensorRef:
+        """Typed fields or packed 4-bit data: onnx decodes them when asked."""
+        handle, (start, end) = self.handle, span
+        npdt = _dt.numpy_dtype(dtype)
+
+        def compute():
+            import onnx
+            from onnx import numpy_helper
+
+            tp = onnx.TensorProto.FromString(handle.pread(start, end - start, f"tensor '{name}'"))
+            arr = np.asarray(numpy_helper.to_array(tp))
+            if arr.dtype != npdt:
+                arr = arr.view(npdt) if arr.dtype.itemsize == npdt.itemsize else arr.astype(npdt)
+            return arr.reshape(shape)
+
+        return LazyTensor(dtype, shape, compute)
+
+    def external_ref(self, name: str, dtype: _dt.DType, shape, nbytes: int, entries: dict) -> TensorRef:
+        location = entries.get("location", "")
+        if not location:
+            self.fail(f"tensor '{name}' says its data is external but gives no location")
+        target = (self.folder / location).resolve()
+        if os.path.isabs(location) or self.folder not in target.parents:
+            self.fail(f"tensor '{name}': external data '{location}' lies outside the model's "
+                      f"folder; refusing to read it")
+        if dtype.name in PACKED_4BIT:
+            self.fail(f"tensor '{name}': external packed {dtype.name} data is not supported")
+        try:
+            offset = int(entries.get("offset", 0))
+            length = int(entries["length"]) if "length" in entries else nbytes
+        except ValueError:
+            self.fail(f"tensor '{name}': bad external data offset/length {entries}")
+        if length != nbytes or offset < 0:
+            self.fail(f"tensor '{name}' {dtype.name}{list(shape)} needs {nbytes} bytes, "
+                      f"external data gives {length} at offset {offset}")
+        handle = self.external_handles.get(location)
+        if handle is None:
+            if not target.is_file():
+                self.fail(f"tensor '{name}': external data file '{location}' is missing")
+            handle = self.external_handles[location] = FileHandle(target, location)
+        source = FileSource(handle, offset, nbytes, f"tensor '{name}'")
+        source.check()
+        return StoredTensor(dtype, shape, source)
+
+    def tensor(self, span, prefix: str, ppath: tuple, kind: str, name: str | None = None) -> None:
+        h = self._header(span)
+        name = name if name is not None else prefix + h["name"]
+        ref, h = self.tensor_ref(span, name, h)
+        if ref is None:
+            return
+        raw = h["raw"] if h["location"] != 1 and not h["typed"] and \
+            ONNX_DTYPES[h["data_type"]] not in PACKED_4BIT else None
+        self.add(OnnxTensor(name, kind, ref, ppath, raw, h["location"] == 1))
+
+    def sparse(self, span, name: str | None, prefix: str, ppath: tuple) -> None:
+        values = indices = None
+        dims: list[int] = []
+        for num, wire, v in iter_fields(self.buf, *span):
+            if num == 1 and wire == 2:
+                values = v
+            elif num == 2 and wire == 2:
+                indices = v
+            elif num == 3:
+                dims += _packed_varints(self.buf, v) if wire == 2 else [v]
+        if values is None or indices is None:
+            self.fail(f"sparse tensor {name or ''} without values or indices")
+        vh = self._header(values)
+        name = name if name is not None else prefix + vh["name"]
+        vref, _ = self.tensor_ref(values, name + ":values", vh)
+        iref, _ = self.tensor_ref(indices, name + ":indices")
+        if vref is None or iref is None:
+            return
+        if any(d >= 2**62 for d in dims):
+            self.fail(f"sparse tensor '{name}' has a negative dimension")
+        shape = tuple(dims)
+        total = int(np.prod(shape, dtype=np.int64))
+
+        def densify():
+            vals = vref.numpy().reshape(-1)
+            idx = iref.numpy().astype(np.int64)
+            out = np.zeros(total, dtype=vals.dtype)
+            if idx.ndim == 2:       # [NNZ, rank] coordinates
+                flat = np.ravel_multi_index(tuple(idx.T), shape) if idx.size else idx.reshape(-1)
+            else:                   # [NNZ] linear indices
+                flat = idx.reshape(-1)
+            if flat.size and (flat.min() < 0 or flat.max() >= total):
+                raise FormatError(f"{self.handle.display}: sparse tensor '{name}' has an index "
+                                  f"outside its shape {list(shape)}")
+            out[flat] = vals
+            return out.reshape(shape)
+
+        self.add(OnnxTensor(name, "sparse", LazyTensor(vref.dtype, shape, densify, (vref, iref)), ppath))
+
+    def add(self, t: OnnxTensor) -> None:
+        if t.name in self.names:
+            self.scan.skipped.append(f"{t.name} (a second tensor of that name)")
+            return
+        self.names.add(t.name)
+        self.scan.tensors.append(t)
+        self.counts[{"initializer": "initializers", "sparse": "sparse"}.get(t.kind, "constants")] += 1
+        if any(step == "g" or isinstance(step, tuple) and step[0] == "graphs" for step in t.proto_path):
+            self.counts["in_subgraphs"] += 1
+
+
+def scan_onnx(path: Path) -> OnnxScan:
+    """Parse a .onnx file's structure (no tensor bytes read)."""
+    handle = FileHandle(path)
+    if handle.size == 0:
+        raise FormatError(f"{handle.display}: file is empty")
+    with open(path, "rb") as f:
+        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        try:
+            return _Scanner(path, handle, buf).model()
+        except WireError as e:
+            raise FormatError(f"{handle.display}: not a valid ONNX protobuf ({e}; truncated?)") from None
+    finally:
+        buf.close()
+
+
+# --- writing ------------------------------------------------------------------
+
+def onnx_code(ref: TensorRef, name: str) -> int:
+    code = ONNX_CODES.get(ref.dtype.name)
+    if code is None:
+        raise UnsupportedError(f"ONNX has no data type for {ref.dtype.name} (tensor '{name}')")
+    return code
+
+
+def _tensor_message_head(name: str, ref: TensorRef) -> bytes:
+    """A TensorProto without its data (name, dims, data_type)."""
+    import onnx
+
+    return onnx.TensorProto(name=name, dims=list(ref.shape), data_type=onnx_code(ref, name)
+                            ).SerializeToString()
+
+
+def _packed_tensor(name: str, ref: TensorRef) -> bytes:
+    """int4/uint4: onnx packs two per byte; these are small, so built in memory."""
+    from onnx import numpy_helper
+
+    return numpy_helper.from_array(ref.numpy(), name).SerializeToString()
+
+
+def _ir_version(refs) -> int:
+    names = {r.dtype.name for r in refs}
+    if "float8_e8m0fnu" in names:
+        return 11
+    if names & set(PACKED_4BIT):
+        return 10
+    if any(n.startswith("float8") for n in names):
+        return 9
+    return 8
+
+
+def _model_head(ir_version: int, metadata: dict[str, str], producer: str = "ckptconv") -> bytes:
+    import onnx
+
+    m = onnx.ModelProto(ir_version=ir_version, producer_name=producer)
+    m.opset_import.add(domain="", version=17 if ir_version <= 8 else 21)
+    for k, v in metadata.items():
+        m.metadata_props.add(key=str(k), value=str(v))
+    return m.SerializeToString()
+
+
+def _set_raw(tp, data: bytes) -> None:
+    import onnx
+
+    for f in ("float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data"):
+        tp.ClearField(f)
+    del tp.external_data[:]
+    tp.data_location = onnx.TensorProto.DEFAULT
+    tp.raw_data = data
+
+
+def _set_external(tp, location: str, offset: int, length: int) -> None:
+    import onnx
+
+    _set_raw(tp, b"")
+    tp.ClearField("raw_data")
+    tp.data_location = onnx.TensorProto.EXTERNAL
+    for k, v in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        tp.external_data.add(key=k, value=v)
+
+
+class _DataFile:
+    """The external data file: tensors appended, aligned, offsets handed back."""
+
+    def __init__(self, out: OutFile, location: str):
+        self.out, self.location = out, location
+
+    def append(self, ref: TensorRef) -> tuple[int, int]:
+        if ref.nbytes >= EXTERNAL_ALIGN_FROM:
+            self.out.pad_to(4096)
+        offset = self.out.pos
+        self.out.write_tensor(ref)
+        if self.out.pos - offset != ref.nbytes:
+            raise FormatError(f"{self.location}: wrote {self.out.pos - offset} bytes of a "
+                              f"{ref.nbytes}-byte tensor")
+        return offset, ref.nbytes
+
+
+def _goes_external(ref: TensorRef) -> bool:
+    return ref.nbytes >= EXTERNAL_MIN_BYTES and ref.dtype.name not in PACKED_4BIT
+
+
+def _locate(model, steps: tuple):
+    obj = model
+    for step in steps:
+        obj = getattr(obj, step) if isinstance(step, str) else getattr(obj, step[0])[step[1]]
+    return obj
+
+
+class OnnxAdapter(Adapter):
+    name = "onnx"
+    extensions = (".onnx",)
+    requires = ("onnx",)
+    extra = "onnx"
+    description = "ONNX (initializers, Constant nodes, subgraphs, external data)"
+
+    def sniff(self, head: bytes, path: Path) -> bool:
+        return path.is_file() and looks_like_onnx(head, path.stat().st_size)
+
+    def read(self, path: Path, **options) -> Checkpoint:
+        scan = scan_onnx(path)
+        tensors = {t.name: t.ref for t in scan.tensors}
+        tree, meta = tree_from_metadata(tensors, scan.metadata, path.name)
+        info = dict(scan.info)
+        if scan.skipped:
+            info["skipped"] = f"{len(scan.skipped)} not read: " + "; ".join(scan.skipped[:20])
+        return Checkpoint(tree, meta, self.name, str(path), info)
+
+    def write(self, ckpt: Checkpoint, path: Path, force: bool = False, template=None,
+              external_data: bool = False, dedupe_tied: bool = False, **options) -> dict:
+        if template:
+            return self._write_into_template(ckpt, path, Path(template), force, external_data)
+        entries = []
+        first: dict[int, str] = {}
+        for name, ref in iter_tensors(ckpt.tree):
+            tied = first.setdefault(id(ref), name) != name
+            if dedupe_tied and tied:
+                continue
+            onnx_code(ref, name)
+            entries.append((name, ref))
+        meta = {str(k): str(v) for k, v in ckpt.metadata.items()}
+        meta.update(tree_to_metadata(ckpt, first))
+        notes = ["weights-only ONNX model: a graph of initializers, no nodes"]
+        if not ckpt.is_flat:
+            notes.append("non-tensor entries kept in metadata_props['ckptconv.tree']")
+        total = sum(r.nbytes for _, r in entries)
+        if external_data or total + EXTERNAL_MARGIN > PROTOBUF_LIMIT:
+            files = self._write_weights_external(entries, meta, path, force)
+            notes.append(f"tensors from {EXTERNAL_MIN_BYTES} bytes up in {Path(files[1]).name}")
+        else:
+            with atomic_file(path, force) as tmp:
+                self._write_weights_inline(entries, meta, tmp)
+            files = [str(path)]
+        return {"files": files, "notes": notes}
+
+    # weights-only, one file: the framing is planned, then bytes are streamed
+    @staticmethod
+    def _write_weights_inline(entries, meta: dict[str, str], target: Path) -> None:
+        parts = []          # per tensor: (prefix bytes, ref or None)
+        graph_len = 0
+        for name, ref in entries:
+            if ref.dtype.name in PACKED_4BIT:
+                body = _packed_tensor(name, ref)
+                parts.append((_len_field(5, len(body)) + body, None))
+                graph_len += len(parts[-1][0])
+                continue
+            head = _tensor_message_head(name, ref) + _len_field(9, ref.nbytes)
+            msg_len = len(head) + ref.nbytes
+            prefix = _len_field(5, msg_len) + head
+            parts.append((prefix, ref))
+            graph_len += len(prefix) + ref.nbytes
+        import onnx
+
+        gname = onnx.GraphProto(name="ckptconv_weights").SerializeToString()
+        graph_len += len(gname)
+        model = _model_head(_ir_version([r for _, r in entries]), meta) + _len_field(7, graph_len)
+        if len(model) + graph_len > PROTOBUF_LIMIT:
+            raise UnsupportedError(f"{target.name}: model would pass 2 GB; use external_data")
+        with OutFile(target) as out:
+            out.write(model)
+            out.write(gname)
+            for prefix, ref in parts:
+                out.write(prefix)
+                if ref is not None:
+                    start = out.pos
+                    out.write_tensor(ref)
+                    if out.pos - start != ref.nbytes:
+                        raise FormatError(f"{target}: wrote {out.pos - start} bytes of a "
+                                          f"{ref.nbytes}-byte tensor")
+            expected = len(model) + graph_len
+            if out.pos != expected:
+                raise FormatError(f"{target}: wrote {out.pos} bytes, planned {expected}")
+
+    @staticmethod
+    def _write_weights_external(entries, meta: dict[str, str], path: Path, force: bool) -> list[str]:
+        import onnx
+
+        data_path = path.with_name(path.name + ".data")
+        model = onnx.ModelProto.FromString(_model_head(_ir_version([r for _, r in entries]), meta))
+        model.graph.name = "ckptconv_weights"
+        with atomic_files([path, data_path], force) as (tmp_model, tmp_data):
+            with OutFile(tmp_data) as out:
+                data = _DataFile(out, data_path.name)
+                for name, ref in entries:
+                    if ref.dtype.name in PACKED_4BIT:
+                        model.graph.initializer.add().ParseFromString(_packed_tensor(name, ref))
+                        continue
+                    tp = model.graph.initializer.add()
+                    tp.ParseFromString(_tensor_message_head(name, ref))
+                    if _goes_external(ref):
+                        _set_external(tp, data_path.name, *data.append(ref))
+                    else:
+                        tp.raw_data = ref.tobytes()
+            tmp_model.write_bytes(model.SerializeToString())
+        return [str(path), str(data_path)]
+
+    # --template: new weights into an exported graph
+    def _write_into_template(self, ckpt: Checkpoint, path: Path, template: Path, force: bool,
+                             external_data: bool) -> dict:
+        if not template.is_file():
+            raise FormatError(f"{template}: template model not found")
+        if path.resolve() == template.resolve():
+            raise FormatError(f"{path}: the output cannot replace its own template")
+        scan = scan_onnx(template)
+        provided = ckpt.tensors()
+        replace: dict[str, TensorRef] = {}
+        for t in scan.tensors:
+            new = provided.get(t.name)
+            if new is None:
+                continue
+            if tuple(new.shape) != tuple(t.ref.shape) or new.dtype != t.ref.dtype:
+                raise FormatError(
+                    f"{template.name}: tensor '{t.name}' is {t.ref.dtype.name}{list(t.ref.shape)} "
+                    f"in the template but {new.dtype.name}{list(new.shape)} in the source")
+            if t.kind == "sparse":
+                raise UnsupportedError(f"{template.name}: '{t.name}' is a sparse tensor in the "
+                                       "template; replacing sparse tensors is not supported")
+            replace[t.name] = new
+        notes = [f"replaced {len(replace)} of {len(scan.tensors)} template tensors"]
+        kept = [t.name for t in scan.tensors if t.name not in replace]
+        unused = [n for n in provided if n not in replace]
+        if kept:
+            notes.append(f"{len(kept)} template tensors not in the source, kept: " + _listing(kept))
+        if unused:
+            notes.append(f"{len(unused)} source tensors not in the template, not written: "
+                         + _listing(unused))
+        size = template.stat().st_size + sum(t.ref.nbytes for t in scan.tensors if t.external)
+        external = external_data or size + EXTERNAL_MARGIN > PROTOBUF_LIMIT
+        inline_patch = not external and not any(t.external for t in scan.tensors) and all(
+            t.raw_span is not None for t in scan.tensors if t.name in replace)
+        if inline_patch:
+            self._patch_template(template, scan, replace, path, force)
+            files = [str(path)]
+        else:
+            files = self._rebuild_template(template, scan, replace, path, force, external)
+            if external:
+                notes.append(f"tensors from {EXTERNAL_MIN_BYTES} bytes up in {Path(files[1]).name}")
+        return {"files": files, "notes": notes}
+
+    @staticmethod
+    def _patch_template(template: Path, scan: OnnxScan, replace: dict, path: Path, force: bool) -> None:
+        """Same-length raw_data swaps: template bytes around, new bytes inside."""
+        handle = FileHandle(template)
+        spans = sorted((t.raw_span, replace[t.name]) for t in scan.tensors if t.name in replace)
+        with atomic_file(path, force) as tmp, OutFile(tmp) as out:
+            pos = 0
+            for (start, end), ref in spans:
+                out.copy_from(handle, pos, start - pos)
+                out.write_tensor(ref)
+                pos = end
+            out.copy_from(handle, pos, handle.size - pos)
+            if out.pos != handle.size:
+                raise FormatError(f"{path}: wrote {out.pos} bytes, the template has {handle.size}")
+
+    @staticmethod
+    def _rebuild_template(template: Path, scan: OnnxScan, replace: dict, path: Path, force: bool,
+                          external: bool) -> list[str]:
+        import onnx
+
+        try:
+            model = onnx.load(str(template), load_external_data=False)
+        except Exception as e:  # protobuf's DecodeError and friends
+            raise FormatError(f"{template.name}: onnx cannot parse it ({e})") from None
+
+        def assign_attr(t: OnnxTensor, ref: TensorRef) -> None:
+            attr = _locate(model, t.proto_path)
+            arr = ref.numpy()
+            if t.attr_form == "value_float":
+                attr.f = float(arr)
+            elif t.attr_form == "value_int":
+                attr.i = int(arr)
+            elif t.attr_form == "value_floats":
+                del attr.floats[:]
+                attr.floats.extend(arr.reshape(-1).tolist())
+            else:
+                del attr.ints[:]
+                attr.ints.extend(arr.reshape(-1).tolist())
+
+        if not external:
+            for t in scan.tensors:
+                ref = replace.get(t.name)
+                if t.kind == "sparse" or (ref is None and not t.external):
+                    continue
+                ref = ref if ref is not None else t.ref
+                if t.attr_form:
+                    assign_attr(t, ref)
+                elif ref.dtype.name in PACKED_4BIT:
+                    _set_packed(_locate(model, t.proto_path), ref)
+                else:
+                    _set_raw(_locate(model, t.proto_path), ref.tobytes())
+            with atomic_file(path, force) as tmp:
+                tmp.write_bytes(model.SerializeToString())
+            return [str(path)]
+        data_path = path.with_name(path.name + ".data")
+        with atomic_files([path, data_path], force) as (tmp_model, tmp_data):
+            with OutFile(tmp_data) as out:
+                data = _DataFile(out, data_path.name)
+                for t in scan.tensors:
+                    if t.kind == "sparse":
+                        continue
+                    ref = replace.get(t.name, t.ref)
+                    if t.attr_form:
+                        if t.name in replace:
+                            assign_attr(t, ref)
+                        continue
+                    tp = _locate(model, t.proto_path)
+                    if ref.dtype.name in PACKED_4BIT:
+                        if t.name in replace or t.external:
+                            _set_packed(tp, ref)
+                    elif _goes_external(ref):
+                        _set_external(tp, data_path.name, *data.append(ref))
+                    elif t.name in replace or t.external:
+                        _set_raw(tp, ref.tobytes())
+            tmp_model.write_bytes(model.SerializeToString())
+        return [str(path), str(data_path)]
+
+
+def _set_packed(tp, ref: TensorRef) -> None:
+    """Replace a TensorProto's content by ``ref`` packed two per byte (int4/uint4)."""
+    import onnx
+
+    new = onnx.TensorProto()
+    new.ParseFromString(_packed_tensor(tp.name, ref))
+    tp.CopyFrom(new)
+
+
+def _listing(names: list[str], n: int = 8) -> str:
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
