@@ -777,6 +777,10 @@ class TorchAdapter(Adapter):
         if path.name.endswith(".index.json") and b'"weight_map"' in head:
             return b".bin" in head and b".safetensors" not in head
         if is_zip(head):
+            # torch writes "<root>/data.pkl" first: check the first local header
+            nlen = int.from_bytes(head[26:28], "little")
+            if 30 + nlen <= len(head) and head[30:30 + nlen].endswith(b"data.pkl"):
+                return True
             try:
                 members = read_members(FileHandle(path))
             except FormatError:

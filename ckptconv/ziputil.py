@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import struct
-import zipfile
+import zipfile  # noqa: F401  (compression constants)
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,34 +81,102 @@ class Member:
     compress_type: int
 
 
+def _find_eocd(handle: FileHandle, size: int, name: str) -> tuple[int, int, int]:
+    """(entry count, central directory size, central directory offset)."""
+    base = max(0, size - (0xFFFF + 22 + 20))
+    tail = handle.pread(base, size - base, "zip end record")
+    pos = tail.rfind(b"PK\x05\x06")
+    if pos < 0:
+        raise FormatError(f"{name}: truncated or corrupt zip archive "
+                          "(no end-of-central-directory record)")
+    if pos + 22 > size:
+        raise FormatError(f"{name}: truncated zip archive (end record cut off)")
+    _, disk, _, _, count, cd_size, cd_offset, _ = struct.unpack_from("<IHHHHIIH", tail, pos)
+    if disk != 0:
+        raise FormatError(f"{name}: multi-disk zip archives are not supported")
+    if count == 0xFFFF or cd_size == 0xFFFFFFFF or cd_offset == 0xFFFFFFFF:
+        loc = pos - 20
+        if loc < 0 or tail[loc:loc + 4] != b"PK\x06\x07":
+            raise FormatError(f"{name}: corrupt zip64 archive (no zip64 locator)")
+        (z64,) = struct.unpack_from("<Q", tail, loc + 8)
+        rec = handle.pread(z64, 56, "zip64 end record") if z64 + 56 <= size else b""
+        if rec[:4] != b"PK\x06\x06":
+            raise FormatError(f"{name}: corrupt zip64 archive (bad zip64 end record)")
+        count, cd_size, cd_offset = struct.unpack_from("<QQQ", rec, 32)
+    if cd_offset + cd_size > size:
+        raise FormatError(f"{name}: truncated zip archive (central directory needs "
+                          f"{cd_offset + cd_size} bytes, file has {size})")
+    return count, cd_size, cd_offset
+
+
 def read_members(handle: FileHandle) -> dict[str, Member]:
-    """Central directory of a zip: name -> Member with absolute data offsets."""
+    """Central directory of a zip: name -> Member with absolute data offsets.
+
+    Parsed with struct from one read of the central directory and one small
+    read per local header: much faster than ``zipfile`` for archives of tens
+    of thousands of storages, and no mmap (which would count as memory).
+    """
     name = handle.display
-    try:
-        with open(handle.path, "rb") as f, zipfile.ZipFile(f) as zf:
-            infos = zf.infolist()
-    except zipfile.BadZipFile as e:
-        raise FormatError(f"{name}: truncated or corrupt zip archive ({e})") from None
-    except (OSError, ValueError, NotImplementedError) as e:
-        raise FormatError(f"{name}: cannot read zip archive ({e})") from None
+    size = handle.size
+    if size < 22:
+        raise FormatError(f"{name}: truncated zip archive ({size} bytes)")
+    count, cd_size, cd_offset = _find_eocd(handle, size, name)
+    cd = handle.pread(cd_offset, cd_size, "zip central directory")
+    if count > cd_size // 46 + 1:
+        raise FormatError(f"{name}: corrupt zip: {count} entries cannot fit in "
+                          f"a {cd_size}-byte central directory")
     members: dict[str, Member] = {}
-    end_of_data = 0
-    for info in infos:
-        if info.header_offset + 30 > handle.size:
-            raise FormatError(f"{name}: zip member '{info.filename}' starts past the end of the file")
-        hdr = handle.pread(info.header_offset, 30, f"zip header of '{info.filename}'")
-        sig, _, _, _, _, _, _, _, _, nlen, xlen = _LOCAL.unpack(hdr)
-        if sig != 0x04034B50:
-            raise FormatError(f"{name}: corrupt zip: bad local header for '{info.filename}'")
-        start = info.header_offset + 30 + nlen + xlen
-        if start + info.compress_size > handle.size:
+    pos = 0
+    end = cd_size
+    fd = handle.fileno()
+    for _ in range(count):
+        if pos + 46 > end:
+            raise FormatError(f"{name}: corrupt zip central directory (entry past its end)")
+        (sig, _, _, flags, method, _, _, crc, csize, usize, nlen, xlen, clen, _, _, _,
+         hoff) = _CENTRAL.unpack_from(cd, pos)
+        if sig != 0x02014B50:
+            raise FormatError(f"{name}: corrupt zip central directory at offset {cd_offset + pos}")
+        raw_name = cd[pos + 46:pos + 46 + nlen]
+        extra = cd[pos + 46 + nlen:pos + 46 + nlen + xlen]
+        pos += 46 + nlen + xlen + clen
+        if pos > end:
+            raise FormatError(f"{name}: corrupt zip central directory (entry past its end)")
+        if usize == 0xFFFFFFFF or csize == 0xFFFFFFFF or hoff == 0xFFFFFFFF:
+            usize, csize, hoff = _zip64_fields(extra, usize, csize, hoff, name)
+        mname = raw_name.decode("utf-8" if flags & 0x800 else "cp437")
+        parts = mname.replace("\\", "/").split("/")
+        if mname.startswith("/") or ".." in parts:
+            raise FormatError(f"{name}: zip member '{mname}' escapes the archive")
+        if hoff + 30 > size:
+            raise FormatError(f"{name}: zip member '{mname}' starts past the end of the file")
+        lsig, _, _, _, _, _, _, _, _, lnlen, lxlen = _LOCAL.unpack(os.pread(fd, 30, hoff))
+        if lsig != 0x04034B50:
+            raise FormatError(f"{name}: corrupt zip: bad local header for '{mname}'")
+        start = hoff + 30 + lnlen + lxlen
+        if start + csize > size:
             raise FormatError(
-                f"{name}: truncated zip archive (member '{info.filename}' needs "
-                f"{human_bytes(info.compress_size)} at offset {start}, file ends at {handle.size})")
-        end_of_data = max(end_of_data, start + info.compress_size)
-        members[info.filename] = Member(info.filename, start, info.compress_size, info.file_size,
-                                        info.CRC, info.compress_type)
+                f"{name}: truncated zip archive (member '{mname}' needs "
+                f"{human_bytes(csize)} at offset {start}, file ends at {size})")
+        members[mname] = Member(mname, start, csize, usize, crc, method)
     return members
+
+
+def _zip64_fields(extra: bytes, usize: int, csize: int, hoff: int, name: str):
+    pos = 0
+    while pos + 4 <= len(extra):
+        tag, n = struct.unpack_from("<HH", extra, pos)
+        body = extra[pos + 4:pos + 4 + n]
+        if tag == 1:
+            vals = list(struct.unpack_from(f"<{len(body) // 8}Q", body))
+            if usize == 0xFFFFFFFF and vals:
+                usize = vals.pop(0)
+            if csize == 0xFFFFFFFF and vals:
+                csize = vals.pop(0)
+            if hoff == 0xFFFFFFFF and vals:
+                hoff = vals.pop(0)
+            return usize, csize, hoff
+        pos += 4 + n
+    raise FormatError(f"{name}: corrupt zip64 entry (no zip64 extra field)")
 
 
 def read_member_bytes(handle: FileHandle, m: Member, limit: int = 1 << 31) -> bytes:
