@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ckptconv import dtypes as _dt
-from ckptconv.atomic import atomic_file, atomic_files, check_target
+from ckptconv.atomic import atomic_file, atomic_files
 from ckptconv.errors import FormatError, UnsupportedError, UsageError
 from ckptconv.registry import Adapter
 from ckptconv.streaming import OutFile
