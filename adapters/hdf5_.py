@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import re
 import tempfile
@@ -267,15 +268,20 @@ def tensor_dtype(ds) -> tuple[_dt.DType, bool] | str:
         return f"element type {dt}"
 
 
+# The element types HDF5 (and h5py) have; everything else is stored as bits.
+HDF5_NATIVE = frozenset({"float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8",
+                         "uint16", "uint32", "uint64", "bool", "complex64", "complex128"})
+
+
 def _lacks_hdf5_type(d: _dt.DType) -> bool:
-    return d.numpy is None or d.numpy.kind == "V" or d.name in ("int4", "uint4")
+    return d.name not in HDF5_NATIVE
 
 
 def _dataset_ref(ds, path: str, src: H5Source, dtype: _dt.DType, big_endian: bool) -> TensorRef:
     import h5py
 
     shape = tuple(int(s) for s in ds.shape)
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    nbytes = math.prod(shape) * dtype.itemsize
     if nbytes == 0:
         return ArrayTensor(np.empty(shape, dtype=_dt.numpy_dtype(dtype)), dtype)
     dcpl = ds.id.get_create_plist()

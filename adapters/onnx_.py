@@ -43,9 +43,9 @@ model would pass 2 GB or with ``external_data=True``.
 """
 from __future__ import annotations
 
+import math
 import mmap
 import os
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -57,8 +57,7 @@ from ckptconv.atomic import atomic_file, atomic_files
 from ckptconv.errors import FormatError, UnsupportedError
 from ckptconv.registry import Adapter
 from ckptconv.streaming import OutFile
-from ckptconv.tensor import (FileHandle, FileSource, LazyTensor, StoredTensor, TensorRef,
-                             human_bytes)
+from ckptconv.tensor import FileHandle, FileSource, LazyTensor, StoredTensor, TensorRef
 from ckptconv.tree import Checkpoint, iter_tensors, tree_from_metadata, tree_to_metadata
 
 PROTOBUF_LIMIT = 2**31 - 1
@@ -396,7 +395,7 @@ class _Scanner:
             return None, h
         dtype = _dt.get(ONNX_DTYPES[code])
         shape = tuple(h["dims"])
-        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        nbytes = math.prod(shape) * dtype.itemsize
         if h["location"] == 1:
             return self.external_ref(name, dtype, shape, nbytes, h["external"]), h
         if h["raw"] is not None and not h["typed"] and dtype.name not in PACKED_4BIT:
@@ -435,8 +434,9 @@ class _Scanner:
         if os.path.isabs(location) or self.folder not in target.parents:
             self.fail(f"tensor '{name}': external data '{location}' lies outside the model's "
                       f"folder; refusing to read it")
+        numel = math.prod(shape)
         if dtype.name in PACKED_4BIT:
-            self.fail(f"tensor '{name}': external packed {dtype.name} data is not supported")
+            nbytes = (numel + 1) // 2
         try:
             offset = int(entries.get("offset", 0))
             length = int(entries["length"]) if "length" in entries else nbytes
@@ -452,6 +452,9 @@ class _Scanner:
             handle = self.external_handles[location] = FileHandle(target, location)
         source = FileSource(handle, offset, nbytes, f"tensor '{name}'")
         source.check()
+        if dtype.name in PACKED_4BIT:
+            return LazyTensor(dtype, shape, lambda: unpack_4bit(source.read(0, nbytes), numel,
+                                                                dtype).reshape(shape))
         return StoredTensor(dtype, shape, source)
 
     def tensor(self, span, prefix: str, ppath: tuple, kind: str, name: str | None = None) -> None:
@@ -479,13 +482,13 @@ class _Scanner:
         vh = self._header(values)
         name = name if name is not None else prefix + vh["name"]
         vref, _ = self.tensor_ref(values, name + ":values", vh)
-        iref, _ = self.tensor_ref(indices, name + ":indices")
+        iref, ih = self.tensor_ref(indices, name + ":indices")
         if vref is None or iref is None:
             return
         if any(d >= 2**62 for d in dims):
             self.fail(f"sparse tensor '{name}' has a negative dimension")
         shape = tuple(dims)
-        total = int(np.prod(shape, dtype=np.int64))
+        total = math.prod(shape)
 
         def densify():
             vals = vref.numpy().reshape(-1)
@@ -501,7 +504,8 @@ class _Scanner:
             out[flat] = vals
             return out.reshape(shape)
 
-        self.add(OnnxTensor(name, "sparse", LazyTensor(vref.dtype, shape, densify, (vref, iref)), ppath))
+        self.add(OnnxTensor(name, "sparse", LazyTensor(vref.dtype, shape, densify, (vref, iref)), ppath,
+                            external=vh["location"] == 1 or ih["location"] == 1))
 
     def add(self, t: OnnxTensor) -> None:
         if t.name in self.names:
@@ -528,6 +532,17 @@ def scan_onnx(path: Path) -> OnnxScan:
             raise FormatError(f"{handle.display}: not a valid ONNX protobuf ({e}; truncated?)") from None
     finally:
         buf.close()
+
+
+def unpack_4bit(raw, numel: int, dtype: _dt.DType) -> np.ndarray:
+    """ONNX INT4/UINT4: two elements a byte, the first in the low nibble."""
+    b = np.frombuffer(raw, dtype=np.uint8)
+    vals = np.empty(b.size * 2, dtype=np.uint8)
+    vals[0::2], vals[1::2] = b & 0x0F, b >> 4
+    vals = vals[:numel]
+    if dtype.name == "int4":
+        return ((vals.astype(np.int8) ^ 8) - 8).astype(_dt.numpy_dtype(dtype))
+    return vals.astype(_dt.numpy_dtype(dtype))
 
 
 # --- writing ------------------------------------------------------------------
@@ -760,6 +775,9 @@ class OnnxAdapter(Adapter):
         if unused:
             notes.append(f"{len(unused)} source tensors not in the template, not written: "
                          + _listing(unused))
+        if any(t.kind == "sparse" and t.external for t in scan.tensors):
+            raise UnsupportedError(f"{template.name}: sparse tensors with external data in a "
+                                   "template are not supported")
         size = template.stat().st_size + sum(t.ref.nbytes for t in scan.tensors if t.external)
         external = external_data or size + EXTERNAL_MARGIN > PROTOBUF_LIMIT
         inline_patch = not external and not any(t.external for t in scan.tensors) and all(

@@ -32,6 +32,7 @@ import os
 import re
 import struct
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -44,7 +45,7 @@ from ckptconv.errors import FormatError, IntegrityError, UnsupportedError
 from ckptconv.registry import Adapter
 from ckptconv.streaming import OutFile
 from ckptconv.tensor import (CHUNK_BYTES, FileHandle, FileSource, StoredTensor, TensorRef,
-                             array_bytes, human_bytes)
+                             human_bytes)
 from ckptconv.tree import (TREE_KEY, Checkpoint, ObjectRecord, iter_tensors,
                            tree_from_metadata, tree_to_metadata)
 
@@ -133,7 +134,10 @@ def _state_file_prefix(folder: Path) -> str:
         raise FormatError(f"{state}: cannot read: {e.strerror}") from None
     found: dict[str, list[str]] = {}
     for m in re.finditer(r'^\s*(\w+)\s*:\s*"((?:[^"\\]|\\.)*)"', text, re.M):
-        raw = codecs.escape_decode(m.group(2).encode("latin-1", "backslashreplace"))[0]
+        try:                            # C escapes, as protobuf's text format writes them
+            raw = codecs.escape_decode(m.group(2).encode("utf-8", "surrogateescape"))[0]
+        except ValueError:
+            raw = m.group(2).encode("utf-8", "surrogateescape")
         found.setdefault(m.group(1), []).append(raw.decode("utf-8", "surrogateescape"))
     names = found.get("model_checkpoint_path") or found.get("all_model_checkpoint_paths", [])[-1:]
     if not names:
@@ -784,7 +788,7 @@ def read_bundle(path: str | os.PathLike, verify: bool = False) -> Checkpoint:
         if var_names:
             info["variable_names"] = var_names
     else:
-        info["checkpoint_kind"] = "TF1 name-based (tf.compat.v1.train.Saver)"
+        info["checkpoint_kind"] = "name-based (TF1 Saver style)"
     md = {str(k): str(v) for k, v in metadata.items()}
     tree, md = tree_from_metadata(flat, md, b.display)
     return Checkpoint(tree, md, "tf", prefix, info)
@@ -1026,6 +1030,15 @@ def _target_prefix(path: Path) -> Path:
     return path
 
 
+def _is_raw_record(v) -> bool:
+    """A tensor the reader kept as raw bundle bytes (variant, resource, ...)."""
+    st = v.state if isinstance(v, ObjectRecord) and v.cls == RAW_ENTRY_CLASS else None
+    return (isinstance(st, dict) and isinstance(st.get("data"), bytes)
+            and type(st.get("dtype_enum")) is int and type(st.get("crc32c")) is int
+            and isinstance(st.get("shape"), list)
+            and all(type(d) is int and d >= 0 for d in st["shape"]))
+
+
 def _plan(ckpt: Checkpoint, display: str) -> tuple[list[_Planned], list[str]]:
     notes: list[str] = []
     planned: list[_Planned] = []
@@ -1071,13 +1084,11 @@ def _plan(ckpt: Checkpoint, display: str) -> tuple[list[_Planned], list[str]]:
                 planned.append(_Planned(BundleEntry(k.encode("utf-8", "surrogateescape"),
                                                     DT_STRING, shape),
                                         payload=payload, crc=crc, nbytes=len(payload)))
-            elif (isinstance(k, str) and k and isinstance(v, ObjectRecord)
-                  and v.cls == RAW_ENTRY_CLASS and isinstance(v.state, dict)
-                  and isinstance(v.state.get("data"), bytes)):
+            elif isinstance(k, str) and k and _is_raw_record(v):
                 st = v.state
                 planned.append(_Planned(BundleEntry(k.encode("utf-8", "surrogateescape"),
-                                                    int(st["dtype_enum"]), tuple(st["shape"])),
-                                        payload=st["data"], crc=unmask_crc(int(st["crc32c"])),
+                                                    st["dtype_enum"], tuple(st["shape"])),
+                                        payload=st["data"], crc=unmask_crc(st["crc32c"]),
                                         nbytes=len(st["data"])))
             else:
                 tf_flat = False
@@ -1153,7 +1164,7 @@ class TFBundleAdapter(Adapter):
         return verify_bundle(path)
 
     def write(self, ckpt: Checkpoint, path: Path, force: bool = False,
-              shard_size: int | None = None, **options) -> dict:
+              shard_size: int | None = None, jobs: int = 1, **options) -> dict:
         prefix = _target_prefix(Path(path))
         display = prefix.name
         planned, notes = _plan(ckpt, display)
@@ -1168,9 +1179,14 @@ class TFBundleAdapter(Adapter):
         else:
             notes.append(f"left the existing '{state}' state file as it was")
         with atomic_files(targets, force) as tmps:
-            for k in range(n):
-                _write_shard(tmps[k], [p for p in planned
-                                       if p.alias_of is None and p.entry.shard_id == k], display)
+            work = [(tmps[k], [p for p in planned if p.alias_of is None and p.entry.shard_id == k],
+                     display) for k in range(n)]
+            if jobs > 1 and n > 1:       # numpy's crc32c and the file writes release the GIL
+                with ThreadPoolExecutor(max_workers=jobs) as pool:
+                    list(pool.map(lambda w: _write_shard(*w), work))
+            else:
+                for w in work:
+                    _write_shard(*w)
             by_name = {p.entry.name: p.entry for p in planned if p.alias_of is None}
             for p in planned:
                 if p.alias_of is not None:     # tied names share one copy of the bytes

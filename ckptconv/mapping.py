@@ -1116,6 +1116,8 @@ def parse_rule(line: str, lineno: int, origin: str) -> Rule | None:
             raise err(drops[0].col, "drop must be the last transform")
         if targets:
             raise err(tc, "a dropping rule has no targets: write 'SOURCE -> drop'")
+    if not targets and transforms and not drops:
+        raise err(transforms[0].col, "a dropping rule takes no transforms")
     if add and not targets:
         raise err(tc, "an add rule needs a target")
     # static check of how many tensors come out
@@ -1487,6 +1489,10 @@ class Mapping:
         for r in self.rules:
             inv = _invert_rule(r)
             (front if r.add else rules).append(inv)
+        # First match wins in the inverse too, and a general rule's image can
+        # cover a specific rule's ('module.{rest*} -> {rest}' inverts to
+        # '{rest*} -> module.{rest}'): the more literal sources go first.
+        rules.sort(key=lambda r: -sum(len(p) for s in r.sources for p in s.parts if isinstance(p, str)))
         name = self.name[:-6] if self.name.endswith(".rules") else self.name
         return Mapping(front + rules, f"inverse of {name}")
 

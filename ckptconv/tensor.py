@@ -244,10 +244,13 @@ class StoredTensor(TensorRef):
         if self.numel == 0:
             return np.empty(self.shape, dtype=_dt.numpy_dtype(self.dtype))
         raw = self.source.read(lo * size, (hi - lo) * size)
-        flat = np.frombuffer(raw, dtype=npdt)
+        # as_strided goes through __array_interface__, whose typestr ('<f1')
+        # numpy cannot parse for ml_dtypes' float8: stride over same-size uints.
+        carrier = np.dtype(f"u{size}") if size in (1, 2, 4, 8) else npdt
+        flat = np.frombuffer(raw, dtype=carrier)
         arr = np.lib.stride_tricks.as_strided(
             flat, shape=self.shape, strides=tuple(s * size for s in self.strides), writeable=False)
-        out = np.array(arr, copy=True, order="C")
+        out = np.array(arr, copy=True, order="C").view(npdt)
         if self.big_endian and npdt.itemsize > 1:
             out = out.astype(npdt.newbyteorder("<"))
         return out

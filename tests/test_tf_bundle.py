@@ -12,7 +12,6 @@ import importlib.util
 import json
 import os
 import shutil
-import struct
 import subprocess
 import sys
 import time
@@ -93,6 +92,39 @@ def test_snappy_literal_and_overlapping_copy():
         _io.snappy_decompress(b"\x0b\x08abc" + bytes([((8 - 4) << 2) | 1, 9]))
 
 
+def test_snappy_compressed_index_block(tmp_path):
+    """TF never compresses bundle indexes, but the table format allows snappy blocks."""
+    values = np.array([1.0, 2.0], np.float32)
+    prefix = tmp_path / "snap"
+    Path(str(prefix) + ".data-00000-of-00001").write_bytes(values.tobytes())
+    entry = tb.BundleEntry(b"w", 1, (2,), size=8, crc32c=_io.mask_crc(_io.crc32c(values.tobytes())))
+    block = tb._BlockBuilder(16)
+    block.add(b"", tb.encode_header(1))
+    block.add(b"w", tb.encode_entry(entry))
+    raw = block.finish()
+    n = len(raw) - 1                          # one snappy literal covering the whole block
+    nbytes = (n.bit_length() + 7) // 8
+    compressed = _io.encode_varint(len(raw)) + bytes([(59 + nbytes) << 2]) + \
+        n.to_bytes(nbytes, "little") + raw
+    table = bytearray()
+
+    def put(contents: bytes, kind: int) -> bytes:
+        handle = _io.encode_varint(len(table)) + _io.encode_varint(len(contents))
+        trailer = bytes([kind])
+        table.extend(contents + trailer
+                     + _io.mask_crc(_io.crc32c(contents + trailer)).to_bytes(4, "little"))
+        return handle
+
+    data_handle = put(compressed, tb.SNAPPY)
+    meta_handle = put(tb._BlockBuilder(16).finish(), tb.NO_COMPRESSION)
+    index = tb._BlockBuilder(1)
+    index.add(b"x", data_handle)
+    index_handle = put(index.finish(), tb.NO_COMPRESSION)
+    table += (meta_handle + index_handle).ljust(40, b"\0") + tb.TABLE_MAGIC.to_bytes(8, "little")
+    Path(str(prefix) + ".index").write_bytes(bytes(table))
+    np.testing.assert_array_equal(ckptconv.load(prefix).tree["w"].numpy(), values)
+
+
 def test_table_many_blocks_roundtrip(tmp_path):
     items = [(b"", b"header")] + [(f"layer_{i:05d}/kernel".encode(), os.urandom(i % 50))
                                   for i in range(3000)]
@@ -137,7 +169,7 @@ def fixtures(tf, tmp_path_factory):
             b = v1.get_variable("bias", [3], initializer=v1.ones_initializer())
             v1.get_variable("kernel/adam_m", [4, 3], initializer=v1.constant_initializer(0.5))
             v1.get_variable("kernel/adam_v", [4, 3], dtype=tf.float64)
-        emb = v1.get_variable("emb", [10, 3], partitioner=v1.fixed_size_partitioner(3))
+        emb = v1.get_variable("emb", [200, 3], partitioner=v1.fixed_size_partitioner(3))
         loss = tf.reduce_mean(tf.square(tf.matmul(x, w) + b + tf.reduce_sum(emb)))
         step = v1.train.get_or_create_global_step()
         train = v1.train.AdamOptimizer(0.01).minimize(loss, global_step=step)
@@ -191,6 +223,12 @@ def fixtures(tf, tmp_path_factory):
           "step": tf.Variable(np.int64(7))}
     prefix = tf.train.Checkpoint(**vs).write(str(root / "strings" / "ckpt"))
     out["strings"] = (Path(prefix), prefix)
+
+    # A tf.data iterator: its state is a DT_VARIANT tensor
+    it = iter(tf.data.Dataset.range(10))
+    next(it), next(it)
+    prefix = tf.train.Checkpoint(it=it).write(str(root / "iterator" / "ckpt"))
+    out["iterator"] = (Path(prefix), prefix)
     return out
 
 
@@ -251,10 +289,10 @@ def test_tf_to_safetensors_without_tensorflow(tf, fixtures, tmp_path, name):
 
 def test_reading_is_lazy_and_partitioned_variables_assemble(tf, fixtures):
     ck = ckptconv.load(fixtures["tf1"][0])
-    assert ck.info["checkpoint_kind"].startswith("TF1")
+    assert ck.info["checkpoint_kind"].startswith("name-based")
     assert ck.info["partitioned"]["emb"] == 3
     emb = ck.tree["emb"]
-    assert isinstance(emb, tb.SlicedTensor) and emb.shape == (10, 3)
+    assert isinstance(emb, tb.SlicedTensor) and emb.shape == (200, 3)
     ref = ck.tree["bert/encoder/layer_0/attention/self/query/kernel"]
     assert ref.file_span() is not None                         # bytes stay in the file
     reader = tf.train.load_checkpoint(fixtures["tf1"][1])
@@ -278,6 +316,17 @@ def test_tf2_object_graph_gives_readable_paths(fixtures):
     assert all(t["object"] == paths[t["name"]] for t in rep["tensors"])
 
 
+def test_tf2_optimizer_slots_get_paths(tf, tmp_path):
+    v = tf.Variable([1.0, 2.0])
+    opt = tf.compat.v1.train.AdamOptimizer(0.1)
+    opt.minimize(lambda: tf.reduce_sum(v * v), var_list=[v])
+    prefix = tf.train.Checkpoint(weights=v, optimizer=opt).write(str(tmp_path / "ckpt"))
+    paths = ckptconv.load(prefix).info["object_paths"]
+    assert paths["weights/.OPTIMIZER_SLOT/optimizer/m/.ATTRIBUTES/VARIABLE_VALUE"] == \
+        "optimizer.m[weights]"
+    assert paths["optimizer/beta1_power/.ATTRIBUTES/VARIABLE_VALUE"] == "optimizer.beta1_power"
+
+
 def test_string_tensors_are_values(tf, fixtures, tmp_path):
     src, prefix = fixtures["strings"]
     ck = ckptconv.load(src)
@@ -293,6 +342,40 @@ def test_string_tensors_are_values(tf, fixtures, tmp_path):
         np.testing.assert_array_equal(reader.get_tensor(key(name)),
                                       tf.train.load_checkpoint(prefix).get_tensor(key(name)))
     assert tb.verify_bundle(dst) == []
+
+
+def test_variant_tensor_kept_and_restored_by_tf(tf, fixtures, tmp_path):
+    src, _ = fixtures["iterator"]
+    ck = ckptconv.load(src)
+    rec = ck.tree["it/.ATTRIBUTES/ITERATOR_STATE"]
+    assert isinstance(rec, ckptconv.tree.ObjectRecord) and rec.state["dtype"] == "variant"
+    # through safetensors metadata and back to TF: the iterator resumes where it was
+    mid, dst = tmp_path / "mid.safetensors", tmp_path / "back" / "model.ckpt"
+    assert cli("convert", src, mid).returncode == 0
+    assert cli("convert", mid, dst, "--to", "tf").returncode == 0
+    it = iter(tf.data.Dataset.range(10))
+    tf.train.Checkpoint(it=it).read(str(dst)).assert_consumed()
+    assert int(next(it)) == 2
+
+
+def test_big_endian_bundle(tmp_path):
+    """TF writes the host byte order and records it; BIG bundles read as values."""
+    values = np.array([1.5, -2.0, 3.25], np.float32)
+    raw = values.astype(">f4").tobytes()
+    prefix = tmp_path / "be"
+    Path(str(prefix) + ".data-00000-of-00001").write_bytes(raw)
+    header = (_io.field_varint(1, 1) + _io.field_varint(2, 1)
+              + _io.field_bytes(3, _io.field_varint(1, 1)))
+    entry = tb.BundleEntry(b"w", 1, (3,), size=len(raw), crc32c=_io.mask_crc(_io.crc32c(raw)))
+    Path(str(prefix) + ".index").write_bytes(
+        tb.build_table([(b"", header), (b"w", tb.encode_entry(entry))]))
+    ck = ckptconv.load(prefix)
+    assert ck.info["byte_order"] == "big-endian"
+    np.testing.assert_array_equal(ck.tree["w"].numpy(), values)
+    assert tb.verify_bundle(prefix) == []
+    out = tmp_path / "le.ckpt"
+    ckptconv.save(ck, out, format="tf")
+    assert ckptconv.load(out).tree["w"].tobytes() == values.tobytes()
 
 
 # --- writing --------------------------------------------------------------------------
@@ -475,3 +558,32 @@ def test_truncated_index_direct_error(tmp_path):
     with pytest.raises(FormatError, match=r"m\.ckpt\.index: truncated"):
         ckptconv.load(p)
     assert tb.verify_bundle(p) and "truncated" in tb.verify_bundle(p)[0]
+
+
+def test_hostile_index_entries_give_clean_errors(tmp_path):
+    """Random damage to the entries (behind valid block checksums) only ever
+    ends in ckptconv's own errors."""
+    hyp = pytest.importorskip("hypothesis")
+    st = pytest.importorskip("hypothesis.strategies")
+    prefix = tmp_path / "m.ckpt"
+    ckptconv.save({"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(0, np.int8),
+                   "s": b"text"}, prefix, format="tf")
+    pairs = [(k, bytes(v)) for k, v in tb.read_table(ckptconv.tensor.FileHandle(
+        str(prefix) + ".index"))]
+    index = Path(str(prefix) + ".index")
+
+    @hyp.settings(max_examples=150, deadline=None, database=None)
+    @hyp.given(st.integers(0, len(pairs) - 1), st.binary(max_size=40), st.integers(0, 60))
+    def check(which, junk, cut):
+        items = list(pairs)
+        key, value = items[which]
+        items[which] = (key, value[:cut] + junk)
+        index.write_bytes(tb.build_table(items))
+        try:
+            for ref in ckptconv.load(prefix).tensors().values():
+                ref.numpy()
+            tb.verify_bundle(prefix)
+        except ckptconv.errors.CkptconvError as e:
+            assert "\n" not in str(e)
+
+    check()
