@@ -68,6 +68,7 @@ from ckptconv.tensor import (ArrayTensor, FileHandle, FileSource, LazyTensor, St
                              TensorRef)
 from ckptconv.tree import (ALIASES_KEY, SOURCE_KEY, TREE_KEY, Checkpoint, iter_leaves,
                            iter_tensors, join_path, tree_from_metadata, tree_to_metadata)
+from ckptconv.ziputil import ZipWriter, is_zip, read_member_bytes, read_members
 
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 KERAS_WEIGHTS_MEMBER = "model.weights.h5"
@@ -187,50 +188,34 @@ def _h5_message(e: BaseException) -> str:
 
 def open_keras_archive(path: Path) -> tuple[H5Source, dict[str, str]]:
     """The weights member of a ``.keras`` zip, plus its JSON members as metadata."""
-    display = path.name
+    handle = FileHandle(path)
+    members = read_members(handle)
+    member = members.get(KERAS_WEIGHTS_MEMBER)
+    if member is None:
+        raise FormatError(f"{handle.display}: .keras archive has no {KERAS_WEIGHTS_MEMBER} "
+                          f"(members: {', '.join(list(members)[:8])})")
+    meta = {name: read_member_bytes(handle, members[name], 64 << 20).decode("utf-8", "replace")
+            for name in KERAS_ARCHIVE_JSON if name in members}
+    if member.compress_type == zipfile.ZIP_STORED:
+        return H5Source(handle, member.data_offset, member.size, whole_file=False), meta
+    # Compressed member (Keras stores; a re-zipped archive may not): inflate it
+    # once, streaming, into a temporary file that is unlinked at once.
+    fd, tmp = tempfile.mkstemp(prefix="ckptconv-", suffix=".weights.h5")
     try:
-        zf = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError) as e:
-        raise FormatError(f"{display}: not a readable .keras archive ({e})") from None
-    with zf:
-        try:
-            info = zf.getinfo(KERAS_WEIGHTS_MEMBER)
-        except KeyError:
-            raise FormatError(f"{display}: .keras archive has no {KERAS_WEIGHTS_MEMBER} "
-                              f"(members: {', '.join(zf.namelist()[:8])})") from None
-        meta = {}
-        for name in KERAS_ARCHIVE_JSON:
-            if name in zf.namelist() and zf.getinfo(name).file_size < (64 << 20):
-                meta[name] = zf.read(name).decode("utf-8", "replace")
-        handle = FileHandle(path, display)
-        if info.compress_type == zipfile.ZIP_STORED:
-            # The local header repeats the name and has its own extra field:
-            # the data starts after both (the central directory's sizes may differ).
-            local = handle.pread(info.header_offset, 30, "zip local header")
-            if local[:4] != b"PK\x03\x04":
-                raise FormatError(f"{display}: bad zip local header for {KERAS_WEIGHTS_MEMBER}")
-            n, m = int.from_bytes(local[26:28], "little"), int.from_bytes(local[28:30], "little")
-            start = info.header_offset + 30 + n + m
-            if start + info.file_size > handle.size:
-                raise FormatError(f"{display}: {KERAS_WEIGHTS_MEMBER} needs {info.file_size} bytes "
-                                  f"at offset {start}, file ends at {handle.size} (truncated?)")
-            return H5Source(handle, start, info.file_size, whole_file=False), meta
-        # Compressed member: inflate once into an unlinked temporary file.
-        fd, tmp = tempfile.mkstemp(prefix="ckptconv-", suffix=".weights.h5")
-        try:
-            with os.fdopen(fd, "wb") as out, zf.open(info) as src:
-                while True:
-                    chunk = src.read(8 << 20)
-                    if not chunk:
-                        break
-                    out.write(chunk)
-            inner = FileHandle(tmp, f"{display}:{KERAS_WEIGHTS_MEMBER}")
-            inner.fileno()
-        except (zipfile.BadZipFile, OSError, EOFError) as e:
-            raise FormatError(f"{display}: cannot inflate {KERAS_WEIGHTS_MEMBER} ({e})") from None
-        finally:
-            os.unlink(tmp)
-        return H5Source(inner, 0, inner.size, whole_file=False), meta
+        with os.fdopen(fd, "wb") as out, zipfile.ZipFile(path) as zf, \
+                zf.open(KERAS_WEIGHTS_MEMBER) as src:
+            while True:
+                chunk = src.read(8 << 20)
+                if not chunk:
+                    break
+                out.write(chunk)
+        inner = FileHandle(tmp, f"{handle.display}:{KERAS_WEIGHTS_MEMBER}")
+        inner.fileno()
+    except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError) as e:
+        raise FormatError(f"{handle.display}: cannot inflate {KERAS_WEIGHTS_MEMBER} ({e})") from None
+    finally:
+        os.unlink(tmp)
+    return H5Source(inner, 0, inner.size, whole_file=False), meta
 
 
 # --- reading ------------------------------------------------------------------
@@ -320,8 +305,8 @@ def read_h5(src: H5Source, order: list[str] | None = None, skip_attr: Callable[[
 
     f = src.file
     out = H5Contents()
-    by_object: dict[int, TensorRef] = {}
-    seen_groups: set[int] = set()
+    by_object: dict[int, list] = {}     # hash(ObjectID) -> [(ObjectID, ref)]
+    seen_groups: dict[int, list] = {}
 
     def keys_of(group) -> list[str]:
         keys = list(group.keys())
@@ -362,9 +347,9 @@ def read_h5(src: H5Source, order: list[str] | None = None, skip_attr: Callable[[
     def visit_dataset(ds, path: str) -> None:
         if path in out.entries:
             return
-        key = hash(ds.id)
-        if key in by_object:            # a second hard (or soft) link to one dataset: tied
-            out.entries[path] = by_object[key]
+        same = [ref for oid, ref in by_object.get(hash(ds.id), ()) if oid == ds.id]
+        if same:                        # a second hard (or soft) link to one dataset: tied
+            out.entries[path] = same[0]
             return
         if ds.shape is None:
             out.skipped.append(f"{path} (null dataspace)")
@@ -385,14 +370,14 @@ def read_h5(src: H5Source, order: list[str] | None = None, skip_attr: Callable[[
             ref = _dataset_ref(ds, path, src, dtype, be)
         except (OSError, ValueError, RuntimeError) as e:
             raise FormatError(f"{src.display}: dataset '{path}': {_h5_message(e)}") from None
-        by_object[key] = ref
+        by_object.setdefault(hash(ds.id), []).append((ds.id, ref))
         out.entries[path] = ref
 
     def walk(group, prefix: str) -> None:
-        gkey = hash(group.id)
-        if gkey in seen_groups:
+        visited = seen_groups.setdefault(hash(group.id), [])
+        if any(oid == group.id for oid in visited):     # a soft link back up the tree
             return
-        seen_groups.add(gkey)
+        visited.append(group.id)
         add_attrs(group, prefix.rstrip("/"))
         for name in keys_of(group):
             path = prefix + name
@@ -725,11 +710,10 @@ class KerasH5Adapter(Adapter):
     def sniff(self, head: bytes, path: Path) -> bool:
         if not path.is_file():
             return False
-        if head[:4] == b"PK\x03\x04":
+        if is_zip(head):
             try:
-                with zipfile.ZipFile(path) as zf:
-                    return KERAS_WEIGHTS_MEMBER in zf.namelist()
-            except (zipfile.BadZipFile, OSError):
+                return KERAS_WEIGHTS_MEMBER in read_members(FileHandle(path))
+            except FormatError:
                 return False
         if superblock_offset(head, path) is None:
             return False
@@ -745,7 +729,7 @@ class KerasH5Adapter(Adapter):
 
     def read(self, path: Path, **options) -> Checkpoint:
         extra_meta: dict[str, str] = {}
-        if _head4(path) == b"PK\x03\x04":
+        if is_zip(_head4(path)):
             src, extra_meta = open_keras_archive(path)
             container = "keras archive"
         else:
@@ -765,7 +749,10 @@ class KerasH5Adapter(Adapter):
         entries = list(iter_tensors(ckpt.tree))
         if not entries:
             raise UnsupportedError(f"{path.name}: no tensors to write")
-        meta = _metadata_without_ours(ckpt)
+        # Keras' structural attributes are regenerated from the names (an hdf5
+        # read of a Keras file carries stale copies in its metadata)
+        meta = {k: v for k, v in _metadata_without_ours(ckpt).items()
+                if not KERAS_STRUCTURAL.match(k.rpartition("@")[2])}
         archive = path.name.endswith(".keras")
         keras3 = all(_KERAS3_NAME.match(n) for n, _ in entries)
         if archive and not keras3:
@@ -862,10 +849,15 @@ class KerasH5Adapter(Adapter):
             h5_tmp = tmp.with_name(tmp.name + ".weights.h5")
             try:
                 write_h5(h5_tmp, datasets, attrs, opaque_special=True)
-                with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+                size = h5_tmp.stat().st_size
+                h5_bytes = StoredTensor("uint8", (size,), FileSource(FileHandle(h5_tmp), 0, size))
+                zw = ZipWriter(tmp)     # stored, 64-byte aligned: read in place afterwards
+                try:
                     for name, text in members.items():
-                        zf.writestr(name, text)
-                    zf.write(h5_tmp, KERAS_WEIGHTS_MEMBER)
+                        zw.add_bytes(name, text.encode("utf-8"))
+                    zw.add_tensor_bytes(KERAS_WEIGHTS_MEMBER, size, [h5_bytes])
+                finally:
+                    zw.close()
             finally:
                 if h5_tmp.exists():
                     h5_tmp.unlink()

@@ -60,10 +60,13 @@ from ckptconv.streaming import OutFile
 from ckptconv.tensor import FileHandle, FileSource, LazyTensor, StoredTensor, TensorRef
 from ckptconv.tree import Checkpoint, iter_tensors, tree_from_metadata, tree_to_metadata
 
+from ._io import DecodeError, encode_varint, read_varint
+
 PROTOBUF_LIMIT = 2**31 - 1
 EXTERNAL_MARGIN = 64 << 20        # headroom for the graph itself below the 2 GB limit
 EXTERNAL_MIN_BYTES = 1024         # smaller tensors stay inline (as onnx's size_threshold)
 EXTERNAL_ALIGN_FROM = 64 << 10    # bigger tensors start on a 4 KB boundary (mmap friendly)
+MAX_SUBGRAPH_DEPTH = 100
 
 # TensorProto.DataType -> canonical dtype name (onnx/onnx.proto)
 ONNX_DTYPES = {
@@ -81,50 +84,34 @@ _MODEL_FIELDS = {1: 0, 2: 2, 3: 2, 4: 2, 5: 0, 6: 2, 7: 2, 8: 2, 14: 2, 20: 2, 2
 
 # --- protobuf wire format -------------------------------------------------------
 
-class WireError(Exception):
-    """A malformed protobuf; carries the offset."""
-
-
-def read_varint(buf, pos: int, end: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        if pos >= end:
-            raise WireError(f"varint runs past the end of its message at offset {pos}")
-        b = buf[pos]
-        pos += 1
-        result |= (b & 0x7F) << shift
-        if b < 0x80:
-            return result, pos
-        shift += 7
-        if shift > 63:
-            raise WireError(f"varint longer than 10 bytes at offset {pos}")
-
-
 def iter_fields(buf, start: int, end: int) -> Iterator[tuple[int, int, Any]]:
-    """(field number, wire type, value) of one message; length-delimited values
-    are (start, end) spans into ``buf``, never copied."""
+    """(field number, wire type, value) of the message in ``buf[start:end]``.
+
+    Unlike ``_io.iter_fields`` (memoryviews), values of length-delimited and
+    fixed-width fields are absolute (start, end) spans: the reader needs the
+    file offset of every ``raw_data``."""
     pos = start
     while pos < end:
         key, pos = read_varint(buf, pos, end)
         num, wire = key >> 3, key & 7
         if num == 0:
-            raise WireError(f"field number 0 at offset {pos}")
+            raise DecodeError(f"field number 0 at offset {pos}")
         if wire == 0:
             value, pos = read_varint(buf, pos, end)
         elif wire == 2:
             n, pos = read_varint(buf, pos, end)
             if pos + n > end:
-                raise WireError(f"field {num} needs {n} bytes at offset {pos}, "
-                                f"its message ends at {end}")
+                raise DecodeError(f"field {num} needs {n} bytes at offset {pos}, "
+                                  f"its message ends at {end}")
             value, pos = (pos, pos + n), pos + n
         elif wire == 1:
             value, pos = (pos, pos + 8), pos + 8
         elif wire == 5:
             value, pos = (pos, pos + 4), pos + 4
         else:
-            raise WireError(f"unsupported wire type {wire} at offset {pos}")
+            raise DecodeError(f"unsupported wire type {wire} at offset {pos}")
         if pos > end:
-            raise WireError(f"field {num} runs past the end of its message at offset {pos}")
+            raise DecodeError(f"field {num} runs past the end of its message at offset {pos}")
         yield num, wire, value
 
 
@@ -140,27 +127,15 @@ def _packed_varints(buf, span) -> list[int]:
     return out
 
 
-def encode_varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
-
-
 def _len_field(num: int, length: int) -> bytes:
     """Tag and length prefix of a length-delimited field."""
     return encode_varint(num << 3 | 2) + encode_varint(length)
 
 
-def looks_like_onnx(head: bytes, size: int) -> bool:
+def looks_like_onnx(head: bytes) -> bool:
     """ModelProto serializations start with ir_version (field 1) and only hold
-    ModelProto fields with their proper wire types; a long field may run past
-    ``head`` as long as the file holds it."""
+    ModelProto fields with their proper wire types (checked as far as ``head``
+    goes: a field running past it ends the check)."""
     if len(head) < 4 or head[0] != 0x08:
         return False
     pos, seen = 0, 0
@@ -176,9 +151,9 @@ def looks_like_onnx(head: bytes, size: int) -> bool:
                 return False
             if wire == 2:
                 pos += value
-                if pos > len(head):
-                    return pos <= size
-    except WireError:
+                if pos > len(head):     # runs past head (or past the file: read reports it)
+                    return True
+    except DecodeError:
         return seen >= 2    # a varint cut by the end of head
     return seen >= 2
 
@@ -268,6 +243,8 @@ class _Scanner:
         return key, value
 
     def graph(self, span, prefix: str, ppath: tuple) -> None:
+        if len(ppath) > 3 * MAX_SUBGRAPH_DEPTH:
+            self.fail(f"subgraphs nested more than {MAX_SUBGRAPH_DEPTH} deep at '{prefix}'")
         inits, sparse, nodes = [], [], []
         counters = {"node": 0, "initializer": 0, "sparse_initializer": 0}
         for num, wire, v in iter_fields(self.buf, *span):
@@ -528,7 +505,7 @@ def scan_onnx(path: Path) -> OnnxScan:
     try:
         try:
             return _Scanner(path, handle, buf).model()
-        except WireError as e:
+        except DecodeError as e:
             raise FormatError(f"{handle.display}: not a valid ONNX protobuf ({e}; truncated?)") from None
     finally:
         buf.close()
@@ -646,7 +623,7 @@ class OnnxAdapter(Adapter):
     description = "ONNX (initializers, Constant nodes, subgraphs, external data)"
 
     def sniff(self, head: bytes, path: Path) -> bool:
-        return path.is_file() and looks_like_onnx(head, path.stat().st_size)
+        return path.is_file() and looks_like_onnx(head)
 
     def read(self, path: Path, **options) -> Checkpoint:
         scan = scan_onnx(path)

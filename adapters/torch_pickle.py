@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import io
 import math
+import pickletools
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,8 @@ from ckptconv.registry import Adapter
 from ckptconv.tensor import (ArrayTensor, BufferSource, ByteSource, FileHandle, FileSource,
                              StoredTensor, TensorRef, contiguous_strides)
 from ckptconv.tree import Checkpoint, ObjectRecord, iter_tensors
-from ckptconv.unpickler import Global, Pending, RestrictedUnpickler
+from ckptconv.unpickler import (Global, Pending, RestrictedUnpickler, is_dangerous, scan_globals,
+                                short_repr)
 from ckptconv.ziputil import (ZipWriter, is_zip, member_root, read_member_bytes, read_members)
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
@@ -59,29 +61,62 @@ def _storage_dtype(g: Any, display: str) -> tuple[_dt.DType | None, bool]:
     elif isinstance(g, Global):
         qual = g.qualname
     else:
-        raise FormatError(f"{display}: storage type is {g!r}, not a torch storage class")
+        raise FormatError(f"{display}: storage type is {short_repr(g)}, not a torch storage class")
     name = qual.rsplit(".", 1)[-1]
     if not qual.startswith("torch.") or not name.endswith("Storage"):
         raise UnsafePickleError(f"{display}: persistent id names {qual}, not a torch storage class")
-    if name in ("UntypedStorage", "TypedStorage", "ByteStorage") and name != "ByteStorage":
+    if name in ("UntypedStorage", "TypedStorage"):
         return None, True
     return _dt.from_storage_class(name), False
 
 
 def _torch_dtype(g, display: str) -> _dt.DType:
-    qual = g.qualname if isinstance(g, Global) else getattr(g, "cls", repr(g))
-    if not str(qual).startswith("torch."):
-        raise FormatError(f"{display}: tensor dtype {qual} is not a torch dtype")
-    return _dt.get(str(qual)[len("torch."):])
+    qual = g.qualname if isinstance(g, Global) else getattr(g, "cls", None)
+    if not isinstance(qual, str) or not qual.startswith("torch.") or qual.count(".") != 1:
+        raise FormatError(f"{display}: tensor dtype {short_repr(g)} is not a torch dtype")
+    return _dt.get(qual[len("torch."):])
+
+
+MAX_RANK = 64  # numpy's limit; torch's is the same order
 
 
 def _ints(v, what: str, display: str) -> tuple[int, ...]:
     if isinstance(v, ObjectRecord) and v.cls == "torch.Size" and v.args:
         v = v.args[0]
-    if not isinstance(v, (tuple, list)) or not all(isinstance(x, int) and not isinstance(x, bool)
-                                                   for x in v):
-        raise FormatError(f"{display}: tensor {what} {v!r} is not a tuple of ints")
+    if not isinstance(v, (tuple, list)) or len(v) > MAX_RANK or \
+            not all(isinstance(x, int) and not isinstance(x, bool) for x in v):
+        raise FormatError(f"{display}: tensor {what} {short_repr(v)} is not a tuple of at most "
+                          f"{MAX_RANK} ints")
     return tuple(v)
+
+
+def _nonneg_int(v, what: str, display: str) -> int:
+    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+        raise FormatError(f"{display}: {what} {short_repr(v)} is not a non-negative int")
+    return v
+
+
+def _flag(v, what: str, display: str) -> bool:
+    if not isinstance(v, (bool, int)) or isinstance(v, int) and v not in (0, 1):
+        raise FormatError(f"{display}: {what} {short_repr(v)} is not a bool")
+    return bool(v)
+
+
+def _resolve(v):
+    return v.value() if isinstance(v, Pending) else v
+
+
+def _plain_numpy_dtype(dtype, display: str, what: str) -> np.dtype:
+    """Only dtypes of plain numbers/bytes: object and void (structured) dtypes
+    carry pickled Python objects, so they are refused as unsafe."""
+    dtype = _resolve(dtype)
+    if not isinstance(dtype, np.dtype) or dtype.hasobject or dtype.kind in "OV":
+        raise UnsafePickleError(f"{display}: {what} of dtype {short_repr(dtype)} (object and "
+                                "structured dtypes hold pickled objects; refused, nothing was "
+                                "executed)")
+    if dtype.itemsize == 0:
+        raise FormatError(f"{display}: {what} of zero-size dtype {dtype}")
+    return dtype
 
 
 class _NdarrayPending(Pending):
@@ -92,20 +127,23 @@ class _NdarrayPending(Pending):
         self.array = None
 
     def build(self, state):
+        d = self.display
         if not isinstance(state, tuple) or len(state) not in (4, 5):
-            raise FormatError(f"{self.display}: bad numpy array state")
+            raise FormatError(f"{d}: bad numpy array state")
         _, shape, dtype, fortran, data = state if len(state) == 5 else (1,) + state
-        dtype = dtype.value() if isinstance(dtype, Pending) else dtype
-        if not isinstance(dtype, np.dtype) or dtype.hasobject or dtype.kind in "OV":
-            raise UnsafePickleError(f"{self.display}: numpy array of dtype {dtype!r} "
-                                    "(object arrays hold pickled code; refused)")
+        dtype = _plain_numpy_dtype(dtype, d, "numpy array")
         if isinstance(data, str):
             data = data.encode("latin1")
         if not isinstance(data, (bytes, bytearray)):
-            raise UnsafePickleError(f"{self.display}: numpy array data is a {type(data).__name__}")
-        shape = _ints(shape, "shape", self.display)
+            # a list here is the element list of an object array: pickled objects
+            raise UnsafePickleError(f"{d}: numpy array data is a {type(data).__name__}, not bytes "
+                                    "(refused, nothing was executed)")
+        shape = _ints(shape, "shape", d)
+        if any(s < 0 for s in shape):
+            raise FormatError(f"{d}: numpy array shape {shape} has a negative dimension")
+        fortran = _flag(fortran, "numpy array order flag", d)
         if math.prod(shape) * dtype.itemsize != len(data):
-            raise FormatError(f"{self.display}: numpy array data has {len(data)} bytes for "
+            raise FormatError(f"{d}: numpy array data has {len(data)} bytes for "
                               f"shape {shape} of {dtype}")
         arr = np.frombuffer(bytes(data), dtype=dtype)
         self.array = arr.reshape(shape, order="F" if fortran else "C").copy()
@@ -118,14 +156,13 @@ class _NdarrayPending(Pending):
 
 class _DtypePending(Pending):
     def __init__(self, spec, display):
-        if not isinstance(spec, str):
-            raise FormatError(f"{display}: numpy dtype spec {spec!r}")
+        if not isinstance(spec, str) or len(spec) > 64:
+            raise FormatError(f"{display}: numpy dtype spec {short_repr(spec)} is not a short string")
         try:
             self.dtype = np.dtype(spec)
-        except TypeError as e:
+        except (TypeError, ValueError, OverflowError) as e:
             raise FormatError(f"{display}: bad numpy dtype {spec!r}") from e
-        if self.dtype.hasobject or self.dtype.kind in "OV":
-            raise UnsafePickleError(f"{display}: numpy dtype {spec!r} (object dtypes refused)")
+        _plain_numpy_dtype(self.dtype, display, "numpy dtype")
         self.display = display
 
     def build(self, state):
@@ -139,6 +176,9 @@ class _DtypePending(Pending):
 
 _TENSOR_REBUILDS = ("torch._utils._rebuild_tensor_v2", "torch._utils._rebuild_tensor_v3",
                     "torch._utils._rebuild_tensor")
+_PARAMETER_REBUILDS = ("torch._utils._rebuild_parameter",
+                       "torch._utils._rebuild_parameter_with_state")
+_FROM_TYPE_REBUILDS = ("torch._tensor._rebuild_from_type_v2", "torch._tensor._rebuild_from_type")
 _RECORDED_CALLS = {"torch.Size", "torch.device", "torch.serialization._get_layout",
                    "builtins.slice", "__builtin__.slice", "torch.finfo", "torch.iinfo"}
 _UNSUPPORTED_TENSORS = {
@@ -151,42 +191,79 @@ _UNSUPPORTED_TENSORS = {
     "torch._utils._rebuild_mkldnn_tensor": "mkldnn tensors",
     "torch._utils._rebuild_xla_tensor": "XLA tensors",
 }
+_JIT_LISTS = ("torch.jit._pickle.build_intlist", "torch.jit._pickle.build_doublelist",
+              "torch.jit._pickle.build_boollist", "torch.jit._pickle.build_tensorlist",
+              "torch.jit._pickle.build_stringlist")
+_NUMPY_RECONSTRUCT = ("numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct")
+_NUMPY_SCALAR = ("numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar")
+_LAYOUTS = ("torch.strided", "torch.sparse_coo", "torch.sparse_csr", "torch.sparse_csc",
+            "torch.sparse_bsr", "torch.sparse_bsc", "torch._mkldnn", "torch.jagged")
+# Every callable `call` accepts, and the names in dangerous modules a torch
+# pickle may still *name* (they resolve to our constructors, never imported).
+ALLOWED_CALLS = frozenset(
+    _TENSOR_REBUILDS + _PARAMETER_REBUILDS + _FROM_TYPE_REBUILDS + _JIT_LISTS
+    + _NUMPY_RECONSTRUCT + _NUMPY_SCALAR + tuple(_RECORDED_CALLS) + tuple(_UNSUPPORTED_TENSORS)
+    + ("torch._utils._rebuild_device_tensor_from_numpy", "collections.OrderedDict",
+       "builtins.set", "__builtin__.set", "builtins.frozenset", "__builtin__.frozenset",
+       "builtins.complex", "__builtin__.complex", "builtins.bytearray", "__builtin__.bytearray",
+       "_codecs.encode", "numpy.dtype", "torch.jit._pickle.restore_type_tag"))
+_ALLOWED_NAMES = ALLOWED_CALLS | {"torch.storage.UntypedStorage", "torch.storage.TypedStorage"}
 
 
 class TorchUnpickler(RestrictedUnpickler):
-    """Torch's allowlist, interpreted: rebuild calls make lazy tensors."""
+    """Torch's allowlist, interpreted: rebuild calls make lazy tensors.
+
+    Every allowlisted call checks its arguments' types, counts and ranges
+    before building anything (the same calls torch's weights-only loader
+    accepts; anything else is refused by name).
+    """
 
     def __init__(self, display: str, storage_source, big_endian: bool = False):
         super().__init__(display)
-        self.storage_source = storage_source  # (key, dtype, numel, untyped, view) -> ByteSource
+        self.storage_source = storage_source  # (key, dtype, numel, untyped) -> ByteSource
         self.big_endian = big_endian
         self.storages: dict[str, _Storage] = {}
         self.locations: set[str] = set()
         self.tensor_cache: dict[tuple, TensorRef] = {}
         self.calls_seen: set[str] = set()
 
+    def allowed_global(self, qualname: str) -> bool:
+        return qualname in _ALLOWED_NAMES
+
     def persistent_load(self, pid):
-        if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"):
+        if not (isinstance(pid, tuple) and len(pid) in (5, 6) and pid[0] == "storage"):
             return super().persistent_load(pid)
+        d = self.display
         stype, key, location, numel = pid[1], pid[2], pid[3], pid[4]
         view = pid[5] if len(pid) > 5 else None
-        dtype, untyped = _storage_dtype(stype, self.display)
-        if not isinstance(key, str) or not isinstance(numel, int) or numel < 0:
-            raise FormatError(f"{self.display}: malformed storage id {pid!r}")
-        self.locations.add(str(location))
+        dtype, untyped = _storage_dtype(stype, d)
+        if not isinstance(key, str) or not isinstance(location, str) or len(location) > 64:
+            raise FormatError(f"{d}: malformed storage id {short_repr(pid)}")
+        numel = _nonneg_int(numel, f"storage '{key}' size", d)
+        self.locations.add(location)
         st = self.storages.get(key)
         if st is None:
             source = self.storage_source(key, dtype or _dt.get("uint8"), numel, untyped)
-            st = _Storage(key, dtype, str(location), numel, source, untyped)
+            st = _Storage(key, dtype, location, numel, source, untyped)
             self.storages[key] = st
         if view is not None:  # legacy storage views: (view_key, offset, size)
-            view_key, offset, size = view
+            if not isinstance(view, tuple) or len(view) != 3 or not isinstance(view[0], str):
+                raise FormatError(f"{d}: malformed storage view {short_repr(view)}")
+            view_key = view[0]
+            offset = _nonneg_int(view[1], "storage view offset", d)
+            size = _nonneg_int(view[2], "storage view size", d)
             itemsize = (dtype or _dt.get("uint8")).itemsize
-            if offset < 0 or size < 0 or (offset + size) * itemsize > st.source.nbytes:
-                raise FormatError(f"{self.display}: storage view {view!r} outside its storage")
+            if (offset + size) * itemsize > st.source.nbytes:
+                raise FormatError(f"{d}: storage view {short_repr(view)} outside its storage")
             sub = _SubSource(st.source, offset * itemsize, size * itemsize)
-            return _Storage(view_key, dtype, str(location), size, sub, untyped)
+            return _Storage(view_key, dtype, location, size, sub, untyped)
         return st
+
+    def _nargs(self, q: str, args: tuple, lo: int, hi: int | None = None) -> None:
+        hi = lo if hi is None else hi
+        if not lo <= len(args) <= hi:
+            want = str(lo) if lo == hi else f"{lo} to {hi}"
+            raise FormatError(f"{self.display}: {q} takes {want} arguments, got {len(args)}")
 
     def call(self, func: Global, args: tuple, opcode: str):
         q = func.qualname
@@ -194,30 +271,49 @@ class TorchUnpickler(RestrictedUnpickler):
         d = self.display
         if q in _TENSOR_REBUILDS:
             return self._rebuild(q, args)
-        if q in ("torch._utils._rebuild_parameter", "torch._utils._rebuild_parameter_with_state"):
-            if len(args) < 3 or not isinstance(args[0], TensorRef):
-                raise FormatError(f"{d}: bad _rebuild_parameter arguments")
+        if q in _PARAMETER_REBUILDS:
+            # (data, requires_grad, backward_hooks[, state]): hooks and state are dropped
+            self._nargs(q, args, 3 if q.endswith("_parameter") else 4)
+            if not isinstance(args[0], TensorRef):
+                raise FormatError(f"{d}: {q} of a {type(args[0]).__name__}, not a tensor")
+            if not isinstance(args[2], dict):
+                raise FormatError(f"{d}: {q} backward hooks are a {type(args[2]).__name__}")
             t = args[0]
-            t.is_parameter, t.requires_grad = True, bool(args[1])
+            t.is_parameter, t.requires_grad = True, _flag(args[1], "requires_grad", d)
             return t
-        if q in ("torch._tensor._rebuild_from_type_v2", "torch._tensor._rebuild_from_type"):
-            if len(args) < 3 or not isinstance(args[0], Global) or not isinstance(args[2], tuple):
-                raise FormatError(f"{d}: bad {q} arguments")
-            if args[1] not in (Global("torch", "Tensor"), Global("torch.nn.parameter", "Parameter")):
-                raise UnsafePickleError(f"{d}: tensor subclass {args[1]!r} via {q} (refused)")
-            t = self.call(args[0], args[2], opcode)
-            if args[1] == Global("torch.nn.parameter", "Parameter") and isinstance(t, TensorRef):
+        if q in _FROM_TYPE_REBUILDS:
+            # (func, new_type, args, state): func may only be a tensor rebuild,
+            # never an arbitrary callable smuggled in as an argument
+            self._nargs(q, args, 4)
+            inner, new_type, inner_args = args[0], args[1], args[2]
+            if not isinstance(inner, Global) or inner.qualname not in _TENSOR_REBUILDS + \
+                    _PARAMETER_REBUILDS or not isinstance(inner_args, tuple):
+                raise UnsafePickleError(f"{d}: {q} of {short_repr(inner)} (only tensor rebuild "
+                                        "functions allowed; refused, nothing was executed)")
+            if new_type not in (Global("torch", "Tensor"), Global("torch.nn.parameter", "Parameter")):
+                raise UnsafePickleError(f"{d}: tensor subclass {short_repr(new_type)} via {q} "
+                                        "(refused, nothing was executed)")
+            t = self.call(inner, inner_args, opcode)
+            if new_type == Global("torch.nn.parameter", "Parameter") and isinstance(t, TensorRef):
                 t.is_parameter = True
             return t
         if q == "torch._utils._rebuild_device_tensor_from_numpy":
-            arr = args[0].value() if isinstance(args[0], Pending) else args[0]
-            if not isinstance(arr, np.ndarray):
+            # (data, dtype, device, requires_grad)
+            self._nargs(q, args, 4)
+            arr = _resolve(args[0])
+            if not isinstance(arr, np.ndarray) or not isinstance(args[2], str):
                 raise FormatError(f"{d}: bad {q} arguments")
-            return ArrayTensor(arr, _torch_dtype(args[1], d), bool(args[3]) if len(args) > 3 else False)
+            dtype = _torch_dtype(args[1], d)
+            if dtype.numpy is None or dtype.numpy.itemsize != arr.dtype.itemsize:
+                raise FormatError(f"{d}: {q}: numpy data of {arr.dtype} for a {dtype.name} tensor")
+            if not arr.dtype.isnative:
+                arr = arr.astype(arr.dtype.newbyteorder("="))
+            return ArrayTensor(arr.view(dtype.numpy), dtype, _flag(args[3], "requires_grad", d))
         if q in _UNSUPPORTED_TENSORS:
             raise FormatError(f"{d}: holds {_UNSUPPORTED_TENSORS[q]} ({q}), which ckptconv "
                               "does not convert yet")
         if q == "collections.OrderedDict":
+            self._nargs(q, args, 0, 1)
             od = OrderedDict()
             if args:
                 items = args[0]
@@ -225,53 +321,83 @@ class TorchUnpickler(RestrictedUnpickler):
                     raise FormatError(f"{d}: bad OrderedDict arguments")
                 for kv in items:
                     if not isinstance(kv, (list, tuple)) or len(kv) != 2:
-                        raise FormatError(f"{d}: bad OrderedDict item {kv!r}")
+                        raise FormatError(f"{d}: bad OrderedDict item {short_repr(kv)}")
                     od[self._hashable(kv[0])] = kv[1]
             return od
         if q in _RECORDED_CALLS:
+            self._check_recorded(q, args)
             return ObjectRecord(q, None, args, kind="reduce")
         if q in ("builtins.set", "__builtin__.set", "builtins.frozenset", "__builtin__.frozenset"):
+            self._nargs(q, args, 0, 1)
             items = args[0] if args else []
             if not isinstance(items, (list, tuple, set, frozenset)):
                 raise FormatError(f"{d}: bad {q} arguments")
             kind = set if q.endswith(".set") else frozenset
             return kind(self._hashable(x) for x in items)
         if q in ("builtins.complex", "__builtin__.complex"):
-            if not all(isinstance(a, (int, float)) for a in args) or len(args) > 2:
+            self._nargs(q, args, 0, 2)
+            if not all(isinstance(a, (int, float)) for a in args):
                 raise FormatError(f"{d}: bad complex arguments")
             return complex(*args)
         if q in ("builtins.bytearray", "__builtin__.bytearray"):
             if args and isinstance(args[0], str) and len(args) == 2 and args[1] in ("latin1", "latin-1"):
                 return bytearray(args[0].encode("latin1"))
-            if not args or isinstance(args[0], (bytes, bytearray)):
+            if len(args) <= 1 and (not args or isinstance(args[0], (bytes, bytearray))):
                 return bytearray(args[0] if args else b"")
             raise FormatError(f"{d}: bad bytearray arguments")
         if q == "_codecs.encode":  # protocol 2 spelling of bytes: encode(latin1 str, 'latin1')
             if len(args) == 2 and isinstance(args[0], str) and args[1] in ("latin1", "latin-1"):
                 return args[0].encode("latin1")
             raise UnsafePickleError(f"{d}: _codecs.encode with arguments other than (str, 'latin1')")
-        if q in ("numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct"):
-            if not args or args[0] != Global("numpy", "ndarray"):
-                raise UnsafePickleError(f"{d}: numpy _reconstruct of {args[:1]!r} (only ndarray allowed)")
+        if q in _NUMPY_RECONSTRUCT:
+            # (subtype, shape, dtype char): only a plain ndarray, data comes in BUILD
+            self._nargs(q, args, 3)
+            if args[0] != Global("numpy", "ndarray"):
+                raise UnsafePickleError(f"{d}: numpy _reconstruct of {short_repr(args[0])} "
+                                        "(only numpy.ndarray allowed; nothing was executed)")
             return _NdarrayPending(d)
         if q == "numpy.dtype":
-            return _DtypePending(args[0] if args else None, d)
-        if q in ("numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar"):
-            if len(args) != 2:
-                raise FormatError(f"{d}: bad numpy scalar arguments")
-            dtype = args[0].value() if isinstance(args[0], Pending) else args[0]
+            self._nargs(q, args, 1, 3)
+            return _DtypePending(args[0], d)
+        if q in _NUMPY_SCALAR:
+            self._nargs(q, args, 2)
+            dtype = _plain_numpy_dtype(args[0], d, "numpy scalar")
             data = args[1].encode("latin1") if isinstance(args[1], str) else args[1]
-            if not isinstance(dtype, np.dtype) or dtype.hasobject or dtype.kind in "OV" or \
-                    not isinstance(data, (bytes, bytearray)) or len(data) != dtype.itemsize:
-                raise UnsafePickleError(f"{d}: numpy scalar of {dtype!r} (only plain numbers allowed)")
+            if not isinstance(data, (bytes, bytearray)) or len(data) != dtype.itemsize:
+                raise FormatError(f"{d}: numpy scalar of {dtype} with {short_repr(data)} as data")
             return np.frombuffer(bytes(data), dtype=dtype)[0]
-        if q in ("torch.jit._pickle.build_intlist", "torch.jit._pickle.build_doublelist",
-                 "torch.jit._pickle.build_boollist", "torch.jit._pickle.build_tensorlist",
-                 "torch.jit._pickle.build_stringlist"):
-            return list(args[0]) if args else []
+        if q in _JIT_LISTS:
+            self._nargs(q, args, 1)
+            if not isinstance(args[0], (list, tuple)):
+                raise FormatError(f"{d}: {q} of a {type(args[0]).__name__}")
+            return list(args[0])
         if q == "torch.jit._pickle.restore_type_tag":
-            return args[0] if args else None
+            self._nargs(q, args, 1, 2)
+            return args[0]
         return super().call(func, args, opcode)
+
+    def _check_recorded(self, q: str, args: tuple) -> None:
+        """Recorded calls are kept as records and may be written back into a
+        torch file: their arguments must be what torch itself writes."""
+        d = self.display
+        ok = True
+        if q == "torch.Size":
+            ok = len(args) == 1 and isinstance(args[0], (tuple, list)) and \
+                all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in args[0]) \
+                and len(args[0]) <= MAX_RANK
+        elif q == "torch.device":
+            ok = 1 <= len(args) <= 2 and isinstance(args[0], str) and len(args[0]) <= 64 and \
+                (len(args) == 1 or args[1] is None or isinstance(args[1], int))
+        elif q == "torch.serialization._get_layout":
+            ok = len(args) == 1 and args[0] in _LAYOUTS
+        elif q.endswith(".slice"):
+            ok = 1 <= len(args) <= 3 and all(a is None or isinstance(a, int) for a in args)
+        elif q in ("torch.finfo", "torch.iinfo"):
+            ok = len(args) == 1 and isinstance(args[0], Global)
+            if ok:
+                _torch_dtype(args[0], d)
+        if not ok:
+            raise FormatError(f"{d}: {q} with arguments {short_repr(args)} (not what torch writes)")
 
     def build_other(self, obj, state):
         if isinstance(obj, TensorRef):
@@ -284,36 +410,117 @@ class TorchUnpickler(RestrictedUnpickler):
     def _rebuild(self, q: str, args: tuple) -> TensorRef:
         d = self.display
         if q.endswith("_v3"):
-            if len(args) < 7:
-                raise FormatError(f"{d}: _rebuild_tensor_v3 needs 7 arguments, got {len(args)}")
-            storage, offset, size, stride, rg = args[:5]
+            # (storage, offset, size, stride, requires_grad, backward_hooks, dtype[, metadata])
+            self._nargs(q, args, 7, 8)
+            storage, offset, size, stride, rg, hooks = args[:6]
             dtype = _torch_dtype(args[6], d)
-        else:
-            if len(args) < 4:
-                raise FormatError(f"{d}: {q} needs at least 4 arguments, got {len(args)}")
+        elif q.endswith("_v2"):
+            # (storage, offset, size, stride, requires_grad, backward_hooks[, metadata])
+            self._nargs(q, args, 4, 7)
             storage, offset, size, stride = args[:4]
             rg = args[4] if len(args) > 4 else False
+            hooks = args[5] if len(args) > 5 else None
             dtype = None
+        else:  # _rebuild_tensor(storage, offset, size, stride)
+            self._nargs(q, args, 4)
+            storage, offset, size, stride = args
+            rg, hooks, dtype = False, None, None
         if not isinstance(storage, _Storage):
             raise FormatError(f"{d}: tensor rebuilt from a {type(storage).__name__}, not a storage")
+        if hooks is not None and not isinstance(hooks, dict):
+            raise FormatError(f"{d}: tensor backward hooks are a {type(hooks).__name__}")
         if dtype is None:
             if storage.dtype is None:
                 raise FormatError(f"{d}: untyped storage '{storage.key}' without a tensor dtype")
             dtype = storage.dtype
-        if not isinstance(offset, int):
-            raise FormatError(f"{d}: tensor storage offset {offset!r} is not an int")
+        offset = _nonneg_int(offset, "tensor storage offset", d)
+        rg = _flag(rg, "requires_grad", d)
         size = _ints(size, "size", d)
         stride = _ints(stride, "stride", d)
-        key = (id(storage.source), dtype.name, offset, size, stride, bool(rg))
+        key = (id(storage.source), dtype.name, offset, size, stride, rg)
         ref = self.tensor_cache.get(key)
         if ref is None:
             try:
                 ref = StoredTensor(dtype, size, storage.source, offset, stride,
-                                   big_endian=self.big_endian, requires_grad=bool(rg))
+                                   big_endian=self.big_endian, requires_grad=rg)
             except FormatError as e:
                 raise FormatError(f"{d}: storage '{storage.key}': {e}") from None
             self.tensor_cache[key] = ref
         return ref
+
+
+class _AnySizeSource(ByteSource):
+    """A storage of the size its persistent id claims, with no bytes behind it:
+    for interpreting a pickle only to judge its safety (``check_pickle``)."""
+
+    def __init__(self, nbytes: int):
+        self.nbytes = nbytes
+
+    def read(self, offset, length):
+        raise FormatError("safety check: storage bytes are not read")
+
+
+def check_pickle(data: bytes, display: str) -> TorchUnpickler:
+    """Interpret one pickle with torch's allowlist, only to judge it: storages
+    are taken at their word, nothing is read behind them.
+
+    Raises ``UnsafePickleError`` naming the first refused callable. When the
+    pickle is malformed for us (``FormatError``), its raw name listing still
+    decides: a dangerous name anywhere in it makes it unsafe, since
+    ``pickle.load`` might get that far where we stopped. Returns the
+    unpickler (``globals_seen``, ``records``, ``calls_seen``) when acceptable.
+    """
+    def storage_source(key, dtype, numel, untyped):
+        return _AnySizeSource(numel * (1 if untyped else dtype.itemsize))
+
+    up = TorchUnpickler(display, storage_source)
+    try:
+        up.load(data)
+    except UnsafePickleError:
+        raise
+    except FormatError as e:
+        for opcode, name in scan_globals(data, display):
+            if opcode in ("EXT1", "EXT2", "EXT4") or (
+                    opcode in ("GLOBAL", "INST", "STACK_GLOBAL") and is_dangerous(name)
+                    and not up.allowed_global(name)):
+                raise UnsafePickleError(f"{display}: pickle names {name} via {opcode} "
+                                        f"(refused, nothing was executed; it is also malformed: "
+                                        f"{e})") from None
+        raise
+    return up
+
+
+def read_bare_pickle(path: Path) -> Checkpoint:
+    """A plain ``pickle.dump`` file (protocol 2+), e.g. a dict of numpy arrays.
+
+    Not a torch format, but ``torch.load`` runs such a file's pickle (it reads
+    it as the legacy magic number), so it is read here, with the same
+    allowlist. It has no storages; numpy arrays become the tensors.
+    """
+    from ckptconv.tree import to_canonical
+
+    handle = FileHandle(path)
+    display = handle.display
+    if handle.size > 1 << 31:
+        raise FormatError(f"{display}: bare pickle of {handle.size} bytes is too big to interpret")
+
+    def storage_source(key, dtype, numel, untyped):
+        raise FormatError(f"{display}: a bare pickle cannot hold torch storages (persistent id "
+                          f"'{key}'); is it part of a legacy checkpoint?")
+
+    up = TorchUnpickler(display, storage_source)
+    tree = to_canonical(up.load(handle.pread(0, handle.size, "pickle")))
+    return Checkpoint(tree, {}, "torch", str(path), _checkpoint_info(up, "pickle"))
+
+
+def is_bare_pickle(head: bytes) -> bool:
+    """PROTO 2..5 and a valid opcode next; not a safetensors header that
+    happens to start with 0x80 (its 9th byte is '{')."""
+    return (len(head) >= 3 and head[0] == 0x80 and 2 <= head[1] <= 5
+            and head[2:3].decode("latin1") in _PICKLE_OPCODES and head[8:9] != b"{")
+
+
+_PICKLE_OPCODES = frozenset(op.code for op in pickletools.opcodes)
 
 
 class _SubSource(ByteSource):
@@ -377,7 +584,12 @@ def read_zip_checkpoint(path: Path) -> Checkpoint:
     version = members.get(f"{prefix}version") or members.get(f"{prefix}.data/version")
     if version is not None:
         info["zip_version"] = read_member_bytes(handle, version, 64).decode("latin1").strip()
-    info["extra_pickles"] = sorted(n for n in members if n.endswith(".pkl") and n != f"{prefix}data.pkl")
+    extra = sorted(n for n in members if n.endswith(".pkl") and n != f"{prefix}data.pkl")
+    for name in extra:
+        # torch.jit.load unpickles constants.pkl; a zip may carry other
+        # pickles (another root's data.pkl): refuse any that could run code.
+        check_pickle(read_member_bytes(handle, members[name], 1 << 31), f"{display}:{name}")
+    info["extra_pickles"] = extra
     if torchscript:
         tree = _torchscript_weights(tree)
     return Checkpoint(tree, {}, "torch", str(path), info)
@@ -788,7 +1000,7 @@ class TorchAdapter(Adapter):
                 return b"/data.pkl" in head[:200] or head[30:38] == b"data.pkl"
             return any(n.endswith("data.pkl") for n in members) and not \
                 any(n.endswith("model.weights.h5") for n in members)
-        return False
+        return is_bare_pickle(head)
 
     def read(self, path: Path, **options) -> Checkpoint:
         if path.name.endswith(".index.json"):
@@ -799,6 +1011,8 @@ class TorchAdapter(Adapter):
             return read_zip_checkpoint(path)
         if head.startswith(_LEGACY_HEAD):
             return read_legacy_checkpoint(path)
+        if is_bare_pickle(head):
+            return read_bare_pickle(path)
         raise FormatError(f"{path.name}: not a torch checkpoint")
 
     def _read_sharded(self, path: Path) -> Checkpoint:

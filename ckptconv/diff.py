@@ -39,7 +39,7 @@ from typing import Iterator
 import numpy as np
 
 from . import dtypes as _dt
-from .errors import CkptconvError, MappingError
+from .errors import CkptconvError
 from .tensor import CHUNK_BYTES, TensorRef
 from .tree import Checkpoint
 
@@ -167,7 +167,7 @@ class DiffReport:
     def __str__(self) -> str:
         if self.suggestion is None:
             return "\n".join(self.summary_lines())
-        head = [f"# ckptconv diff --suggest: rules mapping A's names onto B's"]
+        head = ["# ckptconv diff --suggest: rules mapping A's names onto B's"]
         head += ["# " + line for line in self.summary_lines()]
         return "\n".join(head) + "\n\n" + self.suggestion.rstrip("\n")
 
@@ -301,6 +301,17 @@ def _content_key(ref: TensorRef, budget: list[int]) -> str | None:
     return h.hexdigest()
 
 
+def _unique_content_keys(names: list[str], tensors, budget: list[int]) -> dict[str, str | None]:
+    """Content hashes, kept only where unique on their side: equal values are
+    evidence of a pair only when they single one tensor out (not all-ones)."""
+    keys = {n: _content_key(tensors[n], budget) for n in names}
+    counts: dict[str, int] = {}
+    for k in keys.values():
+        if k is not None:
+            counts[k] = counts.get(k, 0) + 1
+    return {n: k if k is not None and counts[k] == 1 else None for n, k in keys.items()}
+
+
 @dataclass
 class _Pair:
     a: list[str]
@@ -341,20 +352,22 @@ def _find_fused(only_a: list[str], only_b: list[str], ta, tb, used_a: set, used_
             names = [n for n in names if n not in used_many]
             if len(names) < 2 or len(names) > 8:
                 continue
-            refs = [many_t[n] for n in names]
-            if any(r.dtype != ro.dtype or len(r.shape) != len(ro.shape) for r in refs):
-                continue
+            names = [n for n in names if many_t[n].dtype == ro.dtype
+                     and len(many_t[n].shape) == len(ro.shape)]
             for d in range(len(ro.shape)):
-                if any(r.shape[:d] != ro.shape[:d] or r.shape[d + 1:] != ro.shape[d + 1:] for r in refs):
-                    continue
-                if sum(r.shape[d] for r in refs) != ro.shape[d]:
-                    continue
-                # name of the group: the differing segments run together ("q"+"k"+"v")
-                parts = [_segments(n)[i] for n in names]
-                joined = ".".join(list(pre) + ["".join(parts)] + list(post))
-                score = name_similarity(joined, one)
-                if best is None or score > best[0]:
-                    best = (score, names, parts, d)
+                fit = [n for n in names if many_t[n].shape[:d] == ro.shape[:d]
+                       and many_t[n].shape[d + 1:] == ro.shape[d + 1:]]
+                # subsets (in file order) whose sizes along d add up
+                for k in range(2, min(len(fit), 6) + 1):
+                    for combo in itertools.combinations(fit, k):
+                        if sum(many_t[n].shape[d] for n in combo) != ro.shape[d]:
+                            continue
+                        # the group's name: the differing segments run together ("q"+"k"+"v")
+                        parts = [_segments(n)[i] for n in combo]
+                        joined = ".".join(list(pre) + ["".join(parts)] + list(post))
+                        score = name_similarity(joined, one)
+                        if best is None or score > best[0]:
+                            best = (score, list(combo), parts, d)
         if best is None or best[0] < 0.3:
             continue
         score, names, parts, d = best
@@ -396,8 +409,8 @@ def suggest_rules(ta: dict[str, TensorRef], tb: dict[str, TensorRef]) -> Suggest
     budget = [HASH_BUDGET]
     rest_a = [n for n in only_a if n not in used_a]
     rest_b = [n for n in only_b if n not in used_b]
-    keys_a = {n: _content_key(ta[n], budget) for n in rest_a}
-    keys_b = {n: _content_key(tb[n], budget) for n in rest_b}
+    keys_a = _unique_content_keys(rest_a, ta, budget)
+    keys_b = _unique_content_keys(rest_b, tb, budget)
     pos_a = {n: i / max(len(rest_a) - 1, 1) for i, n in enumerate(rest_a)}
     pos_b = {n: i / max(len(rest_b) - 1, 1) for i, n in enumerate(rest_b)}
     cands = []

@@ -1442,8 +1442,7 @@ class Mapping:
                 origin[n] = f"add '{n}'"
                 outputs.append((n, ref, ""))
                 report.added.append(n)
-        # names claimed by a rule whose output is the same name stay in place
-        keep = {n for n in tensors if n not in claimed}
+        keep = {n for n in tensors if n not in claimed}  # these stay where they are
         tree = _rebuild(ck.tree, keep, outputs)
         out = Checkpoint(tree, dict(ck.metadata), ck.format, ck.path, dict(ck.info))
         try:
@@ -1569,43 +1568,62 @@ def _is_container(v) -> bool:
     return isinstance(v, (dict, list, tuple)) or (isinstance(v, ObjectRecord) and v.kind == "newobj")
 
 
-def _resolve(tree, name: str, removed: set[str]) -> tuple[tuple, Any]:
-    """(path of a dict in the old tree, key) where a tensor named ``name`` goes."""
-    node, path, rest = tree, (), name
-    last = None
-    while True:
-        if isinstance(node, dict):
-            last = (path, rest)
-            for k, v in node.items():
-                if str(k) == rest:
-                    if isinstance(v, TensorRef) and join_path(path + (k,)) in removed:
+class _Placer:
+    """Finds where a renamed tensor goes in the old tree, with
+    each node's keys indexed once: flat state dicts have many thousands."""
+
+    def __init__(self, tree, removed: set[str]):
+        self.tree, self.removed = tree, removed
+        self._index: dict[int, tuple[dict, list]] = {}
+
+    def index(self, node) -> tuple[dict, list]:
+        """(str(key) -> (key, child) for dicts, [(str(key), key, child)] of container children)."""
+        got = self._index.get(id(node))
+        if got is None:
+            kids = _kids(node)
+            exact = {str(k): (k, v) for k, v in kids} if isinstance(node, dict) else {}
+            conts = sorted(((str(k), k, v) for k, v in kids if _is_container(v)),
+                           key=lambda t: -len(t[0]))
+            got = self._index[id(node)] = (exact, conts)
+        return got
+
+    def resolve(self, name: str) -> tuple[tuple, Any]:
+        """(path of a dict in the old tree, key) where a tensor named ``name`` goes:
+        the deepest dict whose path is a prefix of the name."""
+        node, path, rest = self.tree, (), name
+        last = None
+        while True:
+            exact, conts = self.index(node)
+            if isinstance(node, dict):
+                last = (path, rest)
+                hit = exact.get(rest)
+                if hit is not None:
+                    k, v = hit
+                    if isinstance(v, TensorRef) and join_path(path + (k,)) in self.removed:
                         return path, k
                     raise MappingError(f"mapped name '{name}' collides with an existing "
                                        f"{'tensor' if isinstance(v, TensorRef) else 'entry'}")
-        best = None
-        for k, v in _kids(node):
-            ks = str(k)
-            if rest.startswith(ks + ".") and _is_container(v) and (best is None or len(ks) > len(str(best[0]))):
-                best = (k, v)
-        if best is None:
-            break
-        k, node = best
-        path += (k,)
-        rest = rest[len(str(k)) + 1:]
-    if last is None:
-        raise MappingError(f"cannot place mapped tensor '{name}': the checkpoint's root is "
-                           f"a {type(tree).__name__}, not a dict")
-    return last
+            for ks, k, v in conts:  # longest key first
+                if rest.startswith(ks + "."):
+                    node, path, rest = v, path + (k,), rest[len(ks) + 1:]
+                    break
+            else:
+                break
+        if last is None:
+            raise MappingError(f"cannot place mapped tensor '{name}': the checkpoint's root is "
+                               f"a {type(self.tree).__name__}, not a dict")
+        return last
 
 
 def _rebuild(tree, keep: set[str], outputs: list[tuple[str, TensorRef, str]]):
     paths = {join_path(p): p for p, leaf in iter_leaves(tree) if isinstance(leaf, TensorRef)}
     removed = set(paths) - keep
     placed: dict[tuple, list] = {}   # dict path -> [(key, ref, anchor path)]
+    placer = _Placer(tree, removed)
     for name, ref, anchor in outputs:
         if name in keep and anchor == name:
             continue  # passed through: stays where it is
-        dpath, key = _resolve(tree, name, removed)
+        dpath, key = placer.resolve(name)
         placed.setdefault(dpath, []).append((key, ref, paths.get(anchor)))
 
     def put(out, key, value, path):

@@ -10,6 +10,16 @@ constructors of the caller's choosing, everything else refused with
 become an inert ``ObjectRecord`` unless the class lives in a module that can
 run code (``os``, ``subprocess``, ``builtins`` ...), which is refused too.
 
+Hardening against hostile pickles (each refusal is one line naming the name):
+a dangerous name is refused when it is first *named* (``GLOBAL``,
+``STACK_GLOBAL``, ``INST``), since ``pickle`` imports it right there; dotted
+names are checked segment by segment (``argparse._os.system``); ``EXT*``
+(copyreg registry) and non-storage persistent ids are refused; ``BUILD``
+may not set dunder attributes (the ``__setstate__`` override trick) nor
+shadow ``OrderedDict`` methods; keys are bounded before hashing; the result
+is bounded in depth, must be acyclic, and may not expand through shared
+memo entries ("billion laughs") beyond ``MAX_EXPANSION`` nodes.
+
 Ground truth: CPython ``Lib/pickle.py`` and ``Lib/pickletools.py`` (opcode
 semantics), ``torch/_weights_only_unpickler.py`` (the safe pattern).
 """
@@ -24,8 +34,17 @@ from typing import Any, Callable
 from .errors import FormatError, UnsafePickleError
 from .tree import ObjectRecord
 
-MAX_DEPTH = 1000
+# Nesting deeper than this is refused: the tree walkers after us recurse
+# (two or three Python frames a level), and real checkpoints nest < 30 deep.
+MAX_DEPTH = 150
 MAX_MEMO = 10_000_000
+# A dict key or set member bigger than this (nodes) is refused: hashing and
+# comparing shared ("billion laughs") tuples costs their expanded size.
+MAX_KEY_NODES = 10_000
+# The tree a pickle describes may share sub-structures through the memo; the
+# size it expands to (what tree walks visit) must stay within this many nodes
+# plus a few times the number of distinct nodes.
+MAX_EXPANSION = 2_000_000
 
 # Modules whose names in a pickle mean "this can run code". A NEWOBJ/BUILD or a
 # bare reference to anything in them is refused, not recorded.
@@ -50,13 +69,79 @@ DANGEROUS_MODULES = (
     "sre_parse", "ntpath", "posixpath", "genericpath", "stat", "getpass", "pwd", "grp",
     "crypt", "spwd", "termios", "tty", "email", "mailbox", "mimetypes", "cgi", "wsgiref",
     "socketserver", "xml", "html", "json", "csv", "configparser", "plistlib", "netrc",
+    # functions of otherwise harmless packages that load pickles, write files or run code
+    "numpy.load", "numpy.save", "numpy.savez", "numpy.savez_compressed", "numpy.savetxt",
+    "numpy.loadtxt", "numpy.genfromtxt", "numpy.fromfile", "numpy.memmap", "numpy.lib",
+    "numpy.ctypeslib", "numpy.core._internal", "numpy._core._internal", "torch.load",
+    "torch.save", "torch.fx", "torch.package", "torch.export", "torch._export", "torch._ops",
+    "torch._classes", "torch.classes", "torch.testing", "torch.backends", "torch.compiler",
+    "pandas.read_pickle", "pandas.io", "pydoc", "antigravity", "this", "turtledemo",
+    "_osx_support", "_aix_support", "pydoc_data", "lib2to3", "ensurepip", "nturl2path",
+    "_ctypes", "_socket", "_signal", "_multiprocessing", "_winreg", "posixsubprocess",
+    "_xxsubinterpreters", "_interpreters", "_testcapi", "_testinternalcapi",
 )
+
+# Attribute names that, anywhere in a dotted name, reach code execution:
+# ``argparse._os.system`` (a module imported under another name),
+# ``collections.abc.sys.modules`` ... A leading underscore does not hide them.
+_DANGEROUS_SEGMENTS = frozenset((
+    "os", "posix", "nt", "sys", "subprocess", "builtins", "__builtin__", "importlib", "pickle",
+    "cPickle", "marshal", "shutil", "ctypes", "pty", "runpy", "socket", "commands", "system",
+    "popen", "popen2", "popen3", "popen4", "exec", "execfile", "eval", "compile", "getattr",
+    "setattr", "delattr", "globals", "locals", "vars", "breakpoint", "import_module", "loads",
+    "spawn", "spawnv", "spawnl", "execv", "execve", "execvp", "fork", "kill", "check_output",
+    "check_call", "getoutput", "getstatusoutput", "run_path", "run_module",
+))
+# Dunder first segments that name harmless pseudo-modules (TorchScript, scripts).
+_HARMLESS_DUNDER_ROOTS = frozenset(("__torch__", "__main__", "__mp_main__"))
 
 
 def is_dangerous(qualname: str) -> bool:
-    mod = qualname.rsplit(".", 1)[0] if "." in qualname else qualname
-    return any(mod == d or mod.startswith(d + ".") for d in DANGEROUS_MODULES) or \
-        qualname.split(".")[-1].startswith("__") and qualname.split(".")[-1] != "__main__"
+    """Whether a dotted name from a pickle can lead to running code.
+
+    Checked: every dotted prefix against ``DANGEROUS_MODULES`` (a module or
+    one of its functions), every later segment against module aliases and
+    code-running function names (``argparse._os.system``), and dunder
+    segments (``builtins.__import__``, ``Tensor.__reduce_ex__``).
+    """
+    q = str(qualname)
+    if any(q == d or q.startswith(d + ".") for d in DANGEROUS_MODULES):
+        return True
+    parts = q.split(".")
+    if any(not p for p in parts):  # "os..system", ".os": never a real class
+        return True
+    first = parts[0]
+    if first.startswith("__") and first.endswith("__") and first not in _HARMLESS_DUNDER_ROOTS:
+        return True
+    for seg in parts[1:]:
+        if seg.startswith("__") and seg.endswith("__"):
+            return True
+        if seg in _DANGEROUS_SEGMENTS or seg.lstrip("_") in _DANGEROUS_SEGMENTS:
+            return True
+    return False
+
+
+def short_repr(value: Any, limit: int = 80) -> str:
+    """A bounded one-line repr for messages: never deep, never long."""
+    try:
+        if isinstance(value, (tuple, list)) and len(value) > 8:
+            text = f"{type(value).__name__} of {len(value)} items"
+        elif isinstance(value, (tuple, list, dict, set, frozenset)):
+            text = reprlib_repr(value)
+        else:
+            text = repr(value)
+    except Exception:  # noqa: BLE001 - a message must never fail
+        text = f"<{type(value).__name__}>"
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def reprlib_repr(value: Any) -> str:
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxlevel, r.maxtuple, r.maxlist, r.maxdict, r.maxstring, r.maxother = 3, 6, 6, 4, 40, 40
+    return r.repr(value)
 
 
 class Global:
@@ -93,6 +178,9 @@ class Pending:
 
 class _Mark:
     pass
+
+
+_PLAIN_KEYS = frozenset((str, bytes, int, float, bool, complex, type(None)))
 
 
 # Opcodes whose argument is simply pushed.
@@ -198,6 +286,10 @@ class RestrictedUnpickler:
 
     # --- hooks ----------------------------------------------------------------
 
+    def allowed_global(self, qualname: str) -> bool:
+        """Names in dangerous modules that this reader still accepts (its allowlist)."""
+        return False
+
     def call(self, func: Global, args: tuple, opcode: str):
         """REDUCE/INST/OBJ of ``func`` with ``args``: allowlisted or refused."""
         raise UnsafePickleError(f"{self.display}: pickle calls {func.qualname} via {opcode} "
@@ -214,24 +306,47 @@ class RestrictedUnpickler:
         return ObjectRecord(cls.qualname, None, tuple(args))
 
     def persistent_load(self, pid):
-        raise UnsafePickleError(f"{self.display}: pickle has a persistent id {pid!r} "
-                                "that is not a storage")
+        raise UnsafePickleError(f"{self.display}: pickle has a persistent id {short_repr(pid)} "
+                                "that is not a storage (refused, nothing was executed)")
 
     def build(self, obj, state):
+        self._check_state_names(obj, state)
         if isinstance(obj, Pending):
             obj.build(state)
         elif isinstance(obj, ObjectRecord):
             obj.state = state if obj.state is None else _merge_state(obj.state, state)
         elif isinstance(obj, OrderedDict) and isinstance(state, dict):
             # OrderedDict.__reduce__ puts instance attributes (a state dict's
-            # `_metadata`) in BUILD; keep them as attributes.
+            # `_metadata`) in BUILD; keep them as attributes, but never let
+            # one shadow a method our own code calls (``items``, ``keys``...).
             for k, v in state.items():
-                if not isinstance(k, str):
-                    raise FormatError(f"{self.display}: bad attribute name {k!r} in BUILD")
+                if not isinstance(k, str) or not k.isidentifier() or hasattr(OrderedDict, k):
+                    raise FormatError(f"{self.display}: pickle BUILD sets attribute "
+                                      f"{short_repr(k)} on an OrderedDict (not a plain attribute)")
                 setattr(obj, k, v)
         else:
             self.build_other(obj, state)
         return obj
+
+    def _check_state_names(self, obj, state) -> None:
+        """Refuse BUILD states that set dunder attributes.
+
+        ``pickle`` applies a state dict with ``inst.__dict__.update`` and a
+        slot-state dict with ``setattr``, and calls ``inst.__setstate__`` if
+        it finds one: a first BUILD of ``{'__setstate__': os.system}`` makes
+        the second BUILD call ``os.system(state)``, and ``__class__`` in a
+        slot state swaps the class. No real object state needs such names.
+        """
+        parts = state if isinstance(state, tuple) and len(state) == 2 else (state,)
+        for part in parts:
+            if not isinstance(part, dict):
+                continue
+            for k in part:
+                if isinstance(k, str) and k.startswith("__") and k.endswith("__"):
+                    what = obj.cls if isinstance(obj, ObjectRecord) else type(obj).__name__
+                    raise UnsafePickleError(
+                        f"{self.display}: pickle BUILD sets {k} on {what} (overrides how the "
+                        "object behaves; refused, nothing was executed)")
 
     def build_other(self, obj, state):
         raise UnsafePickleError(f"{self.display}: pickle BUILDs state into a "
@@ -435,31 +550,62 @@ class RestrictedUnpickler:
 
     def _global(self, module: str, name: str) -> Global:
         g = Global(module, name)
-        self.globals_seen.append(g.qualname)
+        q = g.qualname
+        self.globals_seen.append(q)
+        # ``pickle`` imports the module as soon as it meets the name, whether
+        # or not it is called later: refuse dangerous names right here.
+        if is_dangerous(q) and not self.allowed_global(q):
+            raise UnsafePickleError(f"{self.display}: pickle names {q} (a callable that can "
+                                    "run code; refused, nothing was executed)")
         return g
 
     def _call(self, func, args, opcode):
         if not isinstance(func, Global):
-            raise UnsafePickleError(f"{self.display}: pickle calls a {type(func).__name__} "
-                                    f"via {opcode} (only named callables are considered)")
+            what = func.cls if isinstance(func, ObjectRecord) else type(func).__name__
+            raise UnsafePickleError(f"{self.display}: pickle calls the result of {what} "
+                                    f"via {opcode} (only named, allowlisted callables are "
+                                    "considered; nothing was executed)")
         if not isinstance(args, tuple):
             raise FormatError(f"{self.display}: corrupt pickle ({opcode} arguments are not a tuple)")
         return self.call(func, args, opcode)
 
     def _newobj(self, cls, args, kwargs):
         if not isinstance(cls, Global):
-            raise UnsafePickleError(f"{self.display}: pickle NEWOBJ of a {type(cls).__name__}")
+            what = cls.cls if isinstance(cls, ObjectRecord) else type(cls).__name__
+            raise UnsafePickleError(f"{self.display}: pickle NEWOBJ of the result of {what} "
+                                    "(only named classes are recorded; nothing was executed)")
         if not isinstance(args, tuple) or (kwargs is not None and not isinstance(kwargs, dict)):
             raise FormatError(f"{self.display}: corrupt pickle (bad NEWOBJ arguments)")
         return self.new_object(cls, args, kwargs)
 
     def _hashable(self, k):
+        if type(k) in _PLAIN_KEYS:
+            return k
+        if isinstance(k, (tuple, frozenset, ObjectRecord)):
+            self._check_key_size(k)
         try:
             hash(k)
         except TypeError:
             raise FormatError(f"{self.display}: corrupt pickle (unhashable {type(k).__name__} "
                               "used as a key)") from None
         return k
+
+    def _check_key_size(self, k) -> None:
+        """Hashing or comparing a key visits all of it: bound its size and depth
+        first (shared tuples expand exponentially; deep ones overflow C recursion)."""
+        todo = [(k, 0)]
+        seen = 0
+        while todo:
+            node, depth = todo.pop()
+            seen += 1
+            if seen > MAX_KEY_NODES or depth > MAX_DEPTH:
+                raise FormatError(f"{self.display}: pickle uses a huge or deeply nested "
+                                  f"{type(k).__name__} as a dict key or set member")
+            if isinstance(node, (tuple, frozenset)):
+                todo.extend((x, depth + 1) for x in node)
+            elif isinstance(node, ObjectRecord):
+                todo.append((node.args, depth + 1))
+                todo.append((node.state, depth + 1))
 
     def _pairs(self, target, items):
         if not isinstance(target, dict):
@@ -475,18 +621,31 @@ class RestrictedUnpickler:
     def finish(self, root):
         memo: dict[int, Any] = {}
         active: set[int] = set()
+        # expanded[id]: how many nodes the sub-tree has once shared parts are
+        # counted at every place they appear (what later tree walks visit)
+        expanded: dict[int, int] = {}
+        total = [0]
 
         def fix(obj, depth):
             if depth > MAX_DEPTH:
                 raise FormatError(f"{self.display}: pickle nests deeper than {MAX_DEPTH} levels")
             if isinstance(obj, (str, bytes, int, float, bool, complex, type(None))):
+                total[0] += 1
                 return obj
             key = id(obj)
             if key in memo:
+                total[0] += expanded[key]
+                if total[0] > MAX_EXPANSION + 4 * len(memo):
+                    raise FormatError(
+                        f"{self.display}: pickle shares sub-structures so that its tree expands "
+                        f"to more than {total[0]} nodes from {len(memo)} distinct ones "
+                        "(a 'billion laughs' structure)")
                 return memo[key]
             if key in active:
                 raise FormatError(f"{self.display}: pickle holds a self-referencing structure")
             active.add(key)
+            before = total[0]
+            total[0] += 1
             try:
                 if isinstance(obj, Pending):
                     out = fix(obj.value(), depth + 1)
@@ -512,6 +671,7 @@ class RestrictedUnpickler:
             finally:
                 active.discard(key)
             memo[key] = out
+            expanded[key] = total[0] - before
             return out
 
         return fix(root, 0)
@@ -528,24 +688,58 @@ def _merge_state(old, new):
     return new
 
 
-def scan_globals(data: bytes, display: str = "pickle") -> list[tuple[str, str]]:
-    """Every (opcode, module.name) a pickle names, without interpreting it."""
-    found = []
-    strings: list[str] = []
+def scan_globals(data, display: str = "pickle") -> list[tuple[str, str]]:
+    """Every (opcode, module.name) a pickle names, without interpreting it.
+
+    ``data`` is the pickle's bytes or a stream positioned at its start (it is
+    left just after the STOP opcode). STACK_GLOBAL takes its two names from
+    the stack; a small symbolic stack follows strings through the memo
+    (``GET``) so obfuscated names are still listed. Also lists EXT codes and
+    persistent ids. A raw listing for reports; decisions come from
+    interpreting the pickle.
+    """
+    found: list[tuple[str, str]] = []
+    sym: list[Any] = []          # strings where known, None for anything else
+    memo: dict[int, Any] = {}
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        ops = iter_opcodes(bytes(data))
+    else:
+        ops = ((op.name, arg, pos) for op, arg, pos in pickletools.genops(data))
     try:
-        for op, arg, _ in pickletools.genops(io.BytesIO(data)):
-            if op.name in ("GLOBAL", "INST"):
-                module, _, name = str(arg).partition(" ")
-                found.append((op.name, f"{module}.{name}"))
-            elif op.name == "STACK_GLOBAL":
-                if len(strings) >= 2:
-                    found.append((op.name, f"{strings[-2]}.{strings[-1]}"))
+        for name, arg, _ in ops:
+            if name in ("GLOBAL", "INST"):
+                module, _, gname = str(arg).partition(" ")
+                found.append((name, f"{module}.{gname}"))
+                sym.append(None)
+            elif name == "STACK_GLOBAL":
+                gname = sym.pop() if sym else None
+                module = sym.pop() if sym else None
+                if isinstance(module, str) and isinstance(gname, str):
+                    found.append((name, f"{module}.{gname}"))
                 else:
-                    found.append((op.name, "<unknown>"))
-            elif isinstance(arg, str):
-                strings.append(arg)
+                    found.append((name, "<computed name>"))
+                sym.append(None)
+            elif name in ("EXT1", "EXT2", "EXT4"):
+                found.append((name, f"<copyreg extension {arg}>"))
+                sym.append(None)
+            elif name in ("PERSID", "BINPERSID"):
+                found.append((name, "<persistent id>"))
+            elif name in ("PUT", "BINPUT", "LONG_BINPUT"):
+                memo[int(arg)] = sym[-1] if sym else None
+            elif name == "MEMOIZE":
+                memo[len(memo)] = sym[-1] if sym else None
+            elif name in ("GET", "BINGET", "LONG_BINGET"):
+                sym.append(memo.get(int(arg)))
+            elif isinstance(arg, str) and name in _PUSH_ARG:
+                sym.append(arg)
+            elif name == "POP" and sym:
+                sym.pop()
+            elif name not in ("PROTO", "FRAME", "STOP", "MARK"):
+                sym.append(None)
+            if len(sym) > 64:   # only the top matters
+                del sym[:32]
     except Exception as e:  # noqa: BLE001 - a report, not a reader
-        found.append(("ERROR", f"{type(e).__name__}: {e}"))
+        found.append(("ERROR", f"{type(e).__name__}: {' '.join(str(e).split())[:160]}"))
     return found
 
 

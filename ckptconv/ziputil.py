@@ -22,6 +22,10 @@ from .streaming import OutFile
 from .tensor import FileHandle, TensorRef, human_bytes
 
 ALIGN = 64
+# A deflated member may inflate at most this much beyond _BOMB_MIN bytes
+# (pickles compress 3-10x; deflate's own ceiling is about 1032x).
+_BOMB_RATIO = 50
+_BOMB_MIN = 64 << 20
 _PARALLEL_CRC_MIN = 1 << 20
 
 
@@ -143,7 +147,15 @@ def read_members(handle: FileHandle) -> dict[str, Member]:
             raise FormatError(f"{name}: corrupt zip central directory (entry past its end)")
         if usize == 0xFFFFFFFF or csize == 0xFFFFFFFF or hoff == 0xFFFFFFFF:
             usize, csize, hoff = _zip64_fields(extra, usize, csize, hoff, name)
-        mname = raw_name.decode("utf-8" if flags & 0x800 else "cp437")
+        try:
+            mname = raw_name.decode("utf-8" if flags & 0x800 else "cp437")
+        except UnicodeDecodeError:
+            raise FormatError(f"{name}: corrupt zip: member name {raw_name[:40]!r} is not "
+                              "valid UTF-8") from None
+        if mname in members:
+            # two members of one name: readers disagree on which one counts
+            # (a scanner could check one while torch loads the other)
+            raise FormatError(f"{name}: zip has two members named '{mname}'")
         parts = mname.replace("\\", "/").split("/")
         if mname.startswith("/") or ".." in parts:
             raise FormatError(f"{name}: zip member '{mname}' escapes the archive")
@@ -187,6 +199,10 @@ def read_member_bytes(handle: FileHandle, m: Member, limit: int = 1 << 31) -> by
     if m.compress_type == zipfile.ZIP_STORED:
         return raw
     if m.compress_type == zipfile.ZIP_DEFLATED:
+        if m.size > max(_BOMB_MIN, _BOMB_RATIO * m.compressed_size):
+            raise FormatError(f"{handle.display}: zip member '{m.name}' claims to inflate "
+                              f"{human_bytes(m.compressed_size)} to {human_bytes(m.size)} "
+                              "(zip bomb?); refused")
         d = zlib.decompressobj(-15)
         out = d.decompress(raw, m.size + 1)
         if len(out) != m.size:

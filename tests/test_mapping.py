@@ -1,9 +1,10 @@
 """The mapping DSL: parsing (errors with line:column), matching, lazy transforms,
 ties, inversion, reports, result trees, presets and the CLI's --map.
 
-Framework round trips (Google BERT TF1 checkpoint -> Hugging Face BertModel,
-Keras -> torch) live in test_presets_frameworks.py-style fixtures at the end
-of this module; they skip when TensorFlow / transformers / keras are absent.
+The presets against the frameworks themselves are at the end: a Google BERT
+TF1 checkpoint written by TensorFlow -> Hugging Face BertModel (and back), a
+Keras model -> its torch twin (and back), timm ViT names -> ViTModel. They
+skip when TensorFlow / transformers / keras / h5py are absent.
 """
 from __future__ import annotations
 
@@ -430,7 +431,7 @@ def test_chain_and_stages():
 # --- presets and CLI --------------------------------------------------------------------
 
 PRESETS = ["bert-tf-to-hf", "hf-to-bert-tf", "keras-to-torch", "torch-to-keras",
-           "strip-module-prefix", "add-module-prefix"]
+           "strip-module-prefix", "add-module-prefix", "timm-vit-to-hf"]
 
 
 def test_presets_listed_and_parse():
@@ -602,3 +603,247 @@ def test_property_garbage_gives_mapping_errors_with_positions(text):
         import re
 
         assert re.match(r"^g\.rules:\d+:\d+: \S", str(e)), str(e)
+
+
+# --- frameworks: Google BERT TF1 checkpoint <-> Hugging Face BertModel ------------------------
+
+def _google_name(hf_key: str) -> tuple[str, bool]:
+    """Google's TF1 name for a BertModel key, and whether TF stores it transposed
+    (written out here, independently of the presets under test)."""
+    *path, leaf = hf_key.split(".")
+    if path[0] == "encoder":  # encoder.layer.3.x -> encoder/layer_3/x
+        path = ["encoder", f"layer_{path[2]}"] + path[3:]
+    if path[0] == "embeddings" and path[1].endswith("_embeddings"):
+        return "bert/embeddings/" + path[1], False
+    if path[-1] == "LayerNorm":
+        return "bert/" + "/".join(path) + "/" + {"weight": "gamma", "bias": "beta"}[leaf], False
+    return "bert/" + "/".join(path) + "/" + {"weight": "kernel", "bias": "bias"}[leaf], leaf == "weight"
+
+
+@pytest.fixture(scope="module")
+def google_bert(tmp_path_factory):
+    """A small random BertModel and the Google-layout TF1 checkpoint TensorFlow
+    writes for it (tf.compat.v1 variables + Saver), with Adam slots and global_step."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    tf = pytest.importorskip("tensorflow")
+    cfg = transformers.BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2,
+                                  num_attention_heads=4, intermediate_size=37,
+                                  max_position_embeddings=64, type_vocab_size=2)
+    torch.manual_seed(0)
+    model = transformers.BertModel(cfg).eval()
+    state = model.state_dict()
+    prefix = tmp_path_factory.mktemp("google_bert") / "bert_model.ckpt"
+    graph = tf.Graph()
+    with graph.as_default():
+        for key, value in state.items():
+            name, transposed = _google_name(key)
+            v = value.numpy().T if transposed else value.numpy()
+            tf.compat.v1.get_variable(name, initializer=tf.constant(v))
+            for slot in ("adam_m", "adam_v"):
+                tf.compat.v1.get_variable(f"{name}/{slot}", initializer=tf.zeros_like(v))
+        tf.compat.v1.train.get_or_create_global_step()
+        saver = tf.compat.v1.train.Saver()
+        with tf.compat.v1.Session(graph=graph) as sess:
+            sess.run(tf.compat.v1.global_variables_initializer())
+            saver.save(sess, str(prefix), write_meta_graph=False)
+    names = [n for n, _ in tf.train.list_variables(str(prefix))]
+    assert "bert/encoder/layer_1/attention/self/query/kernel" in names and "global_step" in names
+    return cfg, model, prefix
+
+
+def test_google_bert_tf_checkpoint_to_hf_bertmodel(google_bert, tmp_path):
+    import torch
+    import transformers
+    from safetensors.torch import load_file
+
+    cfg, model, prefix = google_bert
+    out = tmp_path / "bert.safetensors"
+    r = cli("convert", prefix, out, "--map", "bert-tf-to-hf", "--json")
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)["mapping"]
+    assert rep["unmatched"] == [] and "global_step" in rep["dropped"]
+    assert len(rep["dropped"]) == 2 * len(model.state_dict()) + 1
+    weights = load_file(out)
+    fresh = transformers.BertModel(cfg).eval()
+    missing, unexpected = fresh.load_state_dict(weights, strict=False)
+    assert [k for k in missing if not k.endswith(("position_ids", "token_type_ids"))] == []
+    assert unexpected == []
+    ids = torch.randint(0, cfg.vocab_size, (2, 11), generator=torch.Generator().manual_seed(1))
+    types = torch.randint(0, 2, (2, 11), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want, got = model(ids, token_type_ids=types), fresh(ids, token_type_ids=types)
+    torch.testing.assert_close(got.last_hidden_state, want.last_hidden_state, rtol=0, atol=1e-5)
+    torch.testing.assert_close(got.pooler_output, want.pooler_output, rtol=0, atol=1e-5)
+    # transformers' own TF -> PT loader gives the same tensors
+    bert_mod = pytest.importorskip("transformers.models.bert.modeling_bert")
+    loader = getattr(bert_mod, "load_tf_weights_in_bert", None)
+    if loader is not None:
+        ref = transformers.BertForPreTraining(cfg)
+        loader(ref, cfg, str(prefix))
+        for k, v in ref.bert.state_dict().items():
+            if k in weights:
+                assert torch.equal(weights[k], v), k
+
+
+def test_hf_bertmodel_back_to_google_names(google_bert, tmp_path):
+    tf = pytest.importorskip("tensorflow")
+    cfg, model, prefix = google_bert
+    src = tmp_path / "hf.safetensors"
+    ckptconv.save(dict(model.state_dict()), src)
+    back = tmp_path / "back" / "bert_model.ckpt"
+    back.parent.mkdir()
+    r = cli("convert", src, back, "--to", "tf", "--map", "hf-to-bert-tf")
+    assert r.returncode == 0, r.stderr
+    want = {n for n, _ in tf.train.list_variables(str(prefix))
+            if not n.endswith(("adam_m", "adam_v")) and n != "global_step"}
+    got = {n for n, _ in tf.train.list_variables(str(back))} - {"_CKPTCONV_METADATA"}
+    assert got == want
+    for n in want:
+        np.testing.assert_array_equal(tf.train.load_variable(str(back), n),
+                                      tf.train.load_variable(str(prefix), n))
+
+
+# --- frameworks: Keras <-> torch --------------------------------------------------------------
+
+def _keras_model(seed: int):
+    """Conv2D, BatchNorm, Embedding, LSTM, GRU, Conv1D, LayerNorm, Dense; every
+    weight (moving statistics and biases too) random. Layer names are Keras'
+    class-derived defaults, which Keras 3 weight files use whatever the names."""
+    import keras
+
+    L = keras.layers
+    img = keras.Input((9, 9, 3))
+    tok = keras.Input((7,), dtype="int32")
+    x = L.Conv2D(4, 3, name="conv2d")(img)
+    x = L.BatchNormalization(name="batch_normalization")(x)
+    x = L.GlobalAveragePooling2D()(L.ReLU()(x))
+    e = L.Embedding(20, 8, name="embedding")(tok)
+    h = L.LSTM(5, name="lstm")(e)
+    g = L.GRU(4, name="gru")(e)
+    c = L.Conv1D(3, 2, name="conv1d")(e)
+    c = L.GlobalAveragePooling1D()(L.LayerNormalization(name="layer_normalization")(c))
+    y = L.Dense(3, name="dense")(L.Concatenate()([x, h, g, c]))
+    model = keras.Model([img, tok], y)
+    rng = np.random.default_rng(seed)
+    for w in model.weights:
+        v = rng.standard_normal(tuple(w.shape)).astype(np.float32) * 0.5
+        w.assign(np.abs(v) + 0.5 if "variance" in w.path else v)
+    return model
+
+
+def _torch_twin():
+    import torch
+    from torch import nn
+
+    class Twin(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv2d = nn.Conv2d(3, 4, 3)
+            self.batch_normalization = nn.BatchNorm2d(4, eps=1e-3)
+            self.embedding = nn.Embedding(20, 8)
+            self.lstm = nn.LSTM(8, 5, batch_first=True)
+            self.gru = nn.GRU(8, 4, batch_first=True)
+            self.conv1d = nn.Conv1d(8, 3, 2)
+            self.layer_normalization = nn.LayerNorm(3, eps=1e-3)
+            self.dense = nn.Linear(16, 3)
+
+        def forward(self, img, tok):
+            x = self.batch_normalization(self.conv2d(img.permute(0, 3, 1, 2))).relu().mean((2, 3))
+            e = self.embedding(tok)
+            _, (h, _) = self.lstm(e)
+            _, g = self.gru(e)
+            c = self.conv1d(e.transpose(1, 2)).transpose(1, 2)
+            c = self.layer_normalization(c).mean(1)
+            return self.dense(torch.cat([x, h[-1], g[-1], c], 1))
+
+    return Twin().eval()
+
+
+@pytest.fixture(scope="module")
+def keras_files(tmp_path_factory):
+    pytest.importorskip("h5py")
+    pytest.importorskip("torch")
+    keras = pytest.importorskip("keras")
+    d = tmp_path_factory.mktemp("keras")
+    model = _keras_model(0)
+    full, weights = d / "model.h5", d / "model.weights.h5"
+    model.save(full)
+    model.save_weights(weights)
+    rng = np.random.default_rng(5)
+    inputs = [rng.standard_normal((2, 9, 9, 3)).astype(np.float32), rng.integers(0, 20, (2, 7)).astype(np.int32)]
+    want = keras.ops.convert_to_numpy(model(inputs, training=False))
+    return keras, model, full, weights, inputs, want
+
+
+@pytest.mark.parametrize("which", ["full", "weights"])
+def test_keras_to_torch_matches_keras_outputs(keras_files, which, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    keras, model, full, weights, inputs, want = keras_files
+    src = full if which == "full" else weights
+    names = list(ckptconv.load(src).tensors())
+    assert names[0].startswith("model_weights/" if which == "full" else "layers/")
+    out = tmp_path / "torch.safetensors"
+    r = cli("convert", src, out, "--map", "keras-to-torch", "--strict", "--json")
+    assert r.returncode == 0, r.stderr
+    twin = _torch_twin()
+    twin.load_state_dict(load_file(out), strict=True)  # nothing missing, nothing extra
+    with torch.no_grad():
+        got = twin(torch.from_numpy(inputs[0]), torch.from_numpy(inputs[1]).long()).numpy()
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+
+
+def test_torch_to_keras_back(keras_files, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    keras, model, full, weights, inputs, want = keras_files
+    mid = tmp_path / "torch.safetensors"
+    assert cli("convert", full, mid, "--map", "keras-to-torch").returncode == 0
+    twin = _torch_twin()
+    twin.load_state_dict(load_file(mid))
+    with torch.no_grad():  # torch's two LSTM biases: make bias_hh count on the way back
+        twin.lstm.bias_hh_l0.add_(0.25)
+        twin.lstm.bias_ih_l0.sub_(0.25)
+        got_torch = twin(torch.from_numpy(inputs[0]), torch.from_numpy(inputs[1]).long()).numpy()
+    pt = tmp_path / "twin.pt"
+    torch.save(twin.state_dict(), pt)
+    back = tmp_path / "back.h5"
+    r = cli("convert", pt, back, "--to", "keras-h5", "--map", "torch-to-keras", "--strict")
+    assert r.returncode == 0, r.stderr
+    other = _keras_model(1)
+    assert not np.allclose(keras.ops.convert_to_numpy(other(inputs, training=False)), want, atol=1e-3)
+    other.load_weights(str(back), by_name=True)
+    got = keras.ops.convert_to_numpy(other(inputs, training=False))
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(got, got_torch, rtol=0, atol=1e-5)
+
+
+def test_timm_vit_to_hf_vitmodel_names_shapes_and_values():
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.ViTConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                 intermediate_size=24, image_size=8, patch_size=4)
+    torch.manual_seed(0)
+    hf = transformers.ViTModel(cfg, add_pooling_layer=False).state_dict()
+    # the timm names for the same weights (timm's VisionTransformer attributes)
+    timm = {"cls_token": hf["embeddings.cls_token"], "pos_embed": hf["embeddings.position_embeddings"],
+            "norm.weight": hf["layernorm.weight"], "norm.bias": hf["layernorm.bias"]}
+    for x in ("weight", "bias"):
+        timm[f"patch_embed.proj.{x}"] = hf[f"embeddings.patch_embeddings.projection.{x}"]
+        for i in range(2):
+            e = f"encoder.layer.{i}"
+            timm[f"blocks.{i}.attn.qkv.{x}"] = torch.cat(
+                [hf[f"{e}.attention.attention.{p}.{x}"] for p in ("query", "key", "value")])
+            for t, h in (("norm1", "layernorm_before"), ("attn.proj", "attention.output.dense"),
+                         ("norm2", "layernorm_after"), ("mlp.fc1", "intermediate.dense"),
+                         ("mlp.fc2", "output.dense")):
+                timm[f"blocks.{i}.{t}.{x}"] = hf[f"{e}.{h}.{x}"]
+    m = Mapping.preset("timm-vit-to-hf")
+    out = m.apply(Checkpoint.from_state_dict(timm)).tensors()
+    assert not m.report.unmatched
+    assert set(out) == set(hf)
+    for k, v in hf.items():
+        assert torch.equal(out[k].torch(), v), k

@@ -1,0 +1,536 @@
+"""``ckptconv scan``: which files would run code when unpickled, and why,
+without executing anything.
+
+``torch.load(weights_only=False)`` and ``pickle.load`` run whatever a pickle
+names. A file can carry pickles in more places than its ``data.pkl``, so
+``scan`` looks at every one of them:
+
+- zip archives (torch zip, TorchScript, ``.npz``, anything zipped): every
+  member whose name ends in ``.pkl`` (``data.pkl`` of every root,
+  ``constants.pkl``, extra pickles) or ``.debug_pkl``, and object-dtype
+  ``.npy`` members;
+- torch legacy files (magic number pickle, protocol, sys_info, main pickle,
+  storage keys) and the older legacy *tar* layout (``sys_info``, ``pickle``,
+  and the pickles between the raw bytes of ``storages`` and ``tensors``);
+- numpy ``.npy`` files of object dtype (their data is a pickle);
+- bare pickles, and any other file that *starts* with a pickle: torch.load
+  unpickles the first bytes of every file that is not a zip or a tar, so an
+  HDF5 file with a pickle in its user block is a pickle too.
+
+Each pickle gets a raw listing of the names it mentions
+(``ckptconv.unpickler.scan_globals``) and a real interpretation with torch's
+allowlist (``ckptconv.adapters.torch_pickle.check_pickle``), which decides:
+*safe* (only allowlisted calls; other classes kept as inert records, listed),
+*unsafe* (the first refused callable, named) or *unreadable* (malformed).
+Exit codes: 0 all safe, 3 anything unsafe, 1 anything unreadable.
+
+Sources of truth: ``torch/serialization.py`` (``_load``, ``_legacy_load`` and
+its tar branch ``legacy_load``), numpy ``lib/format.py`` (``.npy`` header).
+"""
+from __future__ import annotations
+
+import ast
+import io
+import mmap
+import os
+import pickletools
+import struct
+import tarfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from .errors import (EXIT_BAD_INPUT, EXIT_OK, EXIT_UNSAFE, CkptconvError, FormatError,
+                     UnsafePickleError)
+
+SAFE, UNSAFE, UNREADABLE = "safe", "unsafe", "unreadable"
+_NPY_MAGIC = b"\x93NUMPY"
+_PICKLE_SUFFIXES = (".pkl", ".debug_pkl")
+_MAX_PICKLES = 10_000          # concatenated pickles in one file or member
+_MAX_MEMBER = 1 << 31          # bytes of one pickle member we are willing to interpret
+_TAR_PICKLE_MEMBERS = ("sys_info", "pickle", "storages", "tensors")
+_PICKLE_OPCODES = frozenset(op.code.encode("latin1") for op in pickletools.opcodes)
+
+
+@dataclass
+class PickleReport:
+    """One pickle inside a file: where it is, what it names, what we decided."""
+
+    where: str                      # member name, "pickle #N at offset K", ...
+    verdict: str
+    reason: str | None = None
+    names: list[str] = field(default_factory=list)    # every GLOBAL/STACK_GLOBAL/INST name
+    calls: list[str] = field(default_factory=list)    # allowlisted calls it makes
+    records: list[str] = field(default_factory=list)  # classes kept as inert records
+
+
+@dataclass
+class ScanReport:
+    """The verdict on one file, with every pickle it holds."""
+
+    path: str
+    kind: str = "unknown"
+    verdict: str = SAFE
+    pickles: list[PickleReport] = field(default_factory=list)
+    reasons: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        return {SAFE: EXIT_OK, UNSAFE: EXIT_UNSAFE}.get(self.verdict, EXIT_BAD_INPUT)
+
+    @property
+    def records(self) -> list[str]:
+        return sorted({r for p in self.pickles for r in p.records})
+
+    def add(self, pr: PickleReport) -> None:
+        self.pickles.append(pr)
+        if pr.verdict == UNSAFE:
+            self.verdict = UNSAFE
+        elif pr.verdict == UNREADABLE and self.verdict == SAFE:
+            self.verdict = UNREADABLE
+        if pr.reason and pr.verdict != SAFE:
+            self.reasons.append(pr.reason)
+
+    def fail(self, reason: str) -> None:
+        """The file itself could not be read through (not one pickle's fault)."""
+        if self.verdict == SAFE:
+            self.verdict = UNREADABLE
+        self.reasons.append(reason)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["records"] = self.records
+        d["exit_code"] = self.exit_code
+        return d
+
+    def __str__(self) -> str:
+        n = len(self.pickles)
+        head = f"{self.path}: {self.verdict.upper() if self.verdict != SAFE else SAFE} ({self.kind}"
+        head += f", {n} pickle{'s' if n != 1 else ''})" if n or self.kind != "no pickles" else ")"
+        lines = [head]
+        lines += [f"  reason: {r}" for r in self.reasons]
+        if self.records:
+            lines.append(f"  inert records (never constructed): {', '.join(self.records)}")
+        lines += [f"  note: {x}" for x in self.notes]
+        return "\n".join(lines)
+
+
+@dataclass
+class ScanSummary:
+    """``scan_paths``: every file under the given paths."""
+
+    files: list[ScanReport] = field(default_factory=list)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        out = {SAFE: 0, UNSAFE: 0, UNREADABLE: 0}
+        for f in self.files:
+            out[f.verdict] = out.get(f.verdict, 0) + 1
+        return out
+
+    @property
+    def exit_code(self) -> int:
+        c = self.counts
+        if c[UNSAFE]:
+            return EXIT_UNSAFE
+        if c[UNREADABLE]:
+            return EXIT_BAD_INPUT
+        return EXIT_OK
+
+    def to_dict(self) -> dict:
+        return {"files": [f.to_dict() for f in self.files], "counts": self.counts,
+                "exit_code": self.exit_code}
+
+    def __str__(self) -> str:
+        c = self.counts
+        lines = [str(f) for f in self.files]
+        lines.append(f"{len(self.files)} file{'s' if len(self.files) != 1 else ''}: "
+                     f"{c[SAFE]} safe, {c[UNSAFE]} unsafe, {c[UNREADABLE]} unreadable")
+        return "\n".join(lines)
+
+
+# --- one pickle -----------------------------------------------------------------------
+
+def check_pickle_bytes(data: bytes, display: str, where: str) -> tuple[PickleReport, Any]:
+    """Raw listing + interpretation of one pickle; (report, value or None)."""
+    from .adapters.torch_pickle import check_pickle
+    from .unpickler import scan_globals
+
+    listing = scan_globals(data, display)
+    names = sorted({n for op, n in listing if op != "ERROR"})
+    try:
+        up = check_pickle(data, display)
+    except UnsafePickleError as e:
+        return PickleReport(where, UNSAFE, _line(e), names), None
+    except FormatError as e:
+        return PickleReport(where, UNREADABLE, _line(e), names), None
+    return PickleReport(where, SAFE, None, names, sorted(up.calls_seen),
+                        sorted(set(up.records))), up.result
+
+
+def _line(e: BaseException) -> str:
+    return " ".join(str(e).split())
+
+
+def _pickle_end(buf, start: int) -> int | None:
+    """Offset just past the STOP of the pickle at ``start``; None if none parses."""
+    stream = _View(buf, start)
+    try:
+        for op, _, _ in pickletools.genops(stream):
+            if op.name == "STOP":
+                return stream.pos
+    except Exception:  # noqa: BLE001 - "does a pickle start here?" has no wrong answer
+        return None
+    return None
+
+
+class _View(io.RawIOBase):
+    """A read-only stream over a buffer (bytes or mmap) that never reads past its end,
+    so a hostile length field cannot make ``genops`` allocate more than is there."""
+
+    def __init__(self, buf, start: int = 0):
+        self.buf, self.pos = buf, start
+
+    def read(self, n: int = -1) -> bytes:
+        end = len(self.buf) if n is None or n < 0 else min(len(self.buf), self.pos + n)
+        out = bytes(self.buf[self.pos:end])
+        self.pos = end
+        return out
+
+    def readline(self, limit: int = -1) -> bytes:
+        end = self.buf.find(b"\n", self.pos)
+        end = len(self.buf) if end < 0 else end + 1
+        out = bytes(self.buf[self.pos:end])
+        self.pos = end
+        return out
+
+    def tell(self) -> int:
+        return self.pos
+
+    def readable(self) -> bool:
+        return True
+
+
+def _scan_pickle_run(rep: ScanReport, buf, start: int, display: str, label: str,
+                     limit: int | None = None, strict: bool = True) -> tuple[int, list]:
+    """Pickles one after another from ``start`` (up to ``limit`` of them).
+
+    ``strict``: a pickle that does not parse is reported (unreadable, or
+    unsafe if it names dangerous callables); otherwise the run just ends
+    there (bare pickle files may be followed by anything). Returns the
+    offset after the last pickle and the decoded values (None where refused).
+    """
+    values: list = []
+    pos = start
+    count = 0
+    while pos < len(buf) and count < (limit or _MAX_PICKLES):
+        end = _pickle_end(buf, pos)
+        where = f"{label} #{count + 1} at offset {pos}" if label else f"pickle at offset {pos}"
+        if end is None:
+            if strict or count == 0:
+                pr, _ = check_pickle_bytes(bytes(buf[pos:pos + _MAX_MEMBER]), display, where)
+                if pr.verdict == SAFE:  # parses alone but not here: still malformed
+                    pr.verdict, pr.reason = UNREADABLE, f"{display}: pickle at offset {pos} is malformed"
+                rep.add(pr)
+                return pos, values
+            break
+        pr, value = check_pickle_bytes(bytes(buf[pos:end]), display, where)
+        rep.add(pr)
+        values.append(value)
+        count += 1
+        pos = end
+        if pr.verdict != SAFE:
+            break
+    return pos, values
+
+
+# --- containers ---------------------------------------------------------------------------
+
+def _scan_zip(rep: ScanReport, path: Path) -> None:
+    from .tensor import FileHandle
+    from .ziputil import read_member_bytes, read_members
+
+    handle = FileHandle(path)
+    members = read_members(handle)
+    names = list(members)
+    rep.kind = "torch zip" if any(n.endswith("data.pkl") for n in names) else "zip archive"
+    if any(n.endswith("constants.pkl") or "/code/" in n for n in names):
+        rep.kind = "TorchScript archive"
+    for name in names:
+        m = members[name]
+        display = f"{handle.display}:{name}"
+        if name.endswith(_PICKLE_SUFFIXES):
+            data = read_member_bytes(handle, m, _MAX_MEMBER)
+            _scan_pickle_run(rep, data, 0, display, name, limit=1)
+        elif name.endswith(".npy"):
+            data = read_member_bytes(handle, m, _MAX_MEMBER)
+            _scan_npy(rep, data, display, name)
+    if not rep.pickles:
+        rep.notes.append("no pickle members")
+
+
+def _npy_header(buf, display: str) -> tuple[dict, int]:
+    """numpy lib/format.py: magic, version, little-endian header length, a dict literal."""
+    if len(buf) < 10:
+        raise FormatError(f"{display}: truncated .npy header")
+    major = buf[6]
+    if major == 1:
+        (hlen,) = struct.unpack("<H", bytes(buf[8:10]))
+        start = 10
+    elif major in (2, 3):
+        if len(buf) < 12:
+            raise FormatError(f"{display}: truncated .npy header")
+        (hlen,) = struct.unpack("<I", bytes(buf[8:12]))
+        start = 12
+    else:
+        raise FormatError(f"{display}: unknown .npy version {major}")
+    if hlen > 1 << 20 or start + hlen > len(buf):
+        raise FormatError(f"{display}: .npy header length {hlen} does not fit the file")
+    try:
+        header = ast.literal_eval(bytes(buf[start:start + hlen]).decode("latin1"))
+    except (ValueError, SyntaxError, MemoryError, RecursionError) as e:
+        raise FormatError(f"{display}: .npy header is not a dict literal ({e})") from None
+    if not isinstance(header, dict):
+        raise FormatError(f"{display}: .npy header is not a dict")
+    return header, start + hlen
+
+
+def _scan_npy(rep: ScanReport, buf, display: str, where: str) -> None:
+    try:
+        header, data_start = _npy_header(buf, display)
+    except FormatError as e:
+        rep.fail(str(e))
+        return
+    descr = header.get("descr")
+    # object arrays are written as a pickle of the array after the header
+    if descr == "|O" or descr == "O" or (isinstance(descr, list) and "O" in repr(descr)):
+        _scan_pickle_run(rep, buf, data_start, display, f"{where} (object array)", limit=1)
+    elif rep.kind == "numpy .npy":
+        rep.notes.append(f"plain {descr} array, no pickle")
+
+
+def _scan_legacy(rep: ScanReport, buf, display: str) -> None:
+    """magic, protocol, sys_info, main pickle, storage keys; raw storages follow."""
+    rep.kind = "torch legacy"
+    pos, values = _scan_pickle_run(rep, buf, 0, display, "legacy pickle", limit=5)
+    if rep.verdict == SAFE and len(values) < 5:
+        rep.fail(f"{display}: truncated legacy checkpoint ({len(values)} of 5 pickles)")
+
+
+def _scan_tar(rep: ScanReport, path: Path, display: str) -> None:
+    """torch < 0.4's tar layout (``legacy_load`` in torch/serialization.py)."""
+    from . import dtypes as _dt
+    from .tree import ObjectRecord
+
+    rep.kind = "tar archive"
+    with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
+        members = [m for m in tar.getmembers() if m.isfile()]
+        if {m.name for m in members} >= set(_TAR_PICKLE_MEMBERS):
+            rep.kind = "torch legacy tar"
+        for m in members:
+            if m.size > _MAX_MEMBER:
+                rep.notes.append(f"member {m.name} ({m.size} bytes) not scanned: too big")
+                continue
+            fh = tar.extractfile(m)
+            data = fh.read() if fh is not None else b""
+            mdisplay = f"{display}:{m.name}"
+            if m.name == "storages":
+                _scan_tar_records(rep, data, mdisplay, _tar_storage_skip(_dt, ObjectRecord))
+            elif m.name == "tensors":
+                _scan_tar_records(rep, data, mdisplay, _tar_tensor_skip)
+            elif m.name in _TAR_PICKLE_MEMBERS or data[:1] == b"\x80":
+                _scan_pickle_run(rep, data, 0, mdisplay, m.name, limit=1,
+                                 strict=m.name in _TAR_PICKLE_MEMBERS)
+
+
+def _tar_storage_skip(_dt, ObjectRecord):
+    def skip(args, data: bytes, pos: int, display: str) -> int:
+        # (key, location, storage_type) then int64 element count and the raw bytes
+        if not (isinstance(args, tuple) and len(args) == 3):
+            raise FormatError(f"{display}: bad storage record {args!r:.80}")
+        stype = args[2]
+        name = stype.cls.rsplit(".", 1)[-1] if isinstance(stype, ObjectRecord) else None
+        if not name:
+            raise FormatError(f"{display}: storage type is not a torch storage class")
+        itemsize = _dt.from_storage_class(name).itemsize
+        if pos + 8 > len(data):
+            raise FormatError(f"{display}: truncated storage")
+        (numel,) = struct.unpack_from("<q", data, pos)
+        end = pos + 8 + numel * itemsize
+        if numel < 0 or end > len(data):
+            raise FormatError(f"{display}: storage of {numel} elements past the member's end")
+        return end
+    return skip
+
+
+def _tar_tensor_skip(args, data: bytes, pos: int, display: str) -> int:
+    # (key, storage_id, type) then int32 ndim, 4 padding bytes, sizes, strides, offset
+    if pos + 8 > len(data):
+        raise FormatError(f"{display}: truncated tensor record")
+    (ndim,) = struct.unpack_from("<i", data, pos)
+    end = pos + 8 + 16 * ndim + 8
+    if ndim < 0 or end > len(data):
+        raise FormatError(f"{display}: tensor record of {ndim} dims past the member's end")
+    return end
+
+
+def _scan_tar_records(rep: ScanReport, data: bytes, display: str, skip) -> None:
+    """count pickle, then count x (record pickle + raw bytes), for storages also
+    a final storage-views pickle."""
+    pos, values = _scan_pickle_run(rep, data, 0, display, "count", limit=1)
+    if rep.verdict != SAFE:
+        return
+    count = values[0] if values else None
+    if not isinstance(count, int) or count < 0 or count > len(data):
+        rep.fail(f"{display}: bad record count {count!r:.40}")
+        return
+    try:
+        for i in range(count):
+            pos, vals = _scan_pickle_run(rep, data, pos, display, f"record {i}", limit=1)
+            if rep.verdict != SAFE or not vals:
+                return
+            pos = skip(vals[0], data, pos, display)
+    except FormatError as e:
+        rep.fail(_line(e))
+        return
+    if pos < len(data):
+        _scan_pickle_run(rep, data, pos, display, "views", limit=1)
+
+
+# --- one file -------------------------------------------------------------------------
+
+def _open_buffer(path: Path):
+    size = path.stat().st_size
+    if size == 0:
+        return b""
+    with open(path, "rb") as f:
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+
+
+def scan(path: str | os.PathLike) -> ScanReport:
+    """The safety verdict on one file (see the module docstring)."""
+    p = Path(path)
+    rep = ScanReport(str(p))
+    display = p.name
+    try:
+        if not p.exists():
+            rep.fail(f"{p}: no such file or folder")
+            return rep
+        if p.is_dir():
+            rep.fail(f"{p}: is a folder (scan_paths walks folders)")
+            return rep
+        buf = _open_buffer(p)
+        try:
+            _scan_file(rep, p, buf, display)
+        finally:
+            if isinstance(buf, mmap.mmap):
+                buf.close()
+    except UnsafePickleError as e:
+        rep.verdict = UNSAFE
+        rep.reasons.append(_line(e))
+    except (CkptconvError, OSError, tarfile.TarError, EOFError) as e:
+        rep.fail(_line(e) if isinstance(e, CkptconvError) else f"{display}: {type(e).__name__}: "
+                 f"{_line(e)}")
+    return rep
+
+
+def _scan_file(rep: ScanReport, p: Path, buf, display: str) -> None:
+    from .adapters.torch_pickle import _LEGACY_HEAD
+    from .ziputil import is_zip
+
+    head = bytes(buf[:512])
+    if not head:
+        rep.kind = "empty file"
+        rep.notes.append("0 bytes, no pickle")
+        return
+    if is_zip(head) or head[:4] == b"PK\x05\x06":
+        _scan_zip(rep, p)
+        return
+    if len(buf) > 262 and bytes(buf[257:262]) == b"ustar":
+        _scan_tar(rep, p, display)
+        return
+    if head.startswith(_NPY_MAGIC):
+        rep.kind = "numpy .npy"
+        _scan_npy(rep, buf, display, display)
+        if not rep.pickles and not rep.reasons:
+            rep.kind = "numpy .npy (no pickle)"
+        return
+    if head.startswith(_LEGACY_HEAD):
+        _scan_legacy(rep, buf, display)
+        return
+    fmt = _known_format(p)
+    if head[:1] == b"\x80" and len(head) > 1 and head[1] <= 5 and fmt in (None, "torch"):
+        # a pickle (PROTO opcode first): however malformed, judge it as one
+        rep.kind = "pickle"
+        end, values = _scan_pickle_run(rep, buf, 0, display, "pickle", strict=False)
+        if values and _is_legacy_magic(values[0]):
+            rep.pickles.clear()
+            rep.reasons.clear()
+            rep.verdict = SAFE
+            _scan_legacy(rep, buf, display)
+        return
+    if head[:1] in _PICKLE_OPCODES and _pickle_end(buf, 0) is not None:
+        # a complete pickle at the start of a file that may also be something
+        # else (e.g. an HDF5 user block): torch.load would unpickle it
+        rep.kind = "pickle" if fmt is None else f"{fmt} file that starts with a pickle"
+        _scan_pickle_run(rep, buf, 0, display, "pickle", strict=False)
+        return
+    if head[:1] in _PICKLE_OPCODES and fmt is None:
+        # starts like a pickle but does not parse to its end: unsafe if the
+        # part that parses names something dangerous (pickle.load would have
+        # run it before failing), else just not a pickle
+        from .unpickler import is_dangerous, scan_globals
+
+        bad = [n for op, n in scan_globals(_View(buf), display)
+               if op in ("GLOBAL", "INST", "STACK_GLOBAL") and is_dangerous(n)]
+        if bad:
+            rep.kind = "malformed pickle"
+            rep.add(PickleReport("pickle at offset 0", UNSAFE,
+                                 f"{display}: starts with a malformed pickle that names {bad[0]} "
+                                 "(pickle.load would run it before failing; nothing was executed)",
+                                 sorted(set(bad))))
+            return
+    rep.kind = "no pickles" if fmt is None else f"no pickles ({fmt})"
+
+
+def _known_format(p: Path) -> str | None:
+    from .registry import detect_format
+
+    try:
+        return detect_format(p)
+    except Exception:  # noqa: BLE001 - only a label for the report
+        return None
+
+
+def _is_legacy_magic(value) -> bool:
+    from .adapters.torch_pickle import LEGACY_MAGIC
+
+    return isinstance(value, int) and not isinstance(value, bool) and value == LEGACY_MAGIC
+
+
+# --- many files -------------------------------------------------------------------------
+
+def iter_files(paths: Iterable[str | os.PathLike]) -> Iterable[Path]:
+    """Files named, and every file under folders named (sorted, links not followed)."""
+    for raw in paths:
+        p = Path(raw)
+        if p.is_dir():
+            for root, dirs, files in os.walk(p):
+                dirs.sort()
+                for f in sorted(files):
+                    fp = Path(root) / f
+                    if fp.is_file() and not fp.is_symlink():
+                        yield fp
+        else:
+            yield p
+
+
+def scan_paths(paths: Iterable[str | os.PathLike] | str | os.PathLike) -> ScanSummary:
+    """``ckptconv scan SRC...``: every file named or under a folder named."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    summary = ScanSummary()
+    for f in iter_files(paths):
+        summary.files.append(scan(f))
+    return summary
