@@ -35,8 +35,8 @@ from ckptconv.registry import Adapter
 from ckptconv.tensor import (ArrayTensor, BufferSource, ByteSource, FileHandle, FileSource,
                              StoredTensor, TensorRef, contiguous_strides)
 from ckptconv.tree import Checkpoint, ObjectRecord, iter_tensors
-from ckptconv.unpickler import (Global, Pending, RestrictedUnpickler, is_dangerous, scan_globals,
-                                short_repr)
+from ckptconv.unpickler import (Global, Pending, RestrictedUnpickler, is_dangerous, iter_opcodes,
+                                scan_globals, short_repr)
 from ckptconv.ziputil import (ZipWriter, is_zip, member_root, read_member_bytes, read_members)
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
@@ -110,12 +110,14 @@ def _plain_numpy_dtype(dtype, display: str, what: str) -> np.dtype:
     """Only dtypes of plain numbers/bytes: object and void (structured) dtypes
     carry pickled Python objects, so they are refused as unsafe."""
     dtype = _resolve(dtype)
-    if not isinstance(dtype, np.dtype) or dtype.hasobject or dtype.kind in "OV":
-        raise UnsafePickleError(f"{display}: {what} of dtype {short_repr(dtype)} (object and "
-                                "structured dtypes hold pickled objects; refused, nothing was "
+    if not isinstance(dtype, np.dtype):
+        raise FormatError(f"{display}: {what} {short_repr(dtype)} is not a numpy dtype")
+    if dtype.hasobject or dtype.kind in "OV":
+        raise UnsafePickleError(f"{display}: {what} '{dtype}' is an object or structured dtype, "
+                                "whose data are pickled Python objects (refused; nothing was "
                                 "executed)")
     if dtype.itemsize == 0:
-        raise FormatError(f"{display}: {what} of zero-size dtype {dtype}")
+        raise FormatError(f"{display}: {what} '{dtype}' has no size")
     return dtype
 
 
@@ -131,7 +133,7 @@ class _NdarrayPending(Pending):
         if not isinstance(state, tuple) or len(state) not in (4, 5):
             raise FormatError(f"{d}: bad numpy array state")
         _, shape, dtype, fortran, data = state if len(state) == 5 else (1,) + state
-        dtype = _plain_numpy_dtype(dtype, d, "numpy array")
+        dtype = _plain_numpy_dtype(dtype, d, "numpy array dtype")
         if isinstance(data, str):
             data = data.encode("latin1")
         if not isinstance(data, (bytes, bytearray)):
@@ -162,7 +164,7 @@ class _DtypePending(Pending):
             self.dtype = np.dtype(spec)
         except (TypeError, ValueError, OverflowError) as e:
             raise FormatError(f"{display}: bad numpy dtype {spec!r}") from e
-        _plain_numpy_dtype(self.dtype, display, "numpy dtype")
+        _plain_numpy_dtype(self.dtype, display, "numpy.dtype")
         self.display = display
 
     def build(self, state):
@@ -226,6 +228,7 @@ class TorchUnpickler(RestrictedUnpickler):
         self.locations: set[str] = set()
         self.tensor_cache: dict[tuple, TensorRef] = {}
         self.calls_seen: set[str] = set()
+        self.result: Any = None  # set by check_pickle
 
     def allowed_global(self, qualname: str) -> bool:
         return qualname in _ALLOWED_NAMES
@@ -361,7 +364,7 @@ class TorchUnpickler(RestrictedUnpickler):
             return _DtypePending(args[0], d)
         if q in _NUMPY_SCALAR:
             self._nargs(q, args, 2)
-            dtype = _plain_numpy_dtype(args[0], d, "numpy scalar")
+            dtype = _plain_numpy_dtype(args[0], d, "numpy scalar dtype")
             data = args[1].encode("latin1") if isinstance(args[1], str) else args[1]
             if not isinstance(data, (bytes, bytearray)) or len(data) != dtype.itemsize:
                 raise FormatError(f"{d}: numpy scalar of {dtype} with {short_repr(data)} as data")
@@ -475,7 +478,7 @@ def check_pickle(data: bytes, display: str) -> TorchUnpickler:
 
     up = TorchUnpickler(display, storage_source)
     try:
-        up.load(data)
+        up.result = up.load(data)
     except UnsafePickleError:
         raise
     except FormatError as e:
@@ -513,11 +516,24 @@ def read_bare_pickle(path: Path) -> Checkpoint:
     return Checkpoint(tree, {}, "torch", str(path), _checkpoint_info(up, "pickle"))
 
 
-def is_bare_pickle(head: bytes) -> bool:
-    """PROTO 2..5 and a valid opcode next; not a safetensors header that
-    happens to start with 0x80 (its 9th byte is '{')."""
-    return (len(head) >= 3 and head[0] == 0x80 and 2 <= head[1] <= 5
-            and head[2:3].decode("latin1") in _PICKLE_OPCODES and head[8:9] != b"{")
+_TEXT_PICKLE_SNIFF = 1 << 20
+
+
+def is_bare_pickle(head: bytes, path: Path | None = None) -> bool:
+    """A plain pickle: PROTO 2..5 and a valid opcode next (not a safetensors
+    header that happens to start with 0x80: its 9th byte is '{'), or a
+    protocol 0/1 pickle that parses to its STOP within its first MiB."""
+    if len(head) >= 3 and head[0] == 0x80:
+        return (2 <= head[1] <= 5 and head[2:3].decode("latin1") in _PICKLE_OPCODES
+                and head[8:9] != b"{")
+    if not head or head[:1].decode("latin1") not in _PICKLE_OPCODES or path is None:
+        return False
+    with open(path, "rb") as f:
+        prefix = f.read(_TEXT_PICKLE_SNIFF)
+    try:
+        return any(name == "STOP" for name, _, _ in iter_opcodes(prefix))
+    except Exception:  # noqa: BLE001 - sniffing: anything that does not parse is not a pickle
+        return False
 
 
 _PICKLE_OPCODES = frozenset(op.code for op in pickletools.opcodes)
@@ -709,10 +725,13 @@ def read_legacy_checkpoint(path: Path) -> Checkpoint:
 
 _V3_ONLY = {"float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz",
             "float8_e8m0fnu", "uint16", "uint32", "uint64", "complex32"}
-# the first torch release that has each dtype (for --torch-compat and `check`)
+# the first torch release that can load each dtype (for --torch-compat and `check`);
+# uint16/32/64 exist from 2.3 but torch.save/load learnt them in 2.6
+# (torch/storage.py _new_dtypes lacks them in 2.5.1; torch 2.4.1 raises "dtype
+# torch.uint16 is not recognized"), checked by tests/compat in the tox matrix
 DTYPE_MIN_TORCH = {"bfloat16": (1, 10), "float8_e4m3fn": (2, 1), "float8_e5m2": (2, 1),
                    "float8_e4m3fnuz": (2, 2), "float8_e5m2fnuz": (2, 2), "float8_e8m0fnu": (2, 7),
-                   "uint16": (2, 3), "uint32": (2, 3), "uint64": (2, 3), "complex32": (1, 9)}
+                   "uint16": (2, 6), "uint32": (2, 6), "uint64": (2, 6), "complex32": (1, 9)}
 
 
 class _PickleWriter:
@@ -1000,18 +1019,18 @@ class TorchAdapter(Adapter):
                 return b"/data.pkl" in head[:200] or head[30:38] == b"data.pkl"
             return any(n.endswith("data.pkl") for n in members) and not \
                 any(n.endswith("model.weights.h5") for n in members)
-        return is_bare_pickle(head)
+        return is_bare_pickle(head, path)
 
     def read(self, path: Path, **options) -> Checkpoint:
         if path.name.endswith(".index.json"):
             return self._read_sharded(path)
         with open(path, "rb") as f:
-            head = f.read(8)
+            head = f.read(16)
         if head.startswith(b"PK"):
             return read_zip_checkpoint(path)
         if head.startswith(_LEGACY_HEAD):
             return read_legacy_checkpoint(path)
-        if is_bare_pickle(head):
+        if is_bare_pickle(head, path):
             return read_bare_pickle(path)
         raise FormatError(f"{path.name}: not a torch checkpoint")
 

@@ -123,6 +123,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str | None = Non
     if dtype:
         ck = cast_floats(ck, dtype)
     uniq = ck.unique_tensors()
+    manifest = options.pop("manifest", False)
     from .progress import progress
 
     with progress(sum(r.nbytes for r in uniq.values()), bool(options.pop("progress", False)),
@@ -131,6 +132,10 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str | None = Non
     report.tensors = len(uniq)
     report.bytes = sum(r.nbytes for r in uniq.values())
     report.files = [str(f) for f in info.get("files", [dst])]
+    if manifest:  # <dst>.sha256.json: file and per-tensor SHA-256, for `verify --manifest`
+        from .verify import write_manifest
+
+        report.files.append(str(write_manifest(dst, report.files)))
     report.notes = list(info.get("notes", []))
     report.seconds = time.perf_counter() - t0
     return report

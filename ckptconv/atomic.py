@@ -1,6 +1,16 @@
 """Atomic output: write to a temp file in the target folder, fsync, rename,
 fsync the folder. A crash or a full disk never leaves a half-written target,
 and an existing target is only replaced with ``force``.
+
+Temp files are named ``.NAME.PID.XXXXXXXX.ckptconv-tmp`` (NAME the target's
+name, PID the writer's process id). A writer that is killed outright
+(SIGKILL, power loss) cannot remove its temp file, but the target itself is
+untouched; the next write to the same target removes such leftovers whose
+writer process no longer exists. Caught signals (Ctrl-C, SIGTERM: the CLI
+turns it into an exit) run the clean-up below and leave nothing behind.
+Limits: several targets (shards + index) are renamed one after another, so a
+crash between renames can leave some new and some old; replacing an existing
+*folder* takes two renames.
 """
 from __future__ import annotations
 
@@ -22,6 +32,51 @@ class WriteError(CkptconvError):
 def check_target(path: Path, force: bool) -> None:
     if path.exists() and not force:
         raise UsageError(f"{path}: already exists; pass --force to replace it")
+
+
+TMP_SUFFIX = ".ckptconv-tmp"
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: someone else's live process
+        return True
+    return True
+
+
+def remove_stale_temps(path: Path) -> list[Path]:
+    """Remove ``.NAME.PID.*.ckptconv-tmp`` leftovers of ``path`` whose writer is gone."""
+    removed = []
+    prefix = f".{path.name}."
+    try:
+        candidates = list(path.parent.iterdir())
+    except OSError:
+        return removed
+    for c in candidates:
+        n = c.name
+        if not (n.startswith(prefix) and n.endswith(TMP_SUFFIX)):
+            continue
+        pid, _, rest = n[len(prefix):].partition(".")
+        if not pid.isdigit() or rest.startswith("old.") or _pid_alive(int(pid)):
+            continue
+        try:
+            if c.is_dir() and not c.is_symlink():
+                shutil.rmtree(c)
+            else:
+                c.unlink()
+            removed.append(c)
+        except OSError:
+            pass
+    return removed
+
+
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}.{os.getpid()}."
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -51,7 +106,8 @@ def atomic_file(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     path = Path(path)
     check_target(path, force)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".ckptconv-tmp", dir=path.parent)
+    remove_stale_temps(path)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=TMP_SUFFIX, dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
     try:
@@ -73,7 +129,8 @@ def atomic_dir(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     path = Path(path)
     check_target(path, force)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".ckptconv-tmp", dir=path.parent))
+    remove_stale_temps(path)
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=TMP_SUFFIX, dir=path.parent))
     try:
         yield tmp
         for root, _, files in os.walk(tmp):
@@ -81,7 +138,9 @@ def atomic_dir(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
                 with open(os.path.join(root, f), "rb+") as fh:
                     os.fsync(fh.fileno())
         if path.exists():
-            old = path.with_name(f".{path.name}.old-ckptconv-tmp")
+            # the previous output, moved aside; stale clean-up never removes
+            # these (after a crash between the two renames it is the only copy)
+            old = path.with_name(f"{_temp_prefix(path)}old.{os.urandom(4).hex()}{TMP_SUFFIX}")
             os.replace(path, old)
             os.replace(tmp, path)
             shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
@@ -103,7 +162,8 @@ def atomic_files(paths: list[Path], force: bool = False) -> Iterator[list[Path]]
         tmps = []
         for p in paths:
             p.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".ckptconv-tmp", dir=p.parent)
+            remove_stale_temps(p)
+            fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(p), suffix=TMP_SUFFIX, dir=p.parent)
             os.close(fd)
             tmps.append(Path(tmp))
             stack.callback(lambda t=Path(tmp): t.unlink() if t.exists() else None)

@@ -188,11 +188,42 @@ def run(args: argparse.Namespace) -> int:
     raise AssertionError(args.verb)
 
 
+class _Terminated(BaseException):
+    """SIGTERM, raised where the program is so that temp files are cleaned up."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated()
+
+
+def _install_signal_handlers() -> dict:
+    """A file-size limit (RLIMIT_FSIZE) makes a write fail with EFBIG instead of
+    killing us with SIGXFSZ; SIGTERM unwinds like Ctrl-C, removing temp files.
+    Returns the previous handlers (restored when ``main`` returns)."""
+    import signal
+    import threading
+
+    old = {}
+    if threading.current_thread() is not threading.main_thread():
+        return old
+    for name, handler in (("SIGXFSZ", signal.SIG_IGN), ("SIGTERM", _on_sigterm)):
+        sig = getattr(signal, name, None)
+        if sig is not None:
+            old[sig] = signal.signal(sig, handler)
+    return old
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    import signal
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    previous = _install_signal_handlers()
     try:
         return run(args)
+    except _Terminated:
+        print(f"{PROG}: terminated; nothing was left half-written", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except CkptconvError as e:
         if args.debug:
             raise
@@ -209,6 +240,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: error: {_one_line(e, internal=True)} (run with --debug for the traceback)",
               file=sys.stderr)
         return EXIT_BAD_INPUT
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _one_line(e: BaseException, internal: bool = False) -> str:

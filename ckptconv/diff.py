@@ -518,7 +518,10 @@ def _verify(text: str, pairs: list[_Pair], ta, tb) -> bool:
             return False
     wanted = {b for p in pairs for b in p.b}
     stray = [n for n in produced if n not in wanted]
-    return not stray and all(n in out for n in wanted)
+    paired = {a for p in pairs for a in p.a}
+    kept = all(n in out and out[n].shape == r.shape
+               for n, r in ta.items() if n in tb and n not in paired)
+    return kept and not stray and all(n in out for n in wanted)
 
 
 def _write_rules(pairs: list[_Pair], ta, tb, unmatched_a, unmatched_b) -> str:

@@ -35,7 +35,17 @@ targets. One tensor for several targets ties them (one tensor, several names).
 to tensors of that rank or dtype. ``add SRC -> TGT | ...`` emits extra tensors
 for every key it matches without claiming the key; ``add NAME = zeros(...)``
 adds a constant. Keys no rule matches pass through (``strict`` makes them an
-error).
+error). A line ``---`` starts a stage that maps the previous stage's output
+(several ``--map`` options chain the same way). Every application leaves a
+``MappingReport`` in ``mapping.report``: rules used and how often, keys
+matched, unmatched keys, unused rules, dropped and added names.
+
+Inversion. ``Mapping.inverse()`` swaps sources and targets and inverts the
+transforms (split <-> concat, stack <-> unstack, permute, transpose, reorder,
+scale, pad -> slice; reshape and cast once the mapping has been applied and
+the input shapes / a lossless source dtype are known). Rules that lose
+information (drop, slice, sum, scale(0), a down-cast, re:, targets that do not
+use every capture) raise ``MappingError``; what an ``add`` rule added is dropped.
 
 Laziness. A rename or a drop moves the same ``TensorRef`` object (ties stay
 ties); ``split``/``slice`` of a stored tensor are views (still streamed from the
@@ -1548,8 +1558,13 @@ def _invert_rule(r: Rule) -> Rule:
                 value = nd
             conds.append((what, op, value))
         guard = Guard(conds) if conds else None
-    return Rule(new_sources, [as_target(s) for s in r.sources], transforms, guard, False,
-                r.line, f"inverse of {r.origin}")
+    inv = Rule(new_sources, [as_target(s) for s in r.sources], transforms, guard, False,
+               r.line, f"inverse of {r.origin}")
+    try:  # the checks a written rule gets (captures, tensor counts)
+        parse_rule(str(inv), r.line, inv.origin)
+    except MappingError as e:
+        raise MappingError(f"{where}: cannot be inverted: {e}") from None
+    return inv
 
 
 # --- rebuilding the tree --------------------------------------------------------------------

@@ -106,9 +106,8 @@ class ScanReport:
 
     def __str__(self) -> str:
         n = len(self.pickles)
-        head = f"{self.path}: {self.verdict.upper() if self.verdict != SAFE else SAFE} ({self.kind}"
-        head += f", {n} pickle{'s' if n != 1 else ''})" if n or self.kind != "no pickles" else ")"
-        lines = [head]
+        verdict = SAFE if self.verdict == SAFE else self.verdict.upper()
+        lines = [f"{self.path}: {verdict} ({self.kind}; {n} pickle{'s' if n != 1 else ''})"]
         lines += [f"  reason: {r}" for r in self.reasons]
         if self.records:
             lines.append(f"  inert records (never constructed): {', '.join(self.records)}")
@@ -173,16 +172,30 @@ def _line(e: BaseException) -> str:
     return " ".join(str(e).split())
 
 
-def _pickle_end(buf, start: int) -> int | None:
-    """Offset just past the STOP of the pickle at ``start``; None if none parses."""
+def _pickle_end(buf, start: int) -> tuple[int, bool]:
+    """(offset just past the STOP of the pickle at ``start``, True), or
+    (offset where parsing failed, False)."""
+    from .unpickler import iter_opcodes
+
+    if isinstance(buf, bytes):
+        data = buf[start:] if start else buf
+        last = 0
+        try:
+            for name, _, pos in iter_opcodes(data):
+                last = pos
+                if name == "STOP":
+                    return start + pos + 1, True
+        except Exception:  # noqa: BLE001 - "does a pickle start here?" has no wrong answer
+            pass
+        return start + last + 1, False
     stream = _View(buf, start)
     try:
         for op, _, _ in pickletools.genops(stream):
             if op.name == "STOP":
-                return stream.pos
-    except Exception:  # noqa: BLE001 - "does a pickle start here?" has no wrong answer
-        return None
-    return None
+                return stream.pos, True
+    except Exception:  # noqa: BLE001
+        pass
+    return stream.pos, False
 
 
 class _View(io.RawIOBase):
@@ -225,11 +238,12 @@ def _scan_pickle_run(rep: ScanReport, buf, start: int, display: str, label: str,
     pos = start
     count = 0
     while pos < len(buf) and count < (limit or _MAX_PICKLES):
-        end = _pickle_end(buf, pos)
+        end, complete = _pickle_end(buf, pos)
         where = f"{label} #{count + 1} at offset {pos}" if label else f"pickle at offset {pos}"
-        if end is None:
+        if not complete:
             if strict or count == 0:
-                pr, _ = check_pickle_bytes(bytes(buf[pos:pos + _MAX_MEMBER]), display, where)
+                # judge the part that parses: pickle.load would run it before failing
+                pr, _ = check_pickle_bytes(bytes(buf[pos:end]), display, where)
                 if pr.verdict == SAFE:  # parses alone but not here: still malformed
                     pr.verdict, pr.reason = UNREADABLE, f"{display}: pickle at offset {pos} is malformed"
                 rep.add(pr)
@@ -263,11 +277,51 @@ def _scan_zip(rep: ScanReport, path: Path) -> None:
         if name.endswith(_PICKLE_SUFFIXES):
             data = read_member_bytes(handle, m, _MAX_MEMBER)
             _scan_pickle_run(rep, data, 0, display, name, limit=1)
-        elif name.endswith(".npy"):
+        elif name.endswith(".npy") and _is_object_npy(_member_head(handle, m), display):
             data = read_member_bytes(handle, m, _MAX_MEMBER)
             _scan_npy(rep, data, display, name)
     if not rep.pickles:
         rep.notes.append("no pickle members")
+
+
+def _member_head(handle, m, n: int = 1 << 16) -> bytes:
+    """The first ``n`` bytes of a zip member, inflating only that much."""
+    import zlib
+
+    raw = handle.pread(m.data_offset, min(m.compressed_size, n if m.compress_type == 0 else
+                                          max(n, m.compressed_size)), f"zip member '{m.name}'")
+    if m.compress_type == 0:
+        return raw
+    try:
+        return zlib.decompressobj(-15).decompress(raw, n)
+    except zlib.error as e:
+        raise FormatError(f"{handle.display}: zip member '{m.name}' does not inflate ({e})") from None
+
+
+def _is_object_npy(head: bytes, display: str) -> bool:
+    if not head.startswith(_NPY_MAGIC):
+        return False
+    try:
+        header, _ = _npy_header(head, display)
+    except FormatError:
+        return True  # cannot tell from the head: read it all
+    return _npy_is_object(header.get("descr"))
+
+
+def _npy_is_object(descr) -> bool:
+    return descr in ("|O", "O") or (isinstance(descr, list) and "O" in repr(descr))
+
+
+def _is_tar(head: bytes) -> bool:
+    """A valid tar header block (tarfile accepts checksummed V7 headers without
+    the "ustar" magic, and so does torch's legacy loader)."""
+    if len(head) < 512:
+        return False
+    try:
+        tarfile.TarInfo.frombuf(head[:512], "utf-8", "surrogateescape")
+    except tarfile.HeaderError:
+        return False
+    return True
 
 
 def _npy_header(buf, display: str) -> tuple[dict, int]:
@@ -304,7 +358,7 @@ def _scan_npy(rep: ScanReport, buf, display: str, where: str) -> None:
         return
     descr = header.get("descr")
     # object arrays are written as a pickle of the array after the header
-    if descr == "|O" or descr == "O" or (isinstance(descr, list) and "O" in repr(descr)):
+    if _npy_is_object(descr):
         _scan_pickle_run(rep, buf, data_start, display, f"{where} (object array)", limit=1)
     elif rep.kind == "numpy .npy":
         rep.notes.append(f"plain {descr} array, no pickle")
@@ -447,7 +501,7 @@ def _scan_file(rep: ScanReport, p: Path, buf, display: str) -> None:
     if is_zip(head) or head[:4] == b"PK\x05\x06":
         _scan_zip(rep, p)
         return
-    if len(buf) > 262 and bytes(buf[257:262]) == b"ustar":
+    if _is_tar(head):
         _scan_tar(rep, p, display)
         return
     if head.startswith(_NPY_MAGIC):
@@ -470,7 +524,7 @@ def _scan_file(rep: ScanReport, p: Path, buf, display: str) -> None:
             rep.verdict = SAFE
             _scan_legacy(rep, buf, display)
         return
-    if head[:1] in _PICKLE_OPCODES and _pickle_end(buf, 0) is not None:
+    if head[:1] in _PICKLE_OPCODES and _pickle_end(buf, 0)[1]:
         # a complete pickle at the start of a file that may also be something
         # else (e.g. an HDF5 user block): torch.load would unpickle it
         rep.kind = "pickle" if fmt is None else f"{fmt} file that starts with a pickle"

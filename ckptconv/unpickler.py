@@ -497,7 +497,7 @@ class RestrictedUnpickler:
                     gname, module = stack.pop(), stack.pop()
                     if not isinstance(module, str) or not isinstance(gname, str):
                         raise FormatError(f"{d}: corrupt pickle (STACK_GLOBAL needs two strings)")
-                    stack.append(self._global(module, gname))
+                    stack.append(self._global(module, gname, name))
                 elif name == "REDUCE":
                     if len(stack) < 2:
                         raise FormatError(f"{d}: corrupt pickle (stack underflow)")
@@ -507,7 +507,7 @@ class RestrictedUnpickler:
                 elif name == "INST":
                     module, _, gname = str(arg).partition(" ")
                     args = tuple(pop_mark())
-                    stack.append(self._call(self._global(module, gname), args, "INST"))
+                    stack.append(self._call(self._global(module, gname, "INST"), args, "INST"))
                 elif name == "OBJ":
                     items = pop_mark()
                     if not items:
@@ -548,15 +548,15 @@ class RestrictedUnpickler:
                               f"{' '.join(str(e).split())[:160]})") from e
         raise FormatError(f"{d}: truncated pickle (no STOP opcode)")
 
-    def _global(self, module: str, name: str) -> Global:
+    def _global(self, module: str, name: str, opcode: str = "GLOBAL") -> Global:
         g = Global(module, name)
         q = g.qualname
         self.globals_seen.append(q)
         # ``pickle`` imports the module as soon as it meets the name, whether
         # or not it is called later: refuse dangerous names right here.
         if is_dangerous(q) and not self.allowed_global(q):
-            raise UnsafePickleError(f"{self.display}: pickle names {q} (a callable that can "
-                                    "run code; refused, nothing was executed)")
+            raise UnsafePickleError(f"{self.display}: pickle names {q} via {opcode} (a callable "
+                                    "that can run code; refused, nothing was executed)")
         return g
 
     def _call(self, func, args, opcode):

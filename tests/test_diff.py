@@ -112,61 +112,63 @@ def test_suggest_transpose_and_split():
 
 # --- a torch model and a drifted variant -------------------------------------------------
 
-torch = pytest.importorskip("torch")
-nn = torch.nn
-H = 8
+def drift_models():
+    """ModelA and ModelB: B renames modules (blocks->layers, attn->attention,
+    norm1->ln_1, mlp->ffn, embed->embedding, norm->final_norm), fuses q/k/v
+    into qkv and adds a layer (pre_head)."""
+    from torch import nn
 
+    H = 8
 
-class AttnA(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.q, self.k, self.v, self.proj = (nn.Linear(H, H) for _ in range(4))
+    class AttnA(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k, self.v, self.proj = (nn.Linear(H, H) for _ in range(4))
 
+    class MlpA(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(H, 4 * H), nn.Linear(4 * H, H)
 
-class MlpA(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(H, 4 * H), nn.Linear(4 * H, H)
+    class BlockA(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm1, self.attn, self.norm2, self.mlp = nn.LayerNorm(H), AttnA(), nn.LayerNorm(H), MlpA()
 
+    class ModelA(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(50, H)
+            self.blocks = nn.ModuleList([BlockA() for _ in range(3)])
+            self.norm = nn.LayerNorm(H)
+            self.head = nn.Linear(H, 10)
 
-class BlockA(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.norm1, self.attn, self.norm2, self.mlp = nn.LayerNorm(H), AttnA(), nn.LayerNorm(H), MlpA()
+    class AttnB(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv, self.proj = nn.Linear(H, 3 * H), nn.Linear(H, H)
 
+    class BlockB(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ln_1, self.attention, self.ln_2, self.ffn = nn.LayerNorm(H), AttnB(), nn.LayerNorm(H), MlpA()
 
-class ModelA(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.embed = nn.Embedding(50, H)
-        self.blocks = nn.ModuleList([BlockA() for _ in range(3)])
-        self.norm = nn.LayerNorm(H)
-        self.head = nn.Linear(H, 10)
+    class ModelB(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embedding = nn.Embedding(50, H)
+            self.layers = nn.ModuleList([BlockB() for _ in range(3)])
+            self.final_norm = nn.LayerNorm(H)
+            self.pre_head = nn.Linear(H, H)  # added
+            self.head = nn.Linear(H, 10)
 
-
-class AttnB(nn.Module):  # fused qkv, renamed
-    def __init__(self):
-        super().__init__()
-        self.qkv, self.proj = nn.Linear(H, 3 * H), nn.Linear(H, H)
-
-
-class BlockB(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.ln_1, self.attention, self.ln_2, self.ffn = nn.LayerNorm(H), AttnB(), nn.LayerNorm(H), MlpA()
-
-
-class ModelB(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.embedding = nn.Embedding(50, H)
-        self.layers = nn.ModuleList([BlockB() for _ in range(3)])
-        self.final_norm = nn.LayerNorm(H)
-        self.pre_head = nn.Linear(H, H)  # added
-        self.head = nn.Linear(H, 10)
+    return ModelA, ModelB
 
 
 def test_suggest_maps_a_model_onto_its_drifted_variant(tmp_path):
+    torch = pytest.importorskip("torch")
+    nn = torch.nn
+    ModelA, ModelB = drift_models()
     torch.manual_seed(0)
     a, b = ModelA(), ModelB()  # independent random weights: names and shapes only
     for m in a.modules():

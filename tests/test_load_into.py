@@ -52,7 +52,9 @@ class VoiceEncoder(nn.Module):
 def retag_storages(src, dst, old: str = "cpu", new: str = "cuda:0") -> int:
     """Rewrite the storages' location tag in data.pkl of a torch zip file, as if
     the file had been saved on a GPU. Pickle protocol 2 writes the tag as
-    BINUNICODE ('X', 4-byte little-endian length, UTF-8) once and memoizes it."""
+    BINUNICODE ('X', 4-byte little-endian length, UTF-8), memoized or once per
+    storage depending on the torch version; every occurrence is rewritten (a
+    file torch 2.11 saved on an H200 has 'cuda:0' so, once per storage)."""
     old_op = b"X" + len(old).to_bytes(4, "little") + old.encode()
     new_op = b"X" + len(new).to_bytes(4, "little") + new.encode()
     count = 0

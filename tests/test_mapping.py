@@ -223,7 +223,7 @@ def test_transform_values(rule, fn):
     x = arr(2, 3, 4)
     m = Mapping.parse(f"x -> y | {rule}")
     out = m.apply(ck_of(x=x)).tensors()["y"]
-    assert isinstance(out, LazyTensor | StoredTensor | ArrayTensor)
+    assert isinstance(out, (LazyTensor, StoredTensor, ArrayTensor))
     want = fn(x)
     got = out.numpy()
     assert got.shape == want.shape == out.shape and got.dtype == want.dtype
@@ -495,6 +495,38 @@ def test_bert_presets_round_trip_on_google_names():
     assert not back_m.report.unmatched
     assert list(back) == list(tensors)
     for n, v in tensors.items():
+        np.testing.assert_array_equal(back[n].numpy(), v)
+
+
+def test_keras2_names_and_the_way_back_without_keras():
+    """Keras 2 names (':0' suffixes) map to torch and torch-to-keras brings them back."""
+    rng = np.random.default_rng(0)
+    shapes = {"dense/dense/kernel:0": (6, 3), "dense/dense/bias:0": (3,),
+              "conv/conv/kernel:0": (3, 3, 2, 4), "conv/conv/bias:0": (4,),
+              "conv1d/conv1d/kernel:0": (2, 8, 3), "embed/embed/embeddings:0": (20, 8),
+              "bn/bn/gamma:0": (4,), "bn/bn/beta:0": (4,), "bn/bn/moving_mean:0": (4,),
+              "bn/bn/moving_variance:0": (4,), "lstm/lstm/lstm_cell/kernel:0": (8, 20),
+              "lstm/lstm/lstm_cell/recurrent_kernel:0": (5, 20), "lstm/lstm/lstm_cell/bias:0": (20,),
+              "gru/gru/gru_cell/kernel:0": (8, 12), "gru/gru/gru_cell/recurrent_kernel:0": (4, 12),
+              "gru/gru/gru_cell/bias:0": (2, 12)}
+    keras = {n: rng.standard_normal(s).astype(np.float32) for n, s in shapes.items()}
+    fwd = Mapping.preset("keras-to-torch")
+    torch_names = fwd.apply(Checkpoint.from_state_dict(keras)).tensors()
+    assert not fwd.report.unmatched
+    want = {"dense.weight": (3, 6), "conv.weight": (4, 2, 3, 3), "conv1d.weight": (3, 8, 2),
+            "embed.weight": (20, 8), "bn.running_var": (4,), "bn.num_batches_tracked": (),
+            "lstm.weight_ih_l0": (20, 8), "lstm.bias_hh_l0": (20,), "gru.weight_hh_l0": (12, 4),
+            "gru.bias_ih_l0": (12,), "gru.bias_hh_l0": (12,)}
+    for n, s in want.items():
+        assert torch_names[n].shape == s, n
+    gru_z, gru_r, gru_h = np.split(keras["gru/gru/gru_cell/kernel:0"], 3, axis=1)
+    np.testing.assert_array_equal(torch_names["gru.weight_ih_l0"].numpy(),
+                                  np.concatenate([gru_r, gru_z, gru_h], 1).T)
+    back_m = Mapping.preset("torch-to-keras")
+    back = back_m.apply(Checkpoint(torch_names)).tensors()
+    assert not back_m.report.unmatched
+    assert list(back) == list(keras)
+    for n, v in keras.items():
         np.testing.assert_array_equal(back[n].numpy(), v)
 
 
