@@ -878,8 +878,9 @@ class _PickleWriter:
 
     def np_array(self, a: np.ndarray) -> None:
         self.glob("numpy.core.multiarray._reconstruct")
-        self.glob("numpy.ndarray")
-        self.value(((0,), b"b"), None)
+        self.glob("numpy.ndarray")  # _reconstruct(ndarray, (0,), b"b"): one TUPLE3 of args
+        self.value((0,), None)
+        self.value(b"b", None)
         self.w(b"\x87R")
         self.w(b"(")
         self.int_(1)

@@ -154,11 +154,24 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="256 MiB inputs, 5,000 small tensors")
     ap.add_argument("--work", type=Path, default=HERE / "_work")
     ap.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    ap.add_argument("--generate-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.quick:
         args.size, args.small_count, args.small_size = 0.25, 5_000, 0.1
-    files = generate(args.work, int(args.size * (1 << 30)), args.small_count,
-                     int(args.small_size * (1 << 30)))
+    sizes = (int(args.size * (1 << 30)), args.small_count, int(args.small_size * (1 << 30)))
+    if args.generate_only:
+        files = generate(args.work, *sizes)
+        print(json.dumps({k: str(v) for k, v in files.items()}))
+        return 0
+    # Inputs are made in a child process: ru_maxrss of every later child counts
+    # the memory it shared with this process before exec, so this one stays small.
+    import subprocess
+
+    made = subprocess.run([PY, __file__, "--generate-only", "--work", str(args.work),
+                           "--size", str(args.size), "--small-count", str(args.small_count),
+                           "--small-size", str(args.small_size)],
+                          check=True, capture_output=True, text=True)
+    files = {k: Path(v) for k, v in json.loads(made.stdout.strip().splitlines()[-1]).items()}
     out = args.work / "out"
     out.mkdir(exist_ok=True)
     plan = tasks(files, out)

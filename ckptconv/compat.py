@@ -78,6 +78,7 @@ _ALLOW_CHANGES: list[tuple[Version, set[str], set[str]]] = [
               "torch.uint64"}, set()),
     ((2, 13), {"torch.float4_e2m1fn_x2", "torch.float8_e8m0fnu"}
      | _names("torch.int{}", range(1, 8)) | _names("torch.uint{}", range(1, 8)), set()),
+    ((2, 14), {"torch.bcomplex32"}, set()),
 ]
 
 # The opcodes torch's weights-only Unpickler.load understands (protocol 2, as

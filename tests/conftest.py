@@ -13,6 +13,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
+# tests/compat/ is the torch-version matrix: tox runs it in each torch env
+# (CKPTCONV_COMPAT=1); the default suite leaves it alone.
+collect_ignore = [] if os.environ.get("CKPTCONV_COMPAT") else ["compat"]
+
 
 def run_cli(*args, block=(), env=None, timeout=120):
     """Run ``python -m ckptconv ARGS`` with the modules in ``block`` made unimportable."""
@@ -140,3 +144,14 @@ def assert_tree_equal(got, want, path="root"):
             assert_tree_equal(g, w, f"{path}[{i}]")
     else:
         assert got == want, f"{path}: {got!r} != {want!r}"
+
+
+# --- counts shown at the end of the run (tests/test_safety.py and friends fill it) -------
+SAFETY_COUNTS: dict[str, object] = {}
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if SAFETY_COUNTS:
+        terminalreporter.section("safety and integrity")
+        for what, n in SAFETY_COUNTS.items():
+            terminalreporter.write_line(f"{what}: {n}")

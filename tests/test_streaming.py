@@ -2,7 +2,7 @@
 converting process's peak RSS under 256 MiB (time is not asserted: noisy)."""
 from __future__ import annotations
 
-import os
+import subprocess
 import sys
 
 import numpy as np
@@ -13,16 +13,24 @@ import ckptconv
 LIMIT_MIB = 256
 
 
+# ru_maxrss of a child counts the memory it shared with its parent before exec,
+# and the pytest process is large (torch, TF): measure from a tiny launcher.
+_LAUNCHER = """
+import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.executable, [sys.executable, "-m", "ckptconv", *sys.argv[1:]])
+_, status, ru = os.wait4(pid, 0)
+print(status, ru.ru_maxrss)
+"""
+
+
 def peak_rss_mib(args) -> float:
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.execv(sys.executable, [sys.executable, "-m", "ckptconv", *map(str, args)])
-        finally:
-            os._exit(127)
-    _, status, ru = os.wait4(pid, 0)
-    assert status == 0, f"ckptconv {args} failed with status {status}"
-    return ru.ru_maxrss / 1024
+    out = subprocess.run([sys.executable, "-c", _LAUNCHER, *map(str, args)], capture_output=True,
+                         text=True, check=True)
+    status, maxrss = out.stdout.split()[-2:]
+    assert status == "0", f"ckptconv {args} failed: {out.stderr}"
+    return int(maxrss) / 1024
 
 
 @pytest.fixture(scope="module")

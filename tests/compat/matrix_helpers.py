@@ -1,4 +1,4 @@
-"""Shared pieces of the torch matrix tests (run by tox in each torch env, and by
+"""Shared pieces of the torch matrix tests (tests/compat: run by tox in each torch env,
 the main suite with its own torch).
 
 ``golden/generate.py`` is the one description of what torch holds
