@@ -463,7 +463,7 @@ class _AnySizeSource(ByteSource):
         raise FormatError("safety check: storage bytes are not read")
 
 
-def check_pickle(data: bytes, display: str) -> TorchUnpickler:
+def check_pickle(data: bytes, display: str, listing: list | None = None) -> TorchUnpickler:
     """Interpret one pickle with torch's allowlist, only to judge it: storages
     are taken at their word, nothing is read behind them.
 
@@ -472,6 +472,7 @@ def check_pickle(data: bytes, display: str) -> TorchUnpickler:
     decides: a dangerous name anywhere in it makes it unsafe, since
     ``pickle.load`` might get that far where we stopped. Returns the
     unpickler (``globals_seen``, ``records``, ``calls_seen``) when acceptable.
+    ``listing``: ``scan_globals(data)`` if the caller has it already.
     """
     def storage_source(key, dtype, numel, untyped):
         return _AnySizeSource(numel * (1 if untyped else dtype.itemsize))
@@ -482,7 +483,7 @@ def check_pickle(data: bytes, display: str) -> TorchUnpickler:
     except UnsafePickleError:
         raise
     except FormatError as e:
-        for opcode, name in scan_globals(data, display):
+        for opcode, name in listing if listing is not None else scan_globals(data, display):
             if opcode in ("EXT1", "EXT2", "EXT4") or (
                     opcode in ("GLOBAL", "INST", "STACK_GLOBAL") and is_dangerous(name)
                     and not up.allowed_global(name)):

@@ -6,7 +6,9 @@
 Generates its inputs under benchmarks/_work/ (kept between runs), then runs
 every contender of a task interleaved, three times, in fresh processes, and
 prints the median time as a ratio to `cp` of the same input measured in the
-same run, with each process's peak RSS (from wait4). Absolute seconds are
+same run, with each process's peak RSS (from wait4). ckptconv fsyncs what it
+writes (a crash never leaves a torn file) and `cp` does not, so the table
+also gives the ratio to `cp` followed by `sync FILE` (`cp + fsync`). Absolute seconds are
 printed for reference only: these machines are noisy, ratios are the result.
 Needs torch (input generation and baselines); TF/h5 tasks need those adapters,
 h5py for the h5 baseline.
@@ -27,7 +29,12 @@ PY = sys.executable
 
 
 def run(cmd: list[str]) -> tuple[float, float]:
-    """(seconds, peak RSS MiB) of one command in a fresh process."""
+    """(seconds, peak RSS MiB) of one command in a fresh process.
+
+    Dirty pages of the previous command are flushed first (untimed), so no
+    contender pays for another's writeback.
+    """
+    os.sync()
     t0 = time.perf_counter()
     pid = os.fork()
     if pid == 0:  # child
@@ -97,6 +104,13 @@ def generate(work: Path, total_bytes: int, small_count: int, small_bytes: int) -
     return files
 
 
+def baselines(task: str, src: str, dst: str) -> list[tuple[str, str, list[str]]]:
+    """`cp`, and `cp` + fsync of the copy (ckptconv fsyncs its output; cp doesn't)."""
+    flag = "-r " if Path(src).is_dir() else ""
+    return [(task, "cp", ["cp", *flag.split(), src, dst]),
+            (task, "cp + fsync", ["sh", "-c", f"cp {flag}'{src}' '{dst}' && sync '{dst}'"])]
+
+
 def tasks(files: dict[str, Path], out: Path) -> list[tuple[str, str, list[str], list[str]]]:
     """(task, contender, command, extra files the command writes)."""
     pt, st, small = str(files["pt"]), str(files["st"]), str(files["small"])
@@ -107,13 +121,13 @@ def tasks(files: dict[str, Path], out: Path) -> list[tuple[str, str, list[str], 
     t = []
     for task, src, in_size_file in (("pth -> safetensors", pt, pt),
                                     ("50,000 small tensors pth -> safetensors", small, small)):
-        t += [(task, "cp", ["cp", src, o_st]),
-              (task, "torch.load + save_file", py(load_save.format(src=src, mm="", dst=o_st))),
+        t += baselines(task, src, o_st)
+        t += [(task, "torch.load + save_file", py(load_save.format(src=src, mm="", dst=o_st))),
               (task, "torch.load(mmap) + save_file",
                py(load_save.format(src=src, mm=", mmap=True", dst=o_st))),
               (task, "ckptconv convert", ckptconv("convert", src, o_st, "--force", "--no-progress"))]
-    t += [("safetensors -> pth", "cp", ["cp", st, o_pt]),
-          ("safetensors -> pth", "load_file + torch.save",
+    t += baselines("safetensors -> pth", st, o_pt)
+    t += [("safetensors -> pth", "load_file + torch.save",
            py(f"import torch; from safetensors.torch import load_file; "
               f"torch.save(load_file({st!r}), {o_pt!r})")),
           ("safetensors -> pth", "ckptconv convert",
@@ -121,13 +135,13 @@ def tasks(files: dict[str, Path], out: Path) -> list[tuple[str, str, list[str], 
     tf = files["tf"]
     data = sorted(tf.parent.glob(tf.name + ".data-*"))
     if data:
-        t += [("TF bundle -> safetensors", "cp", ["cp", str(data[0]), o_st]),
-              ("TF bundle -> safetensors", "ckptconv convert",
+        t += baselines("TF bundle -> safetensors", str(data[0]), o_st)
+        t += [("TF bundle -> safetensors", "ckptconv convert",
                ckptconv("convert", str(tf), o_st, "--force", "--no-progress"))]
     if files["h5"].exists():
         h5 = str(files["h5"])
-        t += [("h5 -> safetensors", "cp", ["cp", h5, o_st]),
-              ("h5 -> safetensors", "h5py read + save_file",
+        t += baselines("h5 -> safetensors", h5, o_st)
+        t += [("h5 -> safetensors", "h5py read + save_file",
                py(f"import h5py; from safetensors.numpy import save_file; f = h5py.File({h5!r}); "
                   "d = {}; f.visititems(lambda n, o: d.__setitem__(n, o[()]) "
                   "if isinstance(o, h5py.Dataset) and o.dtype.kind in 'fiub' else None); "
@@ -135,13 +149,11 @@ def tasks(files: dict[str, Path], out: Path) -> list[tuple[str, str, list[str], 
               ("h5 -> safetensors", "ckptconv convert",
                ckptconv("convert", h5, o_st, "--force", "--no-progress"))]
     shards = files["shards"]
-    shard_bytes = sum(p.stat().st_size for p in shards.parent.glob("*.safetensors"))
-    t += [("bf16 4 shards -> one safetensors", "cp", ["cp", "-r", str(shards.parent), str(out / "cpdir")]),
-          ("bf16 4 shards -> one safetensors", "ckptconv convert",
+    t += baselines("bf16 4 shards -> one safetensors", str(shards.parent), str(out / "cpdir"))
+    t += [("bf16 4 shards -> one safetensors", "ckptconv convert",
            ckptconv("convert", str(shards), o_st, "--force", "--no-progress"))]
     t += [("inspect 2 GiB .pt (metadata only)", "ckptconv inspect", ckptconv("inspect", pt)),
           ("CLI start-up", "ckptconv --help", ckptconv("--help"))]
-    del shard_bytes
     return t
 
 
@@ -191,8 +203,11 @@ def main(argv=None) -> int:
             med = statistics.median(s for s, _ in runs)
             rss = max(r for _, r in runs)
             ratio = f"{med / base_t:.2f}x" if base_t else "-"
-            rows.append((task, who, f"{med:.2f}", ratio, f"{rss:.0f}"))
-    head = ("task", "contender", "median s", "vs cp", "peak RSS MiB")
+            sync_base = results.get((task, "cp + fsync"))
+            sync_t = statistics.median(s for s, _ in sync_base) if sync_base else None
+            ratio2 = f"{med / sync_t:.2f}x" if sync_t else "-"
+            rows.append((task, who, f"{med:.2f}", ratio, ratio2, f"{rss:.0f}"))
+    head = ("task", "contender", "median s", "vs cp", "vs cp+fsync", "peak RSS MiB")
     if args.markdown:
         print("| " + " | ".join(head) + " |")
         print("|" + "---|" * len(head))

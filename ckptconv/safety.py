@@ -159,7 +159,7 @@ def check_pickle_bytes(data: bytes, display: str, where: str) -> tuple[PickleRep
     listing = scan_globals(data, display)
     names = sorted({n for op, n in listing if op != "ERROR"})
     try:
-        up = check_pickle(data, display)
+        up = check_pickle(data, display, listing)
     except UnsafePickleError as e:
         return PickleReport(where, UNSAFE, _line(e), names), None
     except FormatError as e:
@@ -454,11 +454,16 @@ def _scan_tar_records(rep: ScanReport, data: bytes, display: str, skip) -> None:
 
 # --- one file -------------------------------------------------------------------------
 
+_IN_MEMORY = 256 << 20  # smaller files are scanned from bytes (faster), bigger ones mapped
+
+
 def _open_buffer(path: Path):
     size = path.stat().st_size
     if size == 0:
         return b""
     with open(path, "rb") as f:
+        if size <= _IN_MEMORY:
+            return f.read()
         return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
 
 
