@@ -20,6 +20,8 @@ from typing import Iterator, Union
 
 import numpy as np
 
+from ckptconv.crc import CRC32C_POLY, gf2_compose, shift, zeros_operator
+
 Bytes = Union[bytes, bytearray, memoryview]
 
 
@@ -37,7 +39,7 @@ class DecodeError(ValueError):
 # operator (zlib's crc32_combine idea). CRC is linear over GF(2), so
 # raw(A || B) = shift(raw(A), len(B)) ^ raw(B) when the register starts at 0.
 
-_POLY = 0x82F63B78
+_POLY = CRC32C_POLY
 _MASK_DELTA = 0xA282EAD8
 _SMALL = 2048            # below this a plain Python byte loop is faster
 _PIECE = 16 << 20        # bound the transposed copy the lane kernel makes
@@ -93,43 +95,14 @@ except ImportError:  # pragma: no cover - depends on the environment
         _ext_extend = None
 
 
-def _gf2_apply(mat: tuple[int, ...], vec: int) -> int:
-    out, i = 0, 0
-    while vec:
-        if vec & 1:
-            out ^= mat[i]
-        vec >>= 1
-        i += 1
-    return out
-
-
-def _gf2_compose(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
-    """The operator ``a(b(x))``."""
-    return tuple(_gf2_apply(a, col) for col in b)
-
-
-@lru_cache(maxsize=None)
 def _zeros_pow2(k: int) -> tuple[int, ...]:
-    """Operator: raw CRC register after appending 2**k zero bytes."""
-    if k == 0:
-        one_bit = (_POLY,) + tuple(1 << i for i in range(31))
-        m = one_bit
-        for _ in range(3):                      # 1 bit -> 8 bits
-            m = _gf2_compose(m, m)
-        return m
-    half = _zeros_pow2(k - 1)
-    return _gf2_compose(half, half)
+    """Operator: raw CRC-32C register after appending 2**k zero bytes."""
+    return zeros_operator(_POLY, k)
 
 
 def _shift(crc: int, nbytes: int) -> int:
     """Raw register ``crc`` advanced over ``nbytes`` zero bytes."""
-    k = 0
-    while nbytes and crc:
-        if nbytes & 1:
-            crc = _gf2_apply(_zeros_pow2(k), crc)
-        nbytes >>= 1
-        k += 1
-    return crc
+    return shift(_POLY, crc, nbytes)
 
 
 @lru_cache(maxsize=64)
@@ -140,7 +113,7 @@ def _shift_tables(nbytes: int) -> np.ndarray:
     while n:
         if n & 1:
             p = _zeros_pow2(k)
-            mat = p if mat is None else _gf2_compose(p, mat)
+            mat = p if mat is None else gf2_compose(p, mat)
         n >>= 1
         k += 1
     cols = np.array(mat, dtype=np.uint32)                    # image of bit i

@@ -20,6 +20,7 @@ from ckptconv import dtypes as _dt
 from ckptconv.atomic import atomic_file, atomic_files
 from ckptconv.errors import FormatError, UnsupportedError, UsageError
 from ckptconv.registry import Adapter
+from ckptconv.sharding import read_sharded
 from ckptconv.streaming import OutFile
 from ckptconv.tensor import FileHandle, FileSource, StoredTensor, TensorRef
 from ckptconv.tree import Checkpoint, iter_tensors, tree_from_metadata, tree_to_metadata
@@ -89,32 +90,9 @@ def read_safetensors_file(path: Path) -> tuple[dict[str, TensorRef], dict[str, s
 
 
 def _read_index(path: Path) -> tuple[dict[str, TensorRef], dict[str, str]]:
-    try:
-        index = json.loads(path.read_text())
-        weight_map = index["weight_map"]
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-        raise FormatError(f"{path.name}: not a safetensors index ({e})") from None
-    tensors: dict[str, TensorRef] = {}
-    shard_meta: dict[str, str] = {}
-    for shard in dict.fromkeys(weight_map.values()):
-        sp = (path.parent / shard).resolve()
-        if path.parent.resolve() not in sp.parents:
-            raise FormatError(f"{path.name}: shard '{shard}' lies outside the index's folder")
-        if not sp.exists():
-            raise FormatError(f"{path.name}: shard '{shard}' is missing")
-        t, m = read_safetensors_file(sp)
-        shard_meta.update(m)
-        for name, ref in t.items():
-            if weight_map.get(name) == shard:
-                tensors[name] = ref
-    missing = [n for n in weight_map if n not in tensors]
-    if missing:
-        raise FormatError(f"{path.name}: {len(missing)} tensors in weight_map not found in their "
-                          f"shard, e.g. '{missing[0]}'")
-    meta = {k: v for k, v in shard_meta.items() if not k.startswith("ckptconv.")}
-    meta.update({k: v for k, v in (index.get("metadata") or {}).items() if isinstance(v, str)})
-    # keep tensor order as in the weight map (the writer's order)
-    tensors = {n: tensors[n] for n in weight_map}
+    tensors, index_meta, shard_meta = read_sharded(path, read_safetensors_file)
+    meta = {k: v for m in shard_meta for k, v in m.items() if not k.startswith("ckptconv.")}
+    meta.update({k: v for k, v in index_meta.items() if isinstance(v, str)})
     return tensors, meta
 
 

@@ -32,6 +32,7 @@ from ckptconv import dtypes as _dt
 from ckptconv.atomic import atomic_file
 from ckptconv.errors import FormatError, UnsafePickleError, UnsupportedError
 from ckptconv.registry import Adapter
+from ckptconv.sharding import read_sharded
 from ckptconv.tensor import (ArrayTensor, BufferSource, ByteSource, FileHandle, FileSource,
                              StoredTensor, TensorRef, contiguous_strides)
 from ckptconv.tree import Checkpoint, ObjectRecord, iter_tensors
@@ -726,13 +727,10 @@ def read_legacy_checkpoint(path: Path) -> Checkpoint:
 
 _V3_ONLY = {"float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz",
             "float8_e8m0fnu", "uint16", "uint32", "uint64", "complex32"}
-# the first torch release that can load each dtype (for --torch-compat and `check`);
-# uint16/32/64 exist from 2.3 but torch.save/load learnt them in 2.6
-# (torch/storage.py _new_dtypes lacks them in 2.5.1; torch 2.4.1 raises "dtype
-# torch.uint16 is not recognized"), checked by tests/compat in the tox matrix
+# the first torch release that has each dtype (for --torch-compat and `check`)
 DTYPE_MIN_TORCH = {"bfloat16": (1, 10), "float8_e4m3fn": (2, 1), "float8_e5m2": (2, 1),
                    "float8_e4m3fnuz": (2, 2), "float8_e5m2fnuz": (2, 2), "float8_e8m0fnu": (2, 7),
-                   "uint16": (2, 6), "uint32": (2, 6), "uint64": (2, 6), "complex32": (1, 9)}
+                   "uint16": (2, 3), "uint32": (2, 3), "uint64": (2, 3), "complex32": (1, 9)}
 
 
 class _PickleWriter:
@@ -1038,32 +1036,12 @@ class TorchAdapter(Adapter):
 
     def _read_sharded(self, path: Path) -> Checkpoint:
         """``pytorch_model.bin.index.json`` + ``pytorch_model-0000K-of-0000N.bin`` shards."""
-        import json
+        def read_shard(p: Path):
+            return self.read(p).tensors(), {}
 
-        try:
-            index = json.loads(path.read_text())
-            weight_map = index["weight_map"]
-        except (ValueError, KeyError, TypeError) as e:
-            raise FormatError(f"{path.name}: not a checkpoint index ({e})") from None
-        tree: dict = {}
-        info: dict = {"shards": []}
-        for shard in dict.fromkeys(weight_map.values()):
-            sp = (path.parent / shard).resolve()
-            if path.parent.resolve() not in sp.parents:
-                raise FormatError(f"{path.name}: shard '{shard}' lies outside the index's folder")
-            if not sp.exists():
-                raise FormatError(f"{path.name}: shard '{shard}' is missing")
-            part = self.read(sp)
-            info["shards"].append(shard)
-            for name, ref in part.tensors().items():
-                if weight_map.get(name) == shard:
-                    tree[name] = ref
-        missing = [n for n in weight_map if n not in tree]
-        if missing:
-            raise FormatError(f"{path.name}: {len(missing)} tensors not found in their shard, "
-                              f"e.g. '{missing[0]}'")
-        md = {k: str(v) for k, v in (index.get("metadata") or {}).items()}
-        return Checkpoint({n: tree[n] for n in weight_map}, md, "torch", str(path), info)
+        tensors, index_meta, _ = read_sharded(path, read_shard)
+        md = {k: str(v) for k, v in index_meta.items()}
+        return Checkpoint(tensors, md, "torch", str(path), {"sharded": True})
 
     def write(self, ckpt: Checkpoint, path: Path, force: bool = False,
               torch_compat: str | None = None, **options) -> dict:

@@ -18,6 +18,7 @@ import contextlib
 import errno
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -75,6 +76,28 @@ def remove_stale_temps(path: Path) -> list[Path]:
     return removed
 
 
+def _umask() -> int:
+    try:
+        with open("/proc/self/status") as f:  # Linux: read it without changing it
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _final_mode(path: Path, folder: bool = False) -> int:
+    """mkstemp/mkdtemp make 0600/0700 temps; the output gets the mode a plain
+    ``open()`` would give it, or keeps the mode of the file it replaces."""
+    try:
+        return stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        return (0o777 if folder else 0o666) & ~_umask()
+
+
 def _temp_prefix(path: Path) -> str:
     return f".{path.name}.{os.getpid()}."
 
@@ -108,7 +131,10 @@ def atomic_file(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(path)
     fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=TMP_SUFFIX, dir=path.parent)
-    os.close(fd)
+    try:
+        os.fchmod(fd, _final_mode(path))
+    finally:
+        os.close(fd)
     tmp = Path(tmp)
     try:
         yield tmp
@@ -131,6 +157,7 @@ def atomic_dir(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(path)
     tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=TMP_SUFFIX, dir=path.parent))
+    os.chmod(tmp, _final_mode(path, folder=True))
     try:
         yield tmp
         for root, _, files in os.walk(tmp):
@@ -164,7 +191,10 @@ def atomic_files(paths: list[Path], force: bool = False) -> Iterator[list[Path]]
             p.parent.mkdir(parents=True, exist_ok=True)
             remove_stale_temps(p)
             fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(p), suffix=TMP_SUFFIX, dir=p.parent)
-            os.close(fd)
+            try:
+                os.fchmod(fd, _final_mode(p))
+            finally:
+                os.close(fd)
             tmps.append(Path(tmp))
             stack.callback(lambda t=Path(tmp): t.unlink() if t.exists() else None)
         try:

@@ -189,6 +189,7 @@ class CheckReport:
     opcodes: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     unsafe: str | None = None
+    torch_loadable: bool = True              # False for a bare pickle
 
     @property
     def exit_code(self) -> int:
@@ -196,7 +197,7 @@ class CheckReport:
 
     def loads_in(self, version: str | Version) -> bool:
         """Whether torch ``version`` can ``torch.load`` it at all (weights_only=False)."""
-        if self.unsafe:
+        if self.unsafe or not self.torch_loadable:
             return False
         need = parse_version(self.min_torch) or (0, 0)
         return parse_version(version) >= need
@@ -219,7 +220,7 @@ class CheckReport:
         d = {k: getattr(self, k) for k in (
             "path", "format", "torch_format", "archive_root", "zip_version", "records", "writer",
             "min_torch", "min_torch_reasons", "weights_only", "weights_only_since",
-            "weights_only_by_version", "weights_only_blockers_by_version")}
+            "weights_only_by_version", "weights_only_blockers_by_version", "torch_loadable")}
         d["blockers"] = [b.to_dict() for b in self.blockers]
         d["globals"], d["opcodes"] = self.globals, self.opcodes
         d["notes"], d["unsafe"], d["exit_code"] = self.notes, self.unsafe, self.exit_code
@@ -230,13 +231,15 @@ class CheckReport:
             return f"{self.path}: UNSAFE: {self.unsafe}"
         kind = {"zip": "torch zip (torch.save, torch >= 1.6)",
                 "legacy": "torch legacy (pre-1.6 layout, or _use_new_zipfile_serialization=False)",
-                "torchscript": "TorchScript archive (torch.jit.save)"}.get(self.torch_format or "",
+                "torchscript": "TorchScript archive (torch.jit.save)",
+                "pickle": "a bare pickle (not torch.save)"}.get(self.torch_format or "",
                                                                            self.format or "?")
         lines = [f"{self.path}: {kind}"]
         if self.archive_root is not None:
             lines.append(f"  archive root '{self.archive_root}', format version {self.zip_version}")
         lines += [f"  writer: {w}" for w in self.writer]
-        lines.append(f"  minimum torch: {self.min_torch or 'any'}")
+        lines.append("  minimum torch: none can torch.load it" if not self.torch_loadable
+                     else f"  minimum torch: {self.min_torch or 'any'}")
         lines += [f"    {r['torch']}: {r['why']}" for r in self.min_torch_reasons]
         if self.torch_format == "torchscript":
             lines.append("  weights_only: not applicable (load it with torch.jit.load)")
@@ -274,8 +277,9 @@ def _pickle_streams(path: Path, ck) -> list[bytes]:
         prefix = f"{root}/" if root else ""
         return [read_member_bytes(handle, members[f"{prefix}data.pkl"])]
     out = []
+    count = 5 if ck.info.get("torch_format") == "legacy" else 1
     with open(path, "rb") as f:
-        for _ in range(5):  # magic, protocol, sys_info, main pickle, storage keys
+        for _ in range(count):  # legacy: magic, protocol, sys_info, main pickle, storage keys
             start = f.tell()
             try:
                 for op, _, pos in pickletools.genops(f):
@@ -452,8 +456,13 @@ def check(path: str | os.PathLike) -> CheckReport:
                                 if m.startswith(prefix) and not m[len(prefix):].startswith(
                                     ("data/", "code/", "constants/")))
         report.writer = _writer_hints(p, ck, members)
-    else:
+    elif report.torch_format == "legacy":
         report.writer = ["torch.save(..., _use_new_zipfile_serialization=False), or torch < 1.6"]
+    else:  # a bare pickle: torch.load wants the legacy magic number or a zip
+        report.torch_loadable = False
+        report.writer = ["pickle.dump (not torch.save)"]
+        report.notes.append("a bare pickle: torch.load refuses it ('Invalid magic number'); "
+                            "`ckptconv convert` writes a torch file from it")
     _min_torch(report, ck)
     _weights_only(report, ck)
     locs = [loc for loc in info.get("storage_locations", ()) if loc != "cpu"]

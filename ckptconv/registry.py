@@ -131,7 +131,7 @@ def detect_format(path: str | os.PathLike) -> str:
         try:
             if adapter.can_read and adapter.sniff(head, p):
                 return adapter.name
-        except OSError:
+        except Exception:  # noqa: BLE001 - a sniffer that chokes on the bytes does not claim them
             continue
     raise FormatError(f"{p.name}: not a checkpoint format ckptconv knows "
                       f"(first bytes {head[:8]!r}); known: {', '.join(available_formats())}")

@@ -16,6 +16,7 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from .crc import CRC32_POLY, crc_combine
 from .errors import FormatError
 from .progress import advance
 from .streaming import OutFile
@@ -38,39 +39,10 @@ def crc_of_span(handle: FileHandle, offset: int, nbytes: int, chunk: int = 8 << 
 
 
 def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
-    """CRC-32 of A+B from crc(A), crc(B) and len(B) (zlib's crc32_combine, GF(2) matrices)."""
-    if len2 == 0:
-        return crc1
+    """CRC-32 of A+B from crc(A), crc(B) and len(B) (zlib's crc32_combine)."""
+    return crc_combine(CRC32_POLY, crc1, crc2, len2)
 
-    def times(mat, vec):
-        s, i = 0, 0
-        while vec:
-            if vec & 1:
-                s ^= mat[i]
-            vec >>= 1
-            i += 1
-        return s
 
-    def square(mat):
-        return [times(mat, mat[n]) for n in range(32)]
-
-    odd = [0xEDB88320] + [1 << n for n in range(31)]
-    even = square(odd)
-    odd = square(even)
-    while True:
-        even = square(odd)
-        if len2 & 1:
-            crc1 = times(even, crc1)
-        len2 >>= 1
-        if not len2:
-            break
-        odd = square(even)
-        if len2 & 1:
-            crc1 = times(odd, crc1)
-        len2 >>= 1
-        if not len2:
-            break
-    return crc1 ^ crc2
 _LOCAL = struct.Struct("<IHHHHHIIIHH")
 _CENTRAL = struct.Struct("<IHHHHHHIIIHHHHHII")
 
