@@ -62,8 +62,12 @@ def read_safetensors_file(path: Path) -> tuple[dict[str, TensorRef], dict[str, s
     for name, info in header.items():
         try:
             dtype = _dt.from_safetensors(info["dtype"])
-            shape = [int(s) for s in info["shape"]]
-            begin, end = (int(x) for x in info["data_offsets"])
+            shape, offsets = info["shape"], info["data_offsets"]
+            # JSON ints only: int() would also take "23" (as [2, 3]), 2.5 or true
+            if not isinstance(shape, list) or not isinstance(offsets, list) or len(offsets) != 2 \
+                    or not all(type(x) is int for x in shape + offsets):
+                raise TypeError
+            begin, end = offsets
         except FormatError as e:
             raise FormatError(f"{handle.display}: tensor '{name}': {e}") from None
         except (KeyError, TypeError, ValueError):

@@ -68,14 +68,20 @@ def _storage_dtype(g: Any, display: str) -> tuple[_dt.DType | None, bool]:
         raise UnsafePickleError(f"{display}: persistent id names {qual}, not a torch storage class")
     if name in ("UntypedStorage", "TypedStorage"):
         return None, True
-    return _dt.from_storage_class(name), False
+    try:
+        return _dt.from_storage_class(name), False
+    except FormatError as e:
+        raise FormatError(f"{display}: {e}") from None
 
 
 def _torch_dtype(g, display: str) -> _dt.DType:
     qual = g.qualname if isinstance(g, Global) else getattr(g, "cls", None)
     if not isinstance(qual, str) or not qual.startswith("torch.") or qual.count(".") != 1:
         raise FormatError(f"{display}: tensor dtype {short_repr(g)} is not a torch dtype")
-    return _dt.get(qual[len("torch."):])
+    try:
+        return _dt.get(qual[len("torch."):])
+    except FormatError as e:
+        raise FormatError(f"{display}: {e}") from None
 
 
 MAX_RANK = 64  # numpy's limit; torch's is the same order

@@ -98,7 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = verb("sanitize", "rewrite as a torch file that loads with weights_only=True", json_=True)
     s.add_argument("src")
     s.add_argument("dst")
-    s.add_argument("--force", action="store_true")
+    s.add_argument("--force", action="store_true", help="replace DST if it exists")
+    s.add_argument("--torch-compat", metavar="VERSION",
+                   help="also loadable by this torch (1.13: floats become 0-d tensors)")
 
     v = verb("verify", "integrity: CRCs, offsets, sizes, checksums")
     v.add_argument("src")
@@ -172,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
     if args.verb == "sanitize":
         from .compat import sanitize
 
-        report = sanitize(args.src, args.dst, force=args.force)
+        report = sanitize(args.src, args.dst, force=args.force, torch_compat=args.torch_compat)
         _emit(report, args.json)
         return EXIT_OK
     if args.verb == "verify":

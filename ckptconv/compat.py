@@ -244,9 +244,10 @@ class CheckReport:
         if self.torch_format == "torchscript":
             lines.append("  weights_only: not applicable (load it with torch.jit.load)")
         elif self.weights_only:
+            since = parse_version(self.weights_only_since)
             lines.append("  torch.load(weights_only=True): loads in torch >= 2.6"
                          + (f" (and from torch {self.weights_only_since})"
-                            if self.weights_only_since else ""))
+                            if since and since < WEIGHTS_ONLY_DEFAULT else ""))
         else:
             since = f"; loads so from torch {self.weights_only_since}" \
                 if self.weights_only_since else ""
@@ -323,18 +324,17 @@ def _writer_hints(path: Path, ck, members: list[str]) -> list[str]:
         if sid.strip(b"0") == b"":
             hints.append("ckptconv (serialization_id is all zeros)")
         else:
-            hints.append("torch >= 2.1 (has .data/serialization_id)")
+            hints.append("torch newer than 2.0 (has .data/serialization_id; 2.0.1 had none)")
     elif "byteorder" in names:
-        hints.append("torch >= 1.10 (has a byteorder record)")
+        hints.append("torch newer than 2.0 (has a byteorder record; 2.0.1 had none)")
     else:
-        hints.append("torch < 2.1 (no byteorder or serialization_id records)")
+        hints.append("torch <= 2.0 (no byteorder or serialization_id records)")
     if ".format_version" in names or ".storage_alignment" in names:
-        hints.append("torch >= 2.5 layout records (.format_version, .storage_alignment)")
+        hints.append("torch newer than 2.6 (.format_version, .storage_alignment records)")
     if root == "archive":
-        hints.append("archive root 'archive' (torch >= 2.5 writes this; older torch used the "
-                      "file's name)")
+        hints.append("archive root 'archive' (ckptconv, or torch.save to a file object)")
     elif root:
-        hints.append(f"archive root '{root}' (the file's name when it was written)")
+        hints.append(f"archive root '{root}' (torch.save to a path: the file's name then)")
     return hints
 
 

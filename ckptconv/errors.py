@@ -11,10 +11,23 @@ EXIT_USAGE = 2
 EXIT_UNSAFE = 3
 
 
+def one_line(text: str) -> str:
+    """Messages are one line: control characters that come from file contents
+    (a zip member or pickle name with a newline in it) are shown escaped."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 class CkptconvError(Exception):
     """Base class; ``exit_code`` is what the CLI exits with."""
 
     exit_code = EXIT_BAD_INPUT
+
+    def __init__(self, *args):
+        if args and isinstance(args[0], str):
+            args = (one_line(args[0]),) + args[1:]
+        super().__init__(*args)
 
 
 class FormatError(CkptconvError):

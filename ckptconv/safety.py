@@ -48,6 +48,7 @@ _NPY_MAGIC = b"\x93NUMPY"
 _PICKLE_SUFFIXES = (".pkl", ".debug_pkl")
 _MAX_PICKLES = 10_000          # concatenated pickles in one file or member
 _MAX_MEMBER = 1 << 31          # bytes of one pickle member we are willing to interpret
+_MAX_PARTIAL = 64 << 20        # bytes of a malformed pickle judged for what it names
 _TAR_PICKLE_MEMBERS = ("sys_info", "pickle", "storages", "tensors")
 _PICKLE_OPCODES = frozenset(op.code.encode("latin1") for op in pickletools.opcodes)
 
@@ -107,7 +108,8 @@ class ScanReport:
     def __str__(self) -> str:
         n = len(self.pickles)
         verdict = SAFE if self.verdict == SAFE else self.verdict.upper()
-        lines = [f"{self.path}: {verdict} ({self.kind}; {n} pickle{'s' if n != 1 else ''})"]
+        detail = f"{self.kind}; {n} pickle{'s' if n != 1 else ''}" if n else self.kind
+        lines = [f"{self.path}: {verdict} ({detail})"]
         lines += [f"  reason: {r}" for r in self.reasons]
         if self.records:
             lines.append(f"  inert records (never constructed): {', '.join(self.records)}")
@@ -174,20 +176,17 @@ def _line(e: BaseException) -> str:
 
 def _pickle_end(buf, start: int) -> tuple[int, bool]:
     """(offset just past the STOP of the pickle at ``start``, True), or
-    (offset where parsing failed, False)."""
+    (an offset at or past where parsing failed, False)."""
     from .unpickler import iter_opcodes
 
-    if isinstance(buf, bytes):
-        data = buf[start:] if start else buf
-        last = 0
+    if isinstance(buf, bytes) and start == 0:  # the common case: the fast tokenizer, no copy
         try:
-            for name, _, pos in iter_opcodes(data):
-                last = pos
+            for name, _, pos in iter_opcodes(buf):
                 if name == "STOP":
-                    return start + pos + 1, True
+                    return pos + 1, True
         except Exception:  # noqa: BLE001 - "does a pickle start here?" has no wrong answer
             pass
-        return start + last + 1, False
+        return min(len(buf), _MAX_PARTIAL), False
     stream = _View(buf, start)
     try:
         for op, _, _ in pickletools.genops(stream):
@@ -550,7 +549,7 @@ def _scan_file(rep: ScanReport, p: Path, buf, display: str) -> None:
                                  "(pickle.load would run it before failing; nothing was executed)",
                                  sorted(set(bad))))
             return
-    rep.kind = "no pickles" if fmt is None else f"no pickles ({fmt})"
+    rep.kind = "no pickles" if fmt is None else f"{fmt}, no pickles"
 
 
 def _known_format(p: Path) -> str | None:

@@ -28,7 +28,7 @@ import struct
 import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Iterable
 
 from .errors import EXIT_BAD_INPUT, EXIT_OK, CkptconvError, FormatError
 
@@ -193,15 +193,28 @@ def check_safetensors_layout(path: Path, report: VerifyReport) -> None:
                                "no tensor")
 
 
-def _safetensors_files(path: Path) -> list[Path]:
+def _data_files(path: Path) -> list[Path]:
+    """The files holding the data: the file itself, or the shards of a
+    ``*.index.json`` (Hugging Face layout, safetensors or torch)."""
     if not path.name.endswith(".index.json"):
-        return [path]
+        return [path] if path.is_file() else []
     try:
         index = json.loads(path.read_text())
         shards = dict.fromkeys(index["weight_map"].values())
     except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError, OSError):
         return []   # the reader reports this one properly
-    return [path.parent / s for s in shards if isinstance(s, str) and (path.parent / s).is_file()]
+    base = path.parent.resolve()
+    out = []
+    for s in shards:
+        p = (path.parent / s) if isinstance(s, str) else None
+        if p is not None and p.is_file() and base in p.resolve().parents:
+            out.append(p)
+    return out
+
+
+def _is_zip_file(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"
 
 
 def check_tf_bundle(path: Path, report: VerifyReport) -> None:
@@ -212,7 +225,7 @@ def check_tf_bundle(path: Path, report: VerifyReport) -> None:
         return
     problems = verify_bundle(path)
     report.problems.extend(problems)
-    report.count("tf tensors (crc32c)", _tf_entry_count(path))
+    report.count("tf entries (crc32c)", _tf_entry_count(path))
 
 
 def _tf_entry_count(path: Path) -> int:
@@ -275,8 +288,10 @@ def manifest_path(target: str | os.PathLike) -> Path:
 
 def find_manifest(src: Path) -> Path | None:
     candidates = [manifest_path(src)]
-    if src.name.endswith(".index") and not src.name.endswith(".index.json"):
-        candidates.append(manifest_path(src.with_name(src.name[: -len(".index")])))
+    for suffix in (".index.json", ".index"):  # a sharded index, a TF index: the convert target
+        if src.name.endswith(suffix):
+            candidates.append(manifest_path(src.with_name(src.name[: -len(suffix)])))
+            break
     return next((c for c in candidates if c.is_file()), None)
 
 
@@ -298,7 +313,10 @@ def write_manifest(out_path: str | os.PathLike, files: Iterable[str | os.PathLik
                     entries[os.path.relpath(p, base)] = file_digest(p)
         elif fp.is_file():
             entries[os.path.relpath(fp, base)] = file_digest(fp)
-    ck = api.load(out)
+    # what to read back: the target, or the index of a sharded target
+    readable = out if out.exists() or Path(str(out) + ".index").exists() else next(
+        (Path(f) for f in files if str(f).endswith(".index.json")), out)
+    ck = api.load(readable)
     manifest = {"kind": MANIFEST_KIND, "version": 1, "target": out.name, "format": ck.format,
                 "files": entries, "tensors": tensor_digests(ck)}
     target = manifest_path(out)
@@ -373,22 +391,20 @@ def verify(path: str | os.PathLike, manifest: bool = False) -> VerifyReport:
         return report
     report.format = fmt
     try:
-        if fmt == "torch" and src.is_file():
-            with open(src, "rb") as f:
-                zipped = f.read(4) == b"PK\x03\x04"
-            if zipped:
-                check_zip_crcs(src, report)
-            else:
-                report.notes.append("legacy/pickle torch files carry no checksums; "
-                                    "use convert --manifest for end-to-end checks")
-        elif fmt == "safetensors":
-            for f in _safetensors_files(src):
+        if fmt == "tf":
+            check_tf_bundle(src, report)
+        for f in _data_files(src):
+            if _is_zip_file(f):          # torch zip, TorchScript, .keras
+                check_zip_crcs(f, report)
+            elif fmt == "safetensors":
                 check_safetensors_layout(f, report)
+            elif fmt == "torch":
+                report.notes.append(f"{f.name}: legacy/pickle torch files carry no checksums; "
+                                    "use convert --manifest for end-to-end checks")
+        if fmt == "safetensors":
             report.notes.append("safetensors carries no checksums: a flipped bit inside a tensor "
                                 "is only caught with a manifest (convert --manifest)")
-        elif fmt == "tf":
-            check_tf_bundle(src, report)
-    except CkptconvError as e:
+    except (CkptconvError, OSError) as e:
         report.problems.append(_line(e))
     ck = digests = None
     try:

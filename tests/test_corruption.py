@@ -170,6 +170,7 @@ def run_mutant(case_files: dict[str, bytes], load_name: str, victim: str, data: 
         except CkptconvError as e:
             msg = str(e)
             assert "\n" not in msg and msg, f"error is not one line: {msg!r}"
+            assert any(n.split(".")[0] in msg for n in case_files), f"names no file: {msg!r}"
             outcome = "refused"
         assert time.perf_counter() - t0 < TIME_LIMIT_S, "reader took too long"
         return outcome
@@ -178,7 +179,8 @@ def run_mutant(case_files: dict[str, bytes], load_name: str, victim: str, data: 
 
 
 _FUZZ = settings(max_examples=int(os.environ.get("CKPTCONV_FUZZ_EXAMPLES", "25")),
-                 deadline=timedelta(seconds=TIME_LIMIT_S), derandomize=True, database=None,
+                 deadline=timedelta(seconds=TIME_LIMIT_S), derandomize=not os.environ.get("CKPTCONV_FUZZ_RANDOM"),
+                 database=None,
                  suppress_health_check=[HealthCheck.function_scoped_fixture,
                                         HealthCheck.too_slow, HealthCheck.data_too_large])
 
@@ -356,3 +358,219 @@ def test_readers_stay_within_memory_and_time_bounds(samples):
     refused = sum(r["outcome"] == "refused" for r in results)
     SAFETY_COUNTS["mutants under a 1 GiB limit (refused cleanly / read)"] = \
         f"{len(results)} ({refused} / {len(results) - refused}) over {len(samples)} formats"
+
+
+# --- verify: checksums catch flipped bits ------------------------------------------------------
+
+from ckptconv.verify import verify  # noqa: E402
+
+_VERIFY = settings(max_examples=int(os.environ.get("CKPTCONV_VERIFY_EXAMPLES", "40")),
+                   deadline=timedelta(seconds=TIME_LIMIT_S), derandomize=not os.environ.get("CKPTCONV_FUZZ_RANDOM"),
+                 database=None,
+                   suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@pytest.fixture(scope="module")
+def checked_files(tmp_path_factory):
+    """torch zip, TF bundle and safetensors (+ manifest) written by ckptconv,
+    with the byte ranges that hold tensor data."""
+    from ckptconv.tensor import FileHandle
+    from ckptconv.ziputil import read_members
+
+    d = tmp_path_factory.mktemp("checked")
+    out = {}
+    pt = d / "model.pt"
+    ckptconv.save(SAMPLE, pt)
+    members = read_members(FileHandle(pt))
+    out["torch"] = (pt, [(m.data_offset, m.data_offset + m.size)
+                         for n, m in members.items() if "/data/" in n and m.size])
+    ckpt = d / "model.ckpt"
+    ckptconv.save(SAMPLE, ckpt)
+    data = d / "model.ckpt.data-00000-of-00001"
+    out["tf"] = (ckpt, [(0, data.stat().st_size)], data)
+    src = d / "src.safetensors"
+    ckptconv.save(SAMPLE, src)
+    st = d / "model.safetensors"
+    report = ckptconv.convert(src, st, manifest=True)
+    assert str(st) + ".sha256.json" in report.files
+    out["safetensors"] = (st, [(0, st.stat().st_size)])
+    for path, *_ in out.values():
+        rep = verify(path, manifest=path.suffix == ".safetensors")
+        assert rep.ok, str(rep)
+    return out
+
+
+def _flipped(path: Path, bit: int, victim: Path | None = None):
+    """A context: ``victim`` (default ``path``) with one bit flipped, restored after."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def cm():
+        f = victim or path
+        orig = f.read_bytes()
+        b = bytearray(orig)
+        b[bit // 8] ^= 1 << (bit % 8)
+        f.write_bytes(bytes(b))
+        try:
+            yield
+        finally:
+            f.write_bytes(orig)
+    return cm()
+
+
+def _bit_in(ranges, data):
+    lo, hi = data.draw(st.sampled_from(ranges), label="range")
+    return data.draw(st.integers(lo * 8, hi * 8 - 1), label="bit")
+
+
+_VERIFIED: dict[str, int] = {}
+
+
+def _verified(what: str) -> None:
+    _VERIFIED[what] = _VERIFIED.get(what, 0) + 1
+    SAFETY_COUNTS["verify: single flipped bits caught"] = \
+        ", ".join(f"{k} {v}/{v}" for k, v in _VERIFIED.items())
+
+
+@_VERIFY
+@given(data=st.data())
+def test_verify_catches_a_flipped_bit_in_a_torch_tensor(checked_files, data):
+    path, ranges = checked_files["torch"]
+    with _flipped(path, _bit_in(ranges, data)):
+        rep = verify(path)
+    assert rep.exit_code == 1 and any("CRC-32" in p for p in rep.problems), str(rep)
+    _verified("torch zip (CRC-32)")
+
+
+@_VERIFY
+@given(data=st.data())
+def test_verify_catches_a_flipped_bit_in_a_tf_tensor(checked_files, data):
+    path, ranges, data_file = checked_files["tf"]
+    with _flipped(path, _bit_in(ranges, data), data_file):
+        rep = verify(path)
+    assert rep.exit_code == 1 and any("crc32c" in p for p in rep.problems), str(rep)
+    _verified("TF bundle (crc32c)")
+
+
+@_VERIFY
+@given(data=st.data())
+def test_verify_manifest_catches_any_flipped_bit_in_safetensors(checked_files, data):
+    path, ranges = checked_files["safetensors"]
+    with _flipped(path, _bit_in(ranges, data)):
+        rep = verify(path, manifest=True)
+    assert rep.exit_code == 1, str(rep)
+    assert any("SHA-256" in p or "bytes" in p or "header" in p or "tensor" in p
+               for p in rep.problems), str(rep)
+    _verified("safetensors + manifest (SHA-256)")
+
+
+def test_verify_cli_and_manifest_round_trip(tmp_path):
+    src = tmp_path / "src.safetensors"
+    ckptconv.save(SAMPLE, src)
+    out = tmp_path / "out.pt"
+    p = run_cli("convert", src, out, "--manifest")
+    assert p.returncode == 0, p.stderr
+    manifest = json.loads((tmp_path / "out.pt.sha256.json").read_text())
+    assert set(manifest["tensors"]) == set(SAMPLE) and "out.pt" in manifest["files"]
+    p = run_cli("verify", out, "--manifest", "--json")
+    assert p.returncode == 0, p.stdout
+    rep = json.loads(p.stdout)
+    assert rep["ok"] and rep["checked"]["manifest tensors"] == len(SAMPLE)
+    # a tensor changed in place (valid file, new CRC patched in) still fails the manifest
+    ck = ckptconv.load(out)
+    changed = dict(SAMPLE, w=SAMPLE["w"] + 1)
+    ckptconv.save(changed, out, force=True)
+    p = run_cli("verify", out, "--manifest")
+    assert p.returncode == 1 and "tensor 'w'" in p.stdout and "SHA-256" in p.stdout, p.stdout
+    assert ck is not None
+    # no manifest: a verify --manifest problem, a plain verify passes
+    (tmp_path / "out.pt.sha256.json").unlink()
+    assert run_cli("verify", out).returncode == 0
+    p = run_cli("verify", out, "--manifest")
+    assert p.returncode == 1 and "no manifest" in p.stdout
+
+
+def _safetensors_bytes(header: dict, data: bytes, raw_header: bytes | None = None) -> bytes:
+    raw = raw_header if raw_header is not None else json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw + data
+
+
+@pytest.mark.parametrize("case,fragment", [
+    ("hole", "belong to no tensor"), ("trailing", "after the last tensor"),
+    ("duplicate", "twice"), ("overlap", "overlap"),
+])
+def test_verify_safetensors_layout(tmp_path, case, fragment):
+    a = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
+    b = {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}
+    if case == "hole":
+        blob = _safetensors_bytes({"a": a, "b": dict(b, data_offsets=[12, 20])}, bytes(20))
+    elif case == "trailing":
+        blob = _safetensors_bytes({"a": a, "b": b}, bytes(24))
+    elif case == "overlap":
+        blob = _safetensors_bytes({"a": a, "b": dict(b, data_offsets=[4, 12])}, bytes(16))
+    else:
+        raw = b'{"a":' + json.dumps(a).encode() + b',"a":' + json.dumps(b).encode() + b"}"
+        blob = _safetensors_bytes({}, bytes(16), raw)
+    f = tmp_path / f"{case}.safetensors"
+    f.write_bytes(blob)
+    rep = verify(f)
+    assert rep.exit_code == 1 and any(fragment in p for p in rep.problems), str(rep)
+    p = run_cli("verify", f, "--json") if case == "hole" else None
+    if p is not None:
+        assert p.returncode == 1 and json.loads(p.stdout)["ok"] is False
+
+
+# --- targeted hostile headers ---------------------------------------------------------------
+
+_F32_2 = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
+
+
+@pytest.mark.parametrize("case,header,data,fragment", [
+    ("absurd_header_length", None, (1 << 63).to_bytes(8, "little") + b"{}", "not a checkpoint"),
+    ("header_past_end", None, (4096).to_bytes(8, "little") + b"{}", "header"),
+    ("not_json", None, (8).to_bytes(8, "little") + b"{\xff\xfe     ", "JSON"),
+    ("shape_of_floats", {"a": dict(_F32_2, shape=[2.0])}, bytes(8), "malformed"),
+    ("offsets_are_strings", {"a": dict(_F32_2, data_offsets=["0", "8"])}, bytes(8), "malformed"),
+    ("absurd_shape", {"a": dict(_F32_2, shape=[1 << 62, 1 << 62])}, bytes(8), "needs"),
+    ("negative_shape", {"a": dict(_F32_2, shape=[-2])}, bytes(8), "negative"),
+    ("unknown_dtype", {"a": dict(_F32_2, dtype="X99")}, bytes(8), "X99"),
+    ("offsets_past_end", {"a": dict(_F32_2, data_offsets=[0, 1 << 40])}, bytes(8), "a"),
+    ("offsets_reversed", {"a": dict(_F32_2, data_offsets=[8, 0])}, bytes(8), "a"),
+    ("overlap", {"a": _F32_2, "b": dict(_F32_2, data_offsets=[4, 12])}, bytes(12), "overlap"),
+    ("shape_is_a_string", {"a": dict(_F32_2, shape="2")}, bytes(8), "malformed"),
+    ("metadata_not_strings", {"__metadata__": {"k": 1}, "a": _F32_2}, bytes(8), "metadata"),
+])
+def test_safetensors_hostile_headers(tmp_path, case, header, data, fragment):
+    f = tmp_path / f"{case}.safetensors"
+    f.write_bytes(data if header is None else _safetensors_bytes(header, data))
+    with pytest.raises(CkptconvError) as ei:
+        exercise(f)
+    msg = str(ei.value)
+    assert fragment in msg and "\n" not in msg, msg
+
+
+def test_safetensors_unsorted_offsets_are_legal(tmp_path):
+    """The spec does not order entries: a file listing later data first reads fine."""
+    f = tmp_path / "unsorted.safetensors"
+    data = np.arange(2, dtype=np.float32).tobytes() + np.arange(2, 4, dtype=np.float32).tobytes()
+    f.write_bytes(_safetensors_bytes({"b": dict(_F32_2, data_offsets=[8, 16]), "a": _F32_2}, data))
+    t = ckptconv.load(f).tensors()
+    np.testing.assert_array_equal(t["a"].numpy(), [0, 1])
+    np.testing.assert_array_equal(t["b"].numpy(), [2, 3])
+    assert verify(f).ok
+
+
+def test_verify_onnx_external_data_present_and_sized(tmp_path):
+    pytest.importorskip("onnx")
+    model = tmp_path / "m.onnx"
+    ckptconv.save({"w": np.ones((32, 32), np.float32)}, model, external_data=True)
+    external = [p for p in tmp_path.iterdir() if p != model]
+    assert external and verify(model).ok
+    blob = external[0].read_bytes()
+    external[0].write_bytes(blob[:-64])
+    rep = verify(model)
+    assert rep.exit_code == 1 and any("truncated" in p or "needs" in p for p in rep.problems), rep
+    external[0].unlink()
+    rep = verify(model)
+    assert rep.exit_code == 1 and any("missing" in p for p in rep.problems), rep

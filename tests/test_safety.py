@@ -445,3 +445,17 @@ def test_zip_tricks(tmp_path):
     t0 = time.perf_counter()
     rc, _, err = cli("inspect", bomb)
     assert rc == 1 and "zip bomb" in err and time.perf_counter() - t0 < 10
+
+
+def test_raw_listing_follows_names_through_the_memo(tmp_path):
+    """scan's raw listing (scan_globals) names what STACK_GLOBAL really loads,
+    even when both strings come from memo slots, and lists EXT codes."""
+    from ckptconv.unpickler import scan_globals
+
+    names = scan_globals(BY_NAME["memo_obfuscated_stack_global"].data)
+    assert ("STACK_GLOBAL", "posix.system") in names
+    assert ("STACK_GLOBAL", "argparse._os.system") in scan_globals(BY_NAME["dotted_alias_name"].data)
+    assert scan_globals(BY_NAME["ext2_copyreg"].data)[0] == ("EXT2", "<copyreg extension 4660>")
+    f = tmp_path / "obf.pkl"
+    f.write_bytes(BY_NAME["memo_obfuscated_stack_global"].data)
+    assert "posix.system" in scan(f).pickles[0].names
