@@ -48,6 +48,7 @@ weights only and says in its notes what it left out. Which Keras layout the
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
@@ -62,7 +63,7 @@ import numpy as np
 
 from ckptconv import dtypes as _dt
 from ckptconv.atomic import atomic_file
-from ckptconv.errors import FormatError, UnsupportedError
+from ckptconv.errors import CkptconvError, FormatError, UnsupportedError
 from ckptconv.registry import Adapter
 from ckptconv.tensor import (ArrayTensor, FileHandle, FileSource, LazyTensor, StoredTensor,
                              TensorRef)
@@ -370,11 +371,11 @@ def read_h5(src: H5Source, order: list[str] | None = None, skip_attr: Callable[[
             ref = _dataset_ref(ds, path, src, dtype, be)
         except (OSError, ValueError, RuntimeError) as e:
             raise FormatError(f"{src.display}: dataset '{path}': {_h5_message(e)}") from None
-        by_object.setdefault(hash(ds.id), []).append((ds.id, ref))
+        by_object.setdefault(_object_key(ds), []).append((ds.id, ref))
         out.entries[path] = ref
 
     def walk(group, prefix: str) -> None:
-        visited = seen_groups.setdefault(hash(group.id), [])
+        visited = seen_groups.setdefault(_object_key(group), [])
         if any(oid == group.id for oid in visited):     # a soft link back up the tree
             return
         visited.append(group.id)
@@ -406,6 +407,27 @@ def read_h5(src: H5Source, order: list[str] | None = None, skip_attr: Callable[[
     except (OSError, RuntimeError) as e:
         raise FormatError(f"{src.display}: {_h5_message(e)}") from None
     return out
+
+
+def _object_key(obj):
+    """A hashable key for an HDF5 object (a corrupt file can hand out a FileID,
+    which h5py refuses to hash)."""
+    try:
+        return hash(obj.id)
+    except TypeError:
+        return ("name", obj.name)
+
+
+@contextlib.contextmanager
+def _h5_errors(path: Path):
+    """h5py reports damaged files with many exception types: one line each."""
+    try:
+        yield
+    except CkptconvError:
+        raise
+    except (OSError, KeyError, RuntimeError, ValueError, TypeError, IndexError,
+            OverflowError) as e:
+        raise FormatError(f"{path.name}: damaged HDF5 file ({_h5_message(e)})") from None
 
 
 def _decode_bytes(items):
@@ -653,9 +675,10 @@ class HDF5Adapter(Adapter):
         return path.is_file() and superblock_offset(head, path) is not None
 
     def read(self, path: Path, **options) -> Checkpoint:
-        src = H5Source(FileHandle(path))
-        contents = read_h5(src)
-        return _checkpoint(contents, src, self.name, path)
+        with _h5_errors(path):
+            src = H5Source(FileHandle(path))
+            contents = read_h5(src)
+            return _checkpoint(contents, src, self.name, path)
 
     def write(self, ckpt: Checkpoint, path: Path, force: bool = False, **options) -> dict:
         entries = list(iter_tensors(ckpt.tree))
@@ -728,6 +751,10 @@ class KerasH5Adapter(Adapter):
             return False
 
     def read(self, path: Path, **options) -> Checkpoint:
+        with _h5_errors(path):
+            return self._read(path)
+
+    def _read(self, path: Path) -> Checkpoint:
         extra_meta: dict[str, str] = {}
         if is_zip(_head4(path)):
             src, extra_meta = open_keras_archive(path)

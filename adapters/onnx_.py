@@ -395,11 +395,15 @@ class _Scanner:
             import onnx
             from onnx import numpy_helper
 
-            tp = onnx.TensorProto.FromString(handle.pread(start, end - start, f"tensor '{name}'"))
-            arr = np.asarray(numpy_helper.to_array(tp))
-            if arr.dtype != npdt:
-                arr = arr.view(npdt) if arr.dtype.itemsize == npdt.itemsize else arr.astype(npdt)
-            return arr.reshape(shape)
+            raw = handle.pread(start, end - start, f"tensor '{name}'")
+            try:
+                arr = np.asarray(numpy_helper.to_array(onnx.TensorProto.FromString(raw)))
+                if arr.dtype != npdt:
+                    arr = arr.view(npdt) if arr.dtype.itemsize == npdt.itemsize else arr.astype(npdt)
+                return arr.reshape(shape)
+            except Exception as e:  # protobuf DecodeError, bad dims vs data: a damaged file
+                raise FormatError(f"{handle.display}: tensor '{name}' cannot be decoded "
+                                  f"({type(e).__name__}: {' '.join(str(e).split())[:120]})") from None
 
         return LazyTensor(dtype, shape, compute)
 
