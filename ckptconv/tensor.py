@@ -8,6 +8,7 @@ Writers use ``file_span()`` to copy contiguous bytes file-to-file and
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import threading
@@ -137,11 +138,12 @@ class TensorRef:
     requires_grad: bool = False
     is_parameter: bool = False
 
-    @property
+    # shape and dtype never change after construction: compute once
+    @functools.cached_property
     def numel(self) -> int:
         return math.prod(self.shape)
 
-    @property
+    @functools.cached_property
     def nbytes(self) -> int:
         return self.numel * self.dtype.itemsize
 
@@ -191,19 +193,20 @@ class StoredTensor(TensorRef):
     def __init__(self, dtype, shape, source: ByteSource, offset: int = 0,
                  strides: tuple[int, ...] | None = None, big_endian: bool = False,
                  requires_grad: bool = False, is_parameter: bool = False):
-        self.dtype = _dt.get(dtype)
-        self.shape = tuple(int(s) for s in shape)
+        # readers build tens of thousands of these: keep the common path cheap
+        self.dtype = dtype if type(dtype) is DType else _dt.get(dtype)
+        self.shape = shape = tuple(map(int, shape))
         self.source = source
         self.offset = int(offset)
-        self.strides = tuple(int(s) for s in strides) if strides is not None else \
-            contiguous_strides(self.shape)
+        self.strides = tuple(map(int, strides)) if strides is not None else \
+            contiguous_strides(shape)
         self.big_endian = big_endian
         self.requires_grad = requires_grad
         self.is_parameter = is_parameter
-        if len(self.strides) != len(self.shape):
-            raise FormatError(f"tensor shape {self.shape} and strides {self.strides} differ in rank")
-        if any(s < 0 for s in self.shape) or any(s < 0 for s in self.strides) or self.offset < 0:
-            raise FormatError(f"tensor with negative shape, stride or offset: {self.shape}")
+        if len(self.strides) != len(shape):
+            raise FormatError(f"tensor shape {shape} and strides {self.strides} differ in rank")
+        if (shape and min(shape) < 0) or (self.strides and min(self.strides) < 0) or self.offset < 0:
+            raise FormatError(f"tensor with negative shape, stride or offset: {shape}")
         lo, hi = self._span()
         if hi > lo and hi * self.dtype.itemsize > source.nbytes:
             raise FormatError(

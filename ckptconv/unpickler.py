@@ -415,14 +415,62 @@ class RestrictedUnpickler:
                     if len(stack) != 1:
                         raise FormatError(f"{d}: corrupt pickle (stack holds {len(stack)} at STOP)")
                     return self.finish(stack.pop())
-                if name == "BYTEARRAY8":
-                    stack.append(bytearray(arg))
-                elif name == "NONE":
-                    stack.append(None)
-                elif name == "NEWTRUE":
-                    stack.append(True)
+                if name == "TUPLE":
+                    items = pop_mark()
+                    stack.append(tuple(items))
+                elif name in ("TUPLE1", "TUPLE2", "TUPLE3"):
+                    n = int(name[-1])
+                    if len(stack) < n:
+                        raise FormatError(f"{d}: corrupt pickle (stack underflow)")
+                    items = tuple(stack[-n:])
+                    del stack[-n:]
+                    stack.append(items)
+                elif name == "REDUCE":
+                    if len(stack) < 2:
+                        raise FormatError(f"{d}: corrupt pickle (stack underflow)")
+                    args = stack.pop()
+                    func = stack.pop()
+                    stack.append(self._call(func, args, "REDUCE"))
+                elif name in ("PERSID", "BINPERSID"):
+                    pid = arg if name == "PERSID" else stack.pop()
+                    stack.append(self.persistent_load(pid))
+                elif name == "EMPTY_TUPLE":
+                    stack.append(())
                 elif name == "NEWFALSE":
                     stack.append(False)
+                elif name == "NEWTRUE":
+                    stack.append(True)
+                elif name == "GLOBAL":
+                    module, _, gname = str(arg).partition(" ")
+                    stack.append(self._global(module, gname))
+                elif name == "SETITEMS":
+                    items = pop_mark()
+                    self._pairs(top(), items)
+                elif name == "EMPTY_DICT":
+                    stack.append({})
+                elif name == "NONE":
+                    stack.append(None)
+                elif name == "BUILD":
+                    if len(stack) < 2:
+                        raise FormatError(f"{d}: corrupt pickle (stack underflow)")
+                    state = stack.pop()
+                    self.build(top(), state)
+                elif name == "NEWOBJ":
+                    if len(stack) < 2:
+                        raise FormatError(f"{d}: corrupt pickle (stack underflow)")
+                    args = stack.pop()
+                    cls = stack.pop()
+                    stack.append(self._newobj(cls, args, None))
+                elif name == "APPENDS":
+                    items = pop_mark()
+                    lst = top()
+                    if not isinstance(lst, list):
+                        raise FormatError(f"{d}: corrupt pickle (APPENDS to {type(lst).__name__})")
+                    lst.extend(items)
+                elif name == "EMPTY_LIST":
+                    stack.append([])
+                elif name == "BYTEARRAY8":
+                    stack.append(bytearray(arg))
                 elif name == "POP":
                     if stack:
                         stack.pop()
@@ -432,26 +480,10 @@ class RestrictedUnpickler:
                     pop_mark()
                 elif name == "DUP":
                     stack.append(top())
-                elif name == "EMPTY_LIST":
-                    stack.append([])
-                elif name == "EMPTY_DICT":
-                    stack.append({})
-                elif name == "EMPTY_TUPLE":
-                    stack.append(())
                 elif name == "EMPTY_SET":
                     stack.append(set())
                 elif name == "LIST":
                     items = pop_mark()  # rebinds `stack`: pop before appending
-                    stack.append(items)
-                elif name == "TUPLE":
-                    items = pop_mark()
-                    stack.append(tuple(items))
-                elif name in ("TUPLE1", "TUPLE2", "TUPLE3"):
-                    n = int(name[-1])
-                    if len(stack) < n:
-                        raise FormatError(f"{d}: corrupt pickle (stack underflow)")
-                    items = tuple(stack[-n:])
-                    del stack[-n:]
                     stack.append(items)
                 elif name == "DICT":
                     items = pop_mark()
@@ -465,21 +497,12 @@ class RestrictedUnpickler:
                     if not isinstance(lst, list):
                         raise FormatError(f"{d}: corrupt pickle (APPEND to {type(lst).__name__})")
                     lst.append(v)
-                elif name == "APPENDS":
-                    items = pop_mark()
-                    lst = top()
-                    if not isinstance(lst, list):
-                        raise FormatError(f"{d}: corrupt pickle (APPENDS to {type(lst).__name__})")
-                    lst.extend(items)
                 elif name == "SETITEM":
                     if len(stack) < 3:
                         raise FormatError(f"{d}: corrupt pickle (stack underflow)")
                     v = stack.pop()
                     k = stack.pop()
                     self._pairs(top(), [k, v])
-                elif name == "SETITEMS":
-                    items = pop_mark()
-                    self._pairs(top(), items)
                 elif name == "ADDITEMS":
                     items = pop_mark()
                     s = top()
@@ -488,9 +511,6 @@ class RestrictedUnpickler:
                     s.update(self._hashable(x) for x in items)
                 elif name == "MEMOIZE":
                     memo[len(memo)] = top()
-                elif name == "GLOBAL":
-                    module, _, gname = str(arg).partition(" ")
-                    stack.append(self._global(module, gname))
                 elif name == "STACK_GLOBAL":
                     if len(stack) < 2:
                         raise FormatError(f"{d}: corrupt pickle (stack underflow)")
@@ -498,12 +518,6 @@ class RestrictedUnpickler:
                     if not isinstance(module, str) or not isinstance(gname, str):
                         raise FormatError(f"{d}: corrupt pickle (STACK_GLOBAL needs two strings)")
                     stack.append(self._global(module, gname, name))
-                elif name == "REDUCE":
-                    if len(stack) < 2:
-                        raise FormatError(f"{d}: corrupt pickle (stack underflow)")
-                    args = stack.pop()
-                    func = stack.pop()
-                    stack.append(self._call(func, args, "REDUCE"))
                 elif name == "INST":
                     module, _, gname = str(arg).partition(" ")
                     args = tuple(pop_mark())
@@ -513,12 +527,6 @@ class RestrictedUnpickler:
                     if not items:
                         raise FormatError(f"{d}: corrupt pickle (OBJ without a class)")
                     stack.append(self._call(items[0], tuple(items[1:]), "OBJ"))
-                elif name == "NEWOBJ":
-                    if len(stack) < 2:
-                        raise FormatError(f"{d}: corrupt pickle (stack underflow)")
-                    args = stack.pop()
-                    cls = stack.pop()
-                    stack.append(self._newobj(cls, args, None))
                 elif name == "NEWOBJ_EX":
                     if len(stack) < 3:
                         raise FormatError(f"{d}: corrupt pickle (stack underflow)")
@@ -526,14 +534,6 @@ class RestrictedUnpickler:
                     args = stack.pop()
                     cls = stack.pop()
                     stack.append(self._newobj(cls, args, kwargs))
-                elif name == "BUILD":
-                    if len(stack) < 2:
-                        raise FormatError(f"{d}: corrupt pickle (stack underflow)")
-                    state = stack.pop()
-                    self.build(top(), state)
-                elif name in ("PERSID", "BINPERSID"):
-                    pid = arg if name == "PERSID" else stack.pop()
-                    stack.append(self.persistent_load(pid))
                 elif name in ("EXT1", "EXT2", "EXT4"):
                     raise UnsafePickleError(f"{d}: pickle uses the copyreg extension registry "
                                             f"({name} code {arg}); refused, nothing was executed")
