@@ -18,13 +18,23 @@ _COPY_STEP = 1 << 30
 
 
 class OutFile:
-    """A write-only output with coalesced small writes and zero-copy big ones."""
+    """A write-only output with coalesced small writes and zero-copy big ones.
+
+    Small pieces are gathered in one reused buffer (small tensors are read
+    straight into it with ``preadv``), so writing many tensors costs neither
+    an allocation nor an extra copy per tensor.
+    """
 
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
         self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o644)
-        os.ftruncate(self.fd, 0)
-        self.buf = bytearray()
+        if os.fstat(self.fd).st_size:
+            # (not O_TRUNC: ext4 flushes a file truncated-then-rewritten at
+            # close; our targets are fresh temp files, so this rarely runs)
+            os.ftruncate(self.fd, 0)
+        self.buf = bytearray(_BUF_LIMIT)
+        self.view = memoryview(self.buf)
+        self.fill = 0
         self.pos = 0  # bytes handed to us so far (logical end of file)
         self._can_copy_range = hasattr(os, "copy_file_range")
         self._can_sendfile = hasattr(os, "sendfile")
@@ -35,9 +45,10 @@ class OutFile:
             self.flush()
             self._write_all(memoryview(data).cast("B"))
         else:
-            self.buf += data
-            if len(self.buf) >= _BUF_LIMIT:
+            if self.fill + n > _BUF_LIMIT:
                 self.flush()
+            self.view[self.fill:self.fill + n] = memoryview(data).cast("B")
+            self.fill += n
         self.pos += n
 
     def _write_all(self, view) -> None:
@@ -46,14 +57,23 @@ class OutFile:
             view = view[k:]
 
     def flush(self) -> None:
-        if self.buf:
-            self._write_all(memoryview(self.buf))
-            self.buf = bytearray()
+        if self.fill:
+            self._write_all(self.view[:self.fill])
+            self.fill = 0
 
     def copy_from(self, handle: FileHandle, offset: int, nbytes: int) -> None:
         """Append ``nbytes`` of ``handle`` starting at ``offset``."""
         if nbytes < _DIRECT_MIN:
-            self.write(handle.pread(offset, nbytes))
+            if offset + nbytes > handle.size:
+                handle.pread(offset, nbytes)  # raises the one-line truncation error
+            if self.fill + nbytes > _BUF_LIMIT:
+                self.flush()
+            got = os.preadv(handle.fileno(), [self.view[self.fill:self.fill + nbytes]], offset)
+            if got != nbytes:  # the file shrank under us
+                handle.pread(offset, nbytes)
+                raise OSError(f"short read from {handle.display}")
+            self.fill += nbytes
+            self.pos += nbytes
             return
         if offset + nbytes > handle.size:
             handle.pread(offset, nbytes)  # raises the one-line truncation error

@@ -8,7 +8,6 @@ Writers use ``file_span()`` to copy contiguous bytes file-to-file and
 """
 from __future__ import annotations
 
-import functools
 import math
 import os
 import threading
@@ -138,14 +137,21 @@ class TensorRef:
     requires_grad: bool = False
     is_parameter: bool = False
 
-    # shape and dtype never change after construction: compute once
-    @functools.cached_property
+    # shape and dtype never change after construction: compute once (by hand:
+    # functools.cached_property takes a lock on every access in Python 3.11)
+    @property
     def numel(self) -> int:
-        return math.prod(self.shape)
+        n = self.__dict__.get("_numel")
+        if n is None:
+            n = self._numel = math.prod(self.shape)
+        return n
 
-    @functools.cached_property
+    @property
     def nbytes(self) -> int:
-        return self.numel * self.dtype.itemsize
+        n = self.__dict__.get("_nbytes")
+        if n is None:
+            n = self._nbytes = self.numel * self.dtype.itemsize
+        return n
 
     def numpy(self) -> np.ndarray:
         raise NotImplementedError
