@@ -3,7 +3,7 @@
 
 Sources of truth, read from each torch of the matrix (tox.ini):
 ``torch/_weights_only_unpickler.py`` (``_get_allowed_globals`` and the opcodes
-``Unpickler.load`` understands: what ``torch.load(weights_only=True)``, the
+``Unpickler.load`` understands: what ``torch.load with weights_only=True``, the
 default since torch 2.6, accepts), ``torch/serialization.py`` (zip vs legacy,
 archive records, TorchScript dispatch), ``torch/_utils.py`` (which
 ``_rebuild_*`` functions exist), ``torch/storage.py`` (dtypes). The tables
@@ -93,11 +93,11 @@ _OPS_CHANGES: list[tuple[Version, set[str]]] = [((2, 0), {"BINFLOAT"})]
 
 # The torch releases the matrix runs (tox.ini); reports speak of these.
 MATRIX: tuple[Version, ...] = ((1, 13), (2, 0), (2, 4), (2, 6), (2, 13), (2, 14))
-WEIGHTS_ONLY_DEFAULT: Version = (2, 6)  # torch.load(weights_only=True) by default since
+WEIGHTS_ONLY_DEFAULT: Version = (2, 6)  # torch.load with weights_only=True by default since
 
 
 def weights_only_allowlist(version: Version) -> frozenset[str]:
-    """The globals ``torch.load(weights_only=True)`` of ``version`` accepts (transcribed)."""
+    """The globals ``torch.load with weights_only=True`` of ``version`` accepts (transcribed)."""
     names = set(_ALLOW_1_13)
     for since, added, removed in _ALLOW_CHANGES:
         if version >= since:
@@ -157,7 +157,7 @@ def fmt_version(v: Version | None) -> str | None:
 
 @dataclass
 class Blocker:
-    """One thing ``torch.load(weights_only=True)`` refuses, and where it sits."""
+    """One thing ``torch.load with weights_only=True`` refuses, and where it sits."""
 
     name: str             # a global ("argparse.Namespace") or "opcode BINFLOAT"
     reason: str
@@ -196,14 +196,14 @@ class CheckReport:
         return EXIT_UNSAFE if self.unsafe else EXIT_OK
 
     def loads_in(self, version: str | Version) -> bool:
-        """Whether torch ``version`` can ``torch.load`` it at all (weights_only=False)."""
+        """Whether torch ``version`` can ``torch.load`` it at all (without weights_only)."""
         if self.unsafe or not self.torch_loadable:
             return False
         need = parse_version(self.min_torch) or (0, 0)
         return parse_version(version) >= need
 
     def loads_weights_only_in(self, version: str | Version) -> bool:
-        """Whether ``torch.load(weights_only=True)`` of ``version`` loads it."""
+        """Whether ``torch.load with weights_only=True`` of ``version`` loads it."""
         v = parse_version(version)
         if not self.loads_in(v) or self.torch_format == "torchscript":
             return False
@@ -245,13 +245,13 @@ class CheckReport:
             lines.append("  weights_only: not applicable (load it with torch.jit.load)")
         elif self.weights_only:
             since = parse_version(self.weights_only_since)
-            lines.append("  torch.load(weights_only=True): loads in torch >= 2.6"
+            lines.append("  torch.load with weights_only=True: loads in torch >= 2.6"
                          + (f" (and from torch {self.weights_only_since})"
                             if since and since < WEIGHTS_ONLY_DEFAULT else ""))
         else:
             since = f"; loads so from torch {self.weights_only_since}" \
                 if self.weights_only_since else ""
-            lines.append(f"  torch.load(weights_only=True): FAILS in torch >= 2.6{since}; blocked by:")
+            lines.append(f"  torch.load with weights_only=True: FAILS in torch >= 2.6{since}; blocked by:")
             for b in self.blockers:
                 where = ", ".join(b.paths[:4]) + (f" (+{len(b.paths) - 4} more)"
                                                   if len(b.paths) > 4 else "")
@@ -425,7 +425,7 @@ def _blocker_reason(name: str, ck) -> str:
 # --- check ------------------------------------------------------------------------
 
 def check(path: str | os.PathLike) -> CheckReport:
-    """What torch a file needs, and whether ``torch.load(weights_only=True)`` loads it."""
+    """What torch a file needs, and whether ``torch.load with weights_only=True`` loads it."""
     from .api import load
 
     p = Path(path)
@@ -497,10 +497,14 @@ def _min_torch(report: CheckReport, ck) -> None:
                                 for v, why in sorted(reasons, key=lambda r: r[0], reverse=True)]
 
 
+# torch's weights-only loader refuses TorchScript archives (torch.jit.load reads them)
+TORCHSCRIPT_LOADS_WITH_WEIGHTS_ONLY = False
+
+
 def _weights_only(report: CheckReport, ck) -> None:
     if report.torch_format == "torchscript":
-        report.weights_only = False
-        report.notes.append("TorchScript archive: torch.load(weights_only=True) refuses it "
+        report.weights_only = TORCHSCRIPT_LOADS_WITH_WEIGHTS_ONLY
+        report.notes.append("TorchScript archive: torch.load with weights_only=True refuses it "
                             "(torch >= 2.x); torch.jit.load reads it")
         return
     for v in MATRIX:
@@ -578,7 +582,7 @@ class SanitizeReport:
 
     def __str__(self) -> str:
         lines = [f"{self.source} -> {self.target}: {self.tensors} tensors, "
-                 f"{len(self.changes)} values changed; loads with torch.load(weights_only=True) "
+                 f"{len(self.changes)} values changed; loads with torch.load with weights_only=True "
                  f"from torch {self.weights_only_since}"]
         lines += [f"  {c['path']}: {c['from']} -> {c['to']}" for c in self.changes]
         lines += [f"  note: {n}" for n in self.notes]
@@ -740,7 +744,7 @@ class _Sanitizer:
 
 def sanitize(src: str | os.PathLike, dst: str | os.PathLike, force: bool = False,
              torch_compat: str | None = None) -> SanitizeReport:
-    """Rewrite ``src`` as a torch zip file that ``torch.load(weights_only=True)`` loads.
+    """Rewrite ``src`` as a torch zip file that ``torch.load with weights_only=True`` loads.
 
     numpy scalars become Python numbers, arrays tensors, inert records plain
     dicts noting their class (``{"__class__": "argparse.Namespace", ...}``),

@@ -1,7 +1,7 @@
 """``ckptconv scan``: which files would run code when unpickled, and why,
 without executing anything.
 
-``torch.load(weights_only=False)`` and ``pickle.load`` run whatever a pickle
+``torch.load`` without ``weights_only`` and ``pickle.load`` run whatever a pickle
 names. A file can carry pickles in more places than its ``data.pkl``, so
 ``scan`` looks at every one of them:
 
