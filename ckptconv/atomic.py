@@ -123,11 +123,8 @@ def _describe(e: OSError, path: Path) -> str:
     return f"{path}: cannot write: {e.strerror or e}"
 
 
-@contextlib.contextmanager
-def atomic_file(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
-    """Yield a temp path next to ``path``; on success it replaces ``path``."""
-    path = Path(path)
-    check_target(path, force)
+def _new_temp(path: Path) -> Path:
+    """An empty temp file beside ``path`` (same file system, so rename is atomic)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(path)
     fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=TMP_SUFFIX, dir=path.parent)
@@ -135,7 +132,15 @@ def atomic_file(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
         os.fchmod(fd, _final_mode(path))
     finally:
         os.close(fd)
-    tmp = Path(tmp)
+    return Path(tmp)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
+    """Yield a temp path next to ``path``; on success it replaces ``path``."""
+    path = Path(path)
+    check_target(path, force)
+    tmp = _new_temp(path)
     try:
         yield tmp
         with open(tmp, "rb+") as f:
@@ -188,15 +193,9 @@ def atomic_files(paths: list[Path], force: bool = False) -> Iterator[list[Path]]
     with contextlib.ExitStack() as stack:
         tmps = []
         for p in paths:
-            p.parent.mkdir(parents=True, exist_ok=True)
-            remove_stale_temps(p)
-            fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(p), suffix=TMP_SUFFIX, dir=p.parent)
-            try:
-                os.fchmod(fd, _final_mode(p))
-            finally:
-                os.close(fd)
-            tmps.append(Path(tmp))
-            stack.callback(lambda t=Path(tmp): t.unlink() if t.exists() else None)
+            tmp = _new_temp(p)
+            tmps.append(tmp)
+            stack.callback(lambda t=tmp: t.unlink() if t.exists() else None)
         try:
             yield tmps
             for t in tmps:
