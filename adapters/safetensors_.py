@@ -176,8 +176,11 @@ class SafetensorsAdapter(Adapter):
         index_path = path.parent / f"{stem}.safetensors.index.json"
         targets = [path.parent / s for s in shard_names] + [index_path]
         shard_md = {k: v for k, v in metadata.items() if not k.startswith("ckptconv.")}
+        # total_size describes these shards: a value carried over from a
+        # source index (its metadata) must not replace it
         index = {"metadata": {"total_size": str(sum(r.nbytes for _, r in entries)),
-                              **{k: v for k, v in metadata.items() if k != "format"}},
+                              **{k: v for k, v in metadata.items()
+                                 if k not in ("format", "total_size")}},
                  "weight_map": {name: shard_names[k] for k, sh in enumerate(shards) for name, _ in sh}}
         with atomic_files(targets, force) as tmps:
             work = [(tmps[k], shards[k], shard_md) for k in range(n)]

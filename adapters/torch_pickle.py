@@ -731,8 +731,6 @@ def read_legacy_checkpoint(path: Path) -> Checkpoint:
 
 # --- writing ---------------------------------------------------------------------
 
-_V3_ONLY = {"float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz",
-            "float8_e8m0fnu", "uint16", "uint32", "uint64", "complex32"}
 # the first torch release that has each dtype (for --torch-compat and `check`)
 DTYPE_MIN_TORCH = {"bfloat16": (1, 10), "float8_e4m3fn": (2, 1), "float8_e5m2": (2, 1),
                    "float8_e4m3fnuz": (2, 2), "float8_e5m2fnuz": (2, 2), "float8_e8m0fnu": (2, 7),
@@ -947,7 +945,9 @@ def write_zip_checkpoint(ckpt: Checkpoint, path: Path, force: bool = False,
         idx, offset, shape, stride = placement[id(ref)]
         st = storages[idx]
         dtype: _dt.DType = st["dtype"]
-        v3 = dtype.name in _V3_ONLY or dtype.storage_class is None
+        # dtypes with no typed storage class (fp8, uint16..64, complex32)
+        # need _rebuild_tensor_v3 over an UntypedStorage
+        v3 = dtype.storage_class is None
         if ref.is_parameter:
             pw.glob("torch._utils._rebuild_parameter")
             pw.w(b"(")

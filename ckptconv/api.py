@@ -133,7 +133,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str | None = Non
     report.bytes = sum(r.nbytes for r in uniq.values())
     report.files = [str(f) for f in info.get("files", [dst])]
     if manifest:  # <dst>.sha256.json: file and per-tensor SHA-256, for `verify --manifest`
-        from .verify import write_manifest
+        from .integrity import write_manifest
 
         report.files.append(str(write_manifest(dst, report.files)))
     report.notes = list(info.get("notes", []))
@@ -162,7 +162,7 @@ def check(path):
 
 
 def verify(path, manifest: bool = False):
-    from .verify import verify as _verify
+    from .integrity import verify as _verify
 
     return _verify(path, manifest=manifest)
 

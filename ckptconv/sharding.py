@@ -25,6 +25,9 @@ def read_sharded(path: Path, read_shard: Callable[[Path], tuple[dict[str, Tensor
         weight_map = index["weight_map"]
         if not isinstance(weight_map, dict):
             raise TypeError("weight_map is not an object")
+        index_meta = index.get("metadata") or {}
+        if not isinstance(index_meta, dict):
+            raise TypeError("metadata is not an object")
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
         raise FormatError(f"{path.name}: not a sharded checkpoint index ({e})") from None
     folder = path.parent.resolve()
@@ -47,4 +50,7 @@ def read_sharded(path: Path, read_shard: Callable[[Path], tuple[dict[str, Tensor
     if missing:
         raise FormatError(f"{path.name}: {len(missing)} tensors of the weight map are not in "
                           f"their shard, e.g. '{missing[0]}'")
-    return {n: tensors[n] for n in weight_map}, dict(index.get("metadata") or {}), shard_meta
+    # total_size describes the shard files, not the checkpoint: a writer
+    # recomputes it, so it is not passed on as the checkpoint's metadata
+    return ({n: tensors[n] for n in weight_map},
+            {k: v for k, v in index_meta.items() if k != "total_size"}, shard_meta)

@@ -185,13 +185,6 @@ def read_member_bytes(handle: FileHandle, m: Member, limit: int = 1 << 31) -> by
                       f"{m.compress_type}, which checkpoints never use")
 
 
-def crc_of_member(handle: FileHandle, m: Member, chunk: int = 8 << 20) -> int:
-    crc = 0
-    for off in range(0, m.compressed_size, chunk):
-        crc = zlib.crc32(handle.pread(m.data_offset + off, min(chunk, m.compressed_size - off)), crc)
-    return crc
-
-
 class ZipWriter:
     """Stored members, 64-byte aligned data, CRCs patched in after streaming."""
 
@@ -268,34 +261,36 @@ class ZipWriter:
         return self._pool
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown()
-        out = self.out
-        out.flush()
-        # patch CRCs into the local headers
-        for bname, offset, size, crc in self.entries:
-            os.pwrite(out.fd, struct.pack("<I", crc), offset + 14)
-        cd_start = out.pos
-        for bname, offset, size, crc in self.entries:
-            extra = b""
-            big = size >= 0xFFFFFFFF or offset >= 0xFFFFFFFF
-            if big:
-                extra = struct.pack("<HHQQQ", 1, 24, size, size, offset)
-            out.write(_CENTRAL.pack(
-                0x02014B50, 45 if big else 20, 45 if big else 20, 0, 0, 0, 0x21, crc,
-                0xFFFFFFFF if big else size, 0xFFFFFFFF if big else size, len(bname), len(extra),
-                0, 0, 0, 0, 0xFFFFFFFF if big else offset) + bname + extra)
-        cd_size = out.pos - cd_start
-        n = len(self.entries)
-        if n >= 0xFFFF or cd_start >= 0xFFFFFFFF or cd_size >= 0xFFFFFFFF:
-            z64_start = out.pos
-            out.write(struct.pack("<IQHHIIQQQQ", 0x06064B50, 44, 45, 45, 0, 0, n, n, cd_size, cd_start))
-            out.write(struct.pack("<IIQI", 0x07064B50, 0, z64_start, 1))
-            out.write(struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, 0xFFFF, 0xFFFF,
-                                  0xFFFFFFFF, 0xFFFFFFFF, 0))
-        else:
-            out.write(struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, n, n, cd_size, cd_start, 0))
-        out.close()
+        try:
+            if self._pool is not None:
+                self._pool.shutdown()
+            out = self.out
+            out.flush()
+            # patch CRCs into the local headers
+            for bname, offset, size, crc in self.entries:
+                os.pwrite(out.fd, struct.pack("<I", crc), offset + 14)
+            cd_start = out.pos
+            for bname, offset, size, crc in self.entries:
+                extra = b""
+                big = size >= 0xFFFFFFFF or offset >= 0xFFFFFFFF
+                if big:
+                    extra = struct.pack("<HHQQQ", 1, 24, size, size, offset)
+                out.write(_CENTRAL.pack(
+                    0x02014B50, 45 if big else 20, 45 if big else 20, 0, 0, 0, 0x21, crc,
+                    0xFFFFFFFF if big else size, 0xFFFFFFFF if big else size, len(bname), len(extra),
+                    0, 0, 0, 0, 0xFFFFFFFF if big else offset) + bname + extra)
+            cd_size = out.pos - cd_start
+            n = len(self.entries)
+            if n >= 0xFFFF or cd_start >= 0xFFFFFFFF or cd_size >= 0xFFFFFFFF:
+                z64_start = out.pos
+                out.write(struct.pack("<IQHHIIQQQQ", 0x06064B50, 44, 45, 45, 0, 0, n, n, cd_size, cd_start))
+                out.write(struct.pack("<IIQI", 0x07064B50, 0, z64_start, 1))
+                out.write(struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, 0xFFFF, 0xFFFF,
+                                      0xFFFFFFFF, 0xFFFFFFFF, 0))
+            else:
+                out.write(struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, n, n, cd_size, cd_start, 0))
+        finally:  # the descriptor is released even when a write fails
+            self.out.close()
 
 
 def is_zip(head: bytes) -> bool:

@@ -172,3 +172,32 @@ def test_exception_inside_atomic_file_removes_the_temp(tmp_path):
             assert tmp.name.startswith(f".x.bin.{os.getpid()}.") and tmp.name.endswith(TMP_SUFFIX)
             raise RuntimeError("boom")
     assert not dst.exists() and not _temps(tmp_path)
+
+
+def test_failed_writes_release_their_file_descriptors(tmp_path):
+    """A write that fails (EFBIG here) in a long-running process leaves no
+    descriptor open, in the torch zip writer and the safetensors writer."""
+    src = tmp_path / "src.safetensors"
+    ckptconv.save({"w": np.ones(1 << 20, np.float32)}, src)  # 4 MB > the 1 MB limit
+    code = (
+        "import os, signal, sys\n"
+        "import ckptconv\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "ck = ckptconv.load(sys.argv[1])\n"
+        "def fds():\n"
+        "    return len(os.listdir('/proc/self/fd'))\n"
+        "counts = []\n"
+        "for name in ('o.pt', 'o.safetensors', 'o.pt', 'o.safetensors', 'o.pt'):\n"
+        "    try:\n"
+        "        ckptconv.save(ck, os.path.join(sys.argv[2], name), force=True)\n"
+        "    except ckptconv.CkptconvError:\n"
+        "        pass\n"
+        "    else:\n"
+        "        sys.exit('the write should have failed')\n"
+        "    counts.append(fds())\n"
+        "print(counts)\n"
+        "sys.exit(0 if len(set(counts)) == 1 else 'descriptors leak: %s' % counts)\n")
+    p = subprocess.run([sys.executable, "-c", code, str(src), str(tmp_path)], capture_output=True,
+                       text=True, preexec_fn=_limit_file_size, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert not _temps(tmp_path)

@@ -145,7 +145,7 @@ def samples(tmp_path_factory):
 def exercise(path: Path) -> None:
     """What a user does with a file: open it, read every tensor, inspect, verify."""
     from ckptconv.inspect_ import inspect_checkpoint
-    from ckptconv.verify import verify
+    from ckptconv.integrity import verify
 
     try:
         ck = ckptconv.load(path)
@@ -362,7 +362,7 @@ def test_readers_stay_within_memory_and_time_bounds(samples):
 
 # --- verify: checksums catch flipped bits ------------------------------------------------------
 
-from ckptconv.verify import verify  # noqa: E402
+from ckptconv.integrity import verify  # noqa: E402
 
 _VERIFY = settings(max_examples=int(os.environ.get("CKPTCONV_VERIFY_EXAMPLES", "40")),
                    deadline=timedelta(seconds=TIME_LIMIT_S), derandomize=not os.environ.get("CKPTCONV_FUZZ_RANDOM"),

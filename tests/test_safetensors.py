@@ -110,3 +110,35 @@ def test_overlapping_offsets_refused(tmp_path):
     p = tmp_path / "overlap.safetensors"
     p.write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(12))
     assert_one_line_error(run_cli("inspect", p), 1, "overlap")
+
+
+def test_sharded_total_size_is_recomputed_not_carried_over(tmp_path):
+    # a total_size read from a source index once replaced the new shards' own
+    sd = {"a": np.ones(100, np.float32), "b": np.ones(100, np.float32)}
+    src = tmp_path / "src" / "model.safetensors.index.json"
+    ckptconv.save(sd, src, shard_size=400)
+    assert "total_size" not in ckptconv.load(src).metadata
+    dst = tmp_path / "dst" / "model.safetensors.index.json"
+    ckptconv.convert(src, dst, dtype="float16", shard_size=200)
+    assert json.loads(dst.read_text())["metadata"]["total_size"] == "400"
+
+
+def test_index_with_bad_metadata_is_a_one_line_error(tmp_path):
+    p = tmp_path / "model.safetensors.index.json"
+    p.write_text(json.dumps({"metadata": [1], "weight_map": {}}))
+    assert_one_line_error(run_cli("inspect", p), 1, "metadata")
+
+
+def test_verbs_stay_callable_after_every_submodule_is_imported(tmp_path):
+    # importing a submodule binds it on the package: a submodule named like an
+    # exported function (it was ckptconv/verify.py) hides the function
+    import importlib
+    import pkgutil
+
+    for mod in pkgutil.iter_modules(ckptconv.__path__):
+        if mod.name != "__main__":
+            importlib.import_module(f"ckptconv.{mod.name}")
+    p = tmp_path / "m.safetensors"
+    ckptconv.save({"a": np.ones(3, np.float32)}, p)
+    assert ckptconv.verify(p).ok and ckptconv.verify(p).ok
+    assert ckptconv.check is ckptconv.api.check and ckptconv.scan is ckptconv.api.scan

@@ -544,7 +544,7 @@ def test_flipped_data_bit_caught_by_verification(tf1_copy, tmp_path):
     with pytest.raises(IntegrityError):
         ckptconv.save(ckptconv.load(tf1_copy, verify=True), dst)
     assert not dst.exists()
-    if importlib.util.find_spec("ckptconv.verify") is None:
+    if importlib.util.find_spec("ckptconv.integrity") is None:
         return                                 # the core's verify verb is not there yet
     r = cli("verify", tf1_copy)
     assert r.returncode == 1 and "crc32c" in r.stdout + r.stderr

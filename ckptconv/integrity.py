@@ -80,17 +80,15 @@ def _line(e: BaseException) -> str:
 
 def _member_crc(handle, m) -> int:
     """CRC-32 of a member's *uncompressed* bytes, read in bounded chunks."""
-    crc = 0
+    from .ziputil import crc_of_span
+
     if m.compress_type == 0:
-        for off in range(0, m.compressed_size, _CHUNK):
-            crc = zlib.crc32(handle.pread(m.data_offset + off,
-                                          min(_CHUNK, m.compressed_size - off)), crc)
-        return crc
+        return crc_of_span(handle, m.data_offset, m.compressed_size, _CHUNK)
     if m.compress_type != 8:
         raise FormatError(f"{handle.display}: zip member '{m.name}' uses compression "
                           f"{m.compress_type}")
     d = zlib.decompressobj(-15)
-    produced = 0
+    crc = produced = 0
     step = 1 << 20  # output per call: memory stays flat whatever the ratio
 
     def take(out: bytes) -> None:
