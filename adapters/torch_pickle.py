@@ -1042,12 +1042,21 @@ class TorchAdapter(Adapter):
 
     def _read_sharded(self, path: Path) -> Checkpoint:
         """``pytorch_model.bin.index.json`` + ``pytorch_model-0000K-of-0000N.bin`` shards."""
+        values: dict[str, Any] = {}  # non-tensor entries of the shards (HF shards have none)
+
         def read_shard(p: Path):
-            return self.read(p).tensors(), {}
+            part = self.read(p)
+            for name, leaf in part.leaves():
+                if not isinstance(leaf, TensorRef):
+                    values.setdefault(name, leaf)
+            return part.tensors(), {}
 
         tensors, index_meta, _ = read_sharded(path, read_shard)
+        tree: dict[str, Any] = dict(tensors)
+        for name, value in values.items():
+            tree.setdefault(name, value)
         md = {k: str(v) for k, v in index_meta.items()}
-        return Checkpoint(tensors, md, "torch", str(path), {"sharded": True})
+        return Checkpoint(tree, md, "torch", str(path), {"sharded": True})
 
     def write(self, ckpt: Checkpoint, path: Path, force: bool = False,
               torch_compat: str | None = None, **options) -> dict:

@@ -114,6 +114,28 @@ class Checkpoint:
     path: str | None = None
     info: dict[str, Any] = field(default_factory=dict)  # reader notes (object paths, writer...)
 
+    def close(self) -> None:
+        """Release the files this checkpoint holds open, now.
+
+        Files are also released when the checkpoint is garbage-collected;
+        ``close`` (or ``with ckptconv.load(...) as ck:``) does it at once. A
+        tensor read afterwards opens its file again.
+        """
+        for ref in self.unique_tensors().values():
+            source = getattr(ref, "source", None)
+            fr = source.file_range() if source is not None else None
+            if fr is not None:
+                fr[0].close()
+        closer = self.info.get("close")
+        if callable(closer):
+            closer()
+
+    def __enter__(self) -> "Checkpoint":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def tensors(self) -> dict[str, TensorRef]:
         """Flat name -> tensor, every name (tied tensors appear under each)."""
         out: dict[str, TensorRef] = {}

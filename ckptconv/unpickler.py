@@ -492,7 +492,9 @@ class RestrictedUnpickler:
                     items = pop_mark()
                     stack.append(frozenset(self._hashable(x) for x in items))
                 elif name == "APPEND":
-                    v = stack.pop() if stack else None
+                    if len(stack) < 2:
+                        raise FormatError(f"{d}: corrupt pickle (stack underflow)")
+                    v = stack.pop()
                     lst = top()
                     if not isinstance(lst, list):
                         raise FormatError(f"{d}: corrupt pickle (APPEND to {type(lst).__name__})")

@@ -296,3 +296,18 @@ def test_cli_import_is_light():
     import subprocess
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+def test_sharded_bin_keeps_non_tensor_entries(tmp_path):
+    sd = {"a.weight": torch.randn(2, 2), "b.weight": torch.randn(3)}
+    torch.save({"a.weight": sd["a.weight"], "epoch": 4}, tmp_path / "m-00001-of-00002.bin")
+    torch.save({"b.weight": sd["b.weight"]}, tmp_path / "m-00002-of-00002.bin")
+    index = tmp_path / "m.bin.index.json"
+    index.write_text(json.dumps({"weight_map": {"a.weight": "m-00001-of-00002.bin",
+                                                "b.weight": "m-00002-of-00002.bin"}}))
+    with ckptconv.load(index) as ck:
+        assert ck.tree["epoch"] == 4
+        for n, t in sd.items():
+            assert tensor_bytes_equal(ck.tensors()[n].torch(), t)
+    # closed: a later read opens the file again
+    assert tensor_bytes_equal(ck.tensors()["b.weight"].torch(), sd["b.weight"])
