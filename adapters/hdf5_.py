@@ -283,7 +283,8 @@ def _dataset_ref(ds, path: str, src: H5Source, dtype: _dt.DType, big_endian: boo
             source = FileSource(src.handle, src.base + offset, nbytes, f"dataset '{path}'")
             source.check()
             return StoredTensor(dtype, shape, source, big_endian=big_endian)
-    return LazyTensor(dtype, shape, lambda: src.read_dataset(path, dtype))
+    return LazyTensor(dtype, shape, lambda: src.read_dataset(path, dtype),
+                      what=f"{src.display}: dataset '{path}'")
 
 
 class H5Contents:

@@ -192,6 +192,9 @@ class _Scanner:
         self.names: set[str] = set()
         self.counts = {"initializers": 0, "constants": 0, "sparse": 0, "in_subgraphs": 0}
 
+    def _what(self, name: str) -> str:
+        return f"{self.handle.display}: tensor '{name}'"
+
     def fail(self, what: str):
         raise FormatError(f"{self.handle.display}: {what}")
 
@@ -334,7 +337,8 @@ class _Scanner:
             attr = onnx.AttributeProto.FromString(handle.pread(start, end - start, f"constant '{name}'"))
             return np.asarray(helper.get_attribute_value(attr), dtype=dtype).reshape(shape)
 
-        self.add(OnnxTensor(name, "constant-attr", LazyTensor(dtype, shape, compute), apath,
+        self.add(OnnxTensor(name, "constant-attr", LazyTensor(dtype, shape, compute,
+                                                                     what=self._what(name)), apath,
                             attr_form=form))
 
     def _header(self, span) -> dict:
@@ -344,7 +348,12 @@ class _Scanner:
              "typed": False}
         for num, wire, v in iter_fields(buf, *span):
             if num == 1:
-                h["dims"] += _packed_varints(buf, v) if wire == 2 else [v]
+                if wire == 2:
+                    h["dims"] += _packed_varints(buf, v)
+                elif wire == 0:
+                    h["dims"].append(v)
+                else:  # dims are varints: another wire type means a damaged file
+                    self.fail(f"tensor dims stored with protobuf wire type {wire}")
             elif num == 2 and wire == 0:
                 h["data_type"] = v
             elif num == 8 and wire == 2:
@@ -405,7 +414,7 @@ class _Scanner:
                 raise FormatError(f"{handle.display}: tensor '{name}' cannot be decoded "
                                   f"({type(e).__name__}: {' '.join(str(e).split())[:120]})") from None
 
-        return LazyTensor(dtype, shape, compute)
+        return LazyTensor(dtype, shape, compute, what=self._what(name))
 
     def external_ref(self, name: str, dtype: _dt.DType, shape, nbytes: int, entries: dict) -> TensorRef:
         location = entries.get("location", "")
@@ -435,7 +444,8 @@ class _Scanner:
         source.check()
         if dtype.name in PACKED_4BIT:
             return LazyTensor(dtype, shape, lambda: unpack_4bit(source.read(0, nbytes), numel,
-                                                                dtype).reshape(shape))
+                                                                dtype).reshape(shape),
+                              what=self._what(name))
         return StoredTensor(dtype, shape, source)
 
     def tensor(self, span, prefix: str, ppath: tuple, kind: str, name: str | None = None) -> None:
@@ -485,7 +495,8 @@ class _Scanner:
             out[flat] = vals
             return out.reshape(shape)
 
-        self.add(OnnxTensor(name, "sparse", LazyTensor(vref.dtype, shape, densify, (vref, iref)), ppath,
+        self.add(OnnxTensor(name, "sparse", LazyTensor(vref.dtype, shape, densify, (vref, iref),
+                                                              what=self._what(name)), ppath,
                             external=vh["location"] == 1 or ih["location"] == 1))
 
     def add(self, t: OnnxTensor) -> None:

@@ -308,18 +308,20 @@ class LazyTensor(TensorRef):
     """A tensor computed on demand from other tensors (casts, mapping transforms)."""
 
     def __init__(self, dtype, shape, compute: Callable[[], np.ndarray], inputs=(),
-                 requires_grad: bool = False, is_parameter: bool = False):
+                 requires_grad: bool = False, is_parameter: bool = False, what: str = ""):
         self.dtype = _dt.get(dtype)
         self.shape = tuple(int(s) for s in shape)
         self.compute = compute
         self.inputs = tuple(inputs)
         self.requires_grad = requires_grad
         self.is_parameter = is_parameter
+        self.what = what  # "file: tensor 'name'", for errors
 
     def numpy(self) -> np.ndarray:
         arr = np.asarray(self.compute())
         if tuple(arr.shape) != self.shape:
-            raise FormatError(f"computed tensor has shape {arr.shape}, expected {self.shape}")
+            raise FormatError(f"{self.what or 'computed tensor'}: has shape {arr.shape}, "
+                              f"expected {self.shape}")
         return arr
 
 
