@@ -160,15 +160,21 @@ def test_sharded_bin_with_index(tmp_path):
         assert tensor_bytes_equal(ck.tensors()[n].torch(), t)
 
 
-def test_zip_root_folder_name_is_free(tmp_path):
-    sd = {"w": torch.randn(3, 3), "b": torch.arange(3)}
+def save_rewritten(sd, path, rename=lambda name: name, edit=lambda name, data: data):
+    """torch.save ``sd``, then re-zip it member by member through ``rename``/``edit``."""
     buf = io.BytesIO()
     torch.save(sd, buf)
     src = zipfile.ZipFile(io.BytesIO(buf.getvalue()))
-    odd = tmp_path / "odd.pt"
-    with zipfile.ZipFile(odd, "w", zipfile.ZIP_STORED) as z:
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
         for info in src.infolist():
-            z.writestr("some_other_root/" + info.filename.split("/", 1)[1], src.read(info))
+            z.writestr(rename(info.filename), edit(info.filename, src.read(info)))
+    return path
+
+
+def test_zip_root_folder_name_is_free(tmp_path):
+    sd = {"w": torch.randn(3, 3), "b": torch.arange(3)}
+    odd = save_rewritten(sd, tmp_path / "odd.pt",
+                         rename=lambda n: "some_other_root/" + n.split("/", 1)[1])
     ck = ckptconv.load(odd)
     assert ck.info["archive_root"] == "some_other_root"
     for n, t in sd.items():
@@ -179,16 +185,13 @@ def test_zip_root_folder_name_is_free(tmp_path):
 def test_gpu_location_tags_are_recorded_not_acted_on(tmp_path):
     """A checkpoint saved on a GPU (location 'cuda:0') reads on a CPU-only machine."""
     sd = {"w": torch.randn(2, 3)}
-    buf = io.BytesIO()
-    torch.save(sd, buf)
-    src = zipfile.ZipFile(io.BytesIO(buf.getvalue()))
-    gpu = tmp_path / "gpu.pt"
-    with zipfile.ZipFile(gpu, "w", zipfile.ZIP_STORED) as z:
-        for info in src.infolist():
-            data = src.read(info)
-            if info.filename.endswith("data.pkl"):
-                data = data.replace(b"X\x03\x00\x00\x00cpu", b"X\x06\x00\x00\x00cuda:0")
-            z.writestr(info.filename, data)
+
+    def to_cuda(name, data):
+        if name.endswith("data.pkl"):
+            return data.replace(b"X\x03\x00\x00\x00cpu", b"X\x06\x00\x00\x00cuda:0")
+        return data
+
+    gpu = save_rewritten(sd, tmp_path / "gpu.pt", edit=to_cuda)
     ck = ckptconv.load(gpu)
     assert ck.info["storage_locations"] == ["cuda:0"]
     out = tmp_path / "cpu.pt"
