@@ -987,7 +987,6 @@ def write_zip_checkpoint(ckpt: Checkpoint, path: Path, force: bool = False,
             zw.add_bytes(f"{root}/byteorder", b"little")
             for idx, st in enumerate(storages):
                 if st["source"] is not None:
-                    ref = st["ref"]
                     whole = StoredTensor(st["dtype"], (st["nbytes"] // st["dtype"].itemsize,),
                                          st["source"])
                     zw.add_tensor_bytes(f"{root}/data/{idx}", st["nbytes"], [whole],

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from . import dtypes as _dt
-from .errors import FormatError, UsageError
+from .errors import UsageError
 from .registry import detect_format, format_for_target, get_adapter
 from .tensor import cast
 from .tree import Checkpoint
@@ -171,8 +171,3 @@ def scan(path):
     from .safety import scan as _scan
 
     return _scan(path)
-
-
-def _require_file(p: Path) -> None:
-    if not p.exists():
-        raise FormatError(f"{p}: no such file or folder")

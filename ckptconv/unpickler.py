@@ -176,10 +176,6 @@ class Pending:
         raise NotImplementedError
 
 
-class _Mark:
-    pass
-
-
 _PLAIN_KEYS = frozenset((str, bytes, int, float, bool, complex, type(None)))
 
 
@@ -366,7 +362,6 @@ class RestrictedUnpickler:
         stack: list[Any] = []
         metastack: list[list[Any]] = []
         memo: dict[int, Any] = {}
-        mark = _Mark
         d = self.display
 
         def pop_mark() -> list:
