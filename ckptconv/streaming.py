@@ -4,6 +4,11 @@ Contiguous bytes that already lie in a file are copied file-to-file with
 ``os.copy_file_range`` (``sendfile``, then bounded ``pread`` as fallbacks);
 everything else (strided views, casts, transforms) arrives from
 ``TensorRef.iter_bytes`` in bounded chunks. Small writes are coalesced.
+
+Writeback of what has been written is started every few MiB
+(``sync_file_range(SYNC_FILE_RANGE_WRITE)``, asynchronous), so the disk
+works while we copy and the final ``fsync`` finds little left to do:
+without it, a 2 GiB output spends about as long in ``fsync`` as in copying.
 """
 from __future__ import annotations
 
@@ -14,7 +19,32 @@ from .tensor import FileHandle, TensorRef
 
 _BUF_LIMIT = 4 << 20
 _DIRECT_MIN = 256 << 10  # below this a pread + buffered write is cheaper
-_COPY_STEP = 1 << 30
+# One copy_file_range call moves at most this much: the kernel copies one
+# huge range slower than many moderate ones, and writeback starts between.
+_COPY_STEP = 32 << 20
+_WRITEBEHIND = 8 << 20  # start writeback whenever this much is newly written
+_SYNC_FILE_RANGE_WRITE = 2
+
+_sync_range = None  # libc sync_file_range, looked up on first use; False if absent
+
+
+def _start_writeback(fd: int, offset: int, nbytes: int) -> None:
+    """Ask the kernel to start writing ``nbytes`` at ``offset`` to disk, without waiting."""
+    global _sync_range
+    if _sync_range is None:
+        _sync_range = False
+        if hasattr(os, "copy_file_range"):  # Linux
+            try:
+                import ctypes
+
+                fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+                fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+                fn.restype = ctypes.c_int
+                _sync_range = fn
+            except (OSError, AttributeError, ImportError):
+                pass
+    if _sync_range:
+        _sync_range(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)  # advisory: errors ignored
 
 
 class OutFile:
@@ -36,6 +66,8 @@ class OutFile:
         self.view = memoryview(self.buf)
         self.fill = 0
         self.pos = 0  # bytes handed to us so far (logical end of file)
+        self.written = 0  # bytes in the file (pos minus what the buffer holds)
+        self.synced = 0   # writeback started up to here
         self._can_copy_range = hasattr(os, "copy_file_range")
         self._can_sendfile = hasattr(os, "sendfile")
 
@@ -55,6 +87,13 @@ class OutFile:
         while len(view):
             k = os.write(self.fd, view)
             view = view[k:]
+            self._wrote(k)
+
+    def _wrote(self, n: int) -> None:
+        self.written += n
+        if self.written - self.synced >= _WRITEBEHIND:
+            _start_writeback(self.fd, self.synced, self.written - self.synced)
+            self.synced = self.written
 
     def flush(self) -> None:
         if self.fill:
@@ -99,6 +138,8 @@ class OutFile:
                 chunk = handle.pread(offset + done, min(want, 8 << 20))
                 self._write_all(memoryview(chunk))
                 k = len(chunk)
+            else:
+                self._wrote(k)
             done += k
         self.pos += nbytes
 
