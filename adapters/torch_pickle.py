@@ -55,8 +55,15 @@ class _Storage:
         self.numel, self.source, self.untyped = numel, source, untyped
 
 
+_STORAGE_DTYPES: dict[str, tuple[_dt.DType | None, bool]] = {}
+
+
 def _storage_dtype(g: Any, display: str) -> tuple[_dt.DType | None, bool]:
     """(dtype, untyped) of a storage class global like ``torch.FloatStorage``."""
+    if type(g) is Global:
+        known = _STORAGE_DTYPES.get(g.qualname)
+        if known is not None:
+            return known
     if isinstance(g, ObjectRecord):
         qual = g.cls
     elif isinstance(g, Global):
@@ -69,9 +76,11 @@ def _storage_dtype(g: Any, display: str) -> tuple[_dt.DType | None, bool]:
     if name in ("UntypedStorage", "TypedStorage"):
         return None, True
     try:
-        return _dt.from_storage_class(name), False
+        found = _dt.from_storage_class(name), False
     except FormatError as e:
         raise FormatError(f"{display}: {e}") from None
+    _STORAGE_DTYPES[qual] = found
+    return found
 
 
 def _torch_dtype(g, display: str) -> _dt.DType:
@@ -88,6 +97,8 @@ MAX_RANK = 64  # numpy's limit; torch's is the same order
 
 
 def _ints(v, what: str, display: str) -> tuple[int, ...]:
+    if type(v) is tuple and len(v) <= MAX_RANK and all(type(x) is int for x in v):
+        return v  # the common case, checked cheaply (``type(x) is int`` excludes bool)
     if isinstance(v, ObjectRecord) and v.cls == "torch.Size" and v.args:
         v = v.args[0]
     if not isinstance(v, (tuple, list)) or len(v) > MAX_RANK or \
@@ -98,6 +109,8 @@ def _ints(v, what: str, display: str) -> tuple[int, ...]:
 
 
 def _nonneg_int(v, what: str, display: str) -> int:
+    if type(v) is int and v >= 0:
+        return v
     if not isinstance(v, int) or isinstance(v, bool) or v < 0:
         raise FormatError(f"{display}: {what} {short_repr(v)} is not a non-negative int")
     return v
@@ -215,6 +228,7 @@ ALLOWED_CALLS = frozenset(
     + ("torch._utils._rebuild_device_tensor_from_numpy", "collections.OrderedDict",
        "builtins.set", "__builtin__.set", "builtins.frozenset", "__builtin__.frozenset",
        "builtins.complex", "__builtin__.complex", "builtins.bytearray", "__builtin__.bytearray",
+       "builtins.bytes", "__builtin__.bytes",
        "_codecs.encode", "numpy.dtype", "torch.jit._pickle.restore_type_tag"))
 _ALLOWED_NAMES = ALLOWED_CALLS | {"torch.storage.UntypedStorage", "torch.storage.TypedStorage"}
 
@@ -226,6 +240,8 @@ class TorchUnpickler(RestrictedUnpickler):
     before building anything (the same calls torch's weights-only loader
     accepts; anything else is refused by name).
     """
+
+    leaf_types = (StoredTensor, ArrayTensor)
 
     def __init__(self, display: str, storage_source, big_endian: bool = False):
         super().__init__(display)
@@ -281,6 +297,8 @@ class TorchUnpickler(RestrictedUnpickler):
         d = self.display
         if q in _TENSOR_REBUILDS:
             return self._rebuild(q, args)
+        if q == "collections.OrderedDict" and not args:  # every tensor's backward hooks
+            return OrderedDict()
         if q in _PARAMETER_REBUILDS:
             # (data, requires_grad, backward_hooks[, state]): hooks and state are dropped
             self._nargs(q, args, 3 if q.endswith("_parameter") else 4)
@@ -355,6 +373,10 @@ class TorchUnpickler(RestrictedUnpickler):
             if len(args) <= 1 and (not args or isinstance(args[0], (bytes, bytearray))):
                 return bytearray(args[0] if args else b"")
             raise FormatError(f"{d}: bad bytearray arguments")
+        if q in ("builtins.bytes", "__builtin__.bytes"):  # protocols 0-2 spell b"" as bytes()
+            if not args or (len(args) == 1 and isinstance(args[0], (bytes, bytearray))):
+                return bytes(args[0] if args else b"")
+            raise FormatError(f"{d}: bad bytes arguments")
         if q == "_codecs.encode":  # protocol 2 spelling of bytes: encode(latin1 str, 'latin1')
             if len(args) == 2 and isinstance(args[0], str) and args[1] in ("latin1", "latin-1"):
                 return args[0].encode("latin1")

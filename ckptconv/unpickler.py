@@ -25,6 +25,7 @@ semantics), ``torch/_weights_only_unpickler.py`` (the safe pattern).
 """
 from __future__ import annotations
 
+import gc
 import io
 import pickletools
 import struct
@@ -147,14 +148,11 @@ def reprlib_repr(value: Any) -> str:
 class Global:
     """A name from GLOBAL/STACK_GLOBAL/INST: recorded, never imported."""
 
-    __slots__ = ("module", "name")
+    __slots__ = ("module", "name", "qualname")
 
     def __init__(self, module: str, name: str):
         self.module, self.name = module, name
-
-    @property
-    def qualname(self) -> str:
-        return f"{self.module}.{self.name}"
+        self.qualname = f"{module}.{name}"
 
     def __repr__(self):
         return self.qualname
@@ -201,6 +199,69 @@ for _name, _kind in (("BININT1", "u1"), ("BINGET", "u1"), ("BINPUT", "u1"), ("PR
 _CODE2OP = {ord(o.code): o for o in pickletools.opcodes}
 
 
+_MISSING = object()
+_unpack_double = struct.Struct(">d").unpack_from
+
+
+def _decode(buf: bytes, pos: int, n: int) -> tuple[str, Any, int]:
+    """(opcode name, argument, position after it) of the opcode at ``pos``;
+    arguments are bounds-checked (``ValueError`` names the offset)."""
+    code = buf[pos]
+    start = pos
+    pos += 1
+    name = _NAMES[code]
+    if name is None:
+        raise ValueError(f"unknown opcode {code:#04x} at offset {start}")
+    kind = _KIND[code]
+    if kind == "none":
+        return name, None, pos
+    if kind == "u1" or kind == "str1" or kind == "bytes1" or kind == "long1":
+        if pos >= n:
+            raise ValueError(f"truncated {name} at offset {start}")
+        arg = buf[pos]
+        pos += 1
+        if kind != "u1":
+            end = pos + arg
+            if end > n:
+                raise ValueError(f"{name} at offset {start} needs {arg} bytes past the end")
+            raw = buf[pos:end]
+            pos = end
+            if kind == "str1":
+                arg = raw.decode("utf-8", "surrogatepass")
+            elif kind == "bytes1":
+                arg = bytes(raw)
+            else:
+                arg = int.from_bytes(raw, "little", signed=True)
+    elif kind == "u2":
+        if pos + 2 > n:
+            raise ValueError(f"truncated {name} at offset {start}")
+        arg = buf[pos] | (buf[pos + 1] << 8)
+        pos += 2
+    elif kind in ("s4", "u4", "str4", "bytes4"):
+        if pos + 4 > n:
+            raise ValueError(f"truncated {name} at offset {start}")
+        arg = int.from_bytes(buf[pos:pos + 4], "little", signed=(kind == "s4"))
+        pos += 4
+        if kind in ("str4", "bytes4"):
+            end = pos + arg
+            if end > n:
+                raise ValueError(f"{name} at offset {start} needs {arg} bytes past the end")
+            raw = buf[pos:end]
+            pos = end
+            arg = raw.decode("utf-8", "surrogatepass") if kind == "str4" else bytes(raw)
+    elif kind == "f8":
+        if pos + 8 > n:
+            raise ValueError(f"truncated {name} at offset {start}")
+        arg = _unpack_double(buf, pos)[0]
+        pos += 8
+    else:  # rare opcodes: pickletools' reader knows their text formats
+        stream = io.BytesIO(buf)
+        stream.seek(pos)
+        arg = _CODE2OP[code].arg.reader(stream)
+        pos = stream.tell()
+    return name, arg, pos
+
+
 def iter_opcodes(buf: bytes):
     """(opcode name, argument, position) for each opcode of an in-memory pickle.
 
@@ -209,76 +270,27 @@ def iter_opcodes(buf: bytes):
     """
     n = len(buf)
     pos = 0
-    stream = None
-    unpack_double = struct.Struct(">d").unpack_from
     while pos < n:
-        code = buf[pos]
         start = pos
-        pos += 1
-        name = _NAMES[code]
-        if name is None:
-            raise ValueError(f"unknown opcode {code:#04x} at offset {start}")
-        kind = _KIND[code]
-        if kind == "none":
-            arg = None
-        elif kind == "u1" or kind == "str1" or kind == "bytes1" or kind == "long1":
-            if pos >= n:
-                raise ValueError(f"truncated {name} at offset {start}")
-            arg = buf[pos]
-            pos += 1
-            if kind != "u1":
-                end = pos + arg
-                if end > n:
-                    raise ValueError(f"{name} at offset {start} needs {arg} bytes past the end")
-                raw = buf[pos:end]
-                pos = end
-                if kind == "str1":
-                    arg = raw.decode("utf-8", "surrogatepass")
-                elif kind == "bytes1":
-                    arg = bytes(raw)
-                else:
-                    arg = int.from_bytes(raw, "little", signed=True)
-        elif kind == "u2":
-            if pos + 2 > n:
-                raise ValueError(f"truncated {name} at offset {start}")
-            arg = buf[pos] | (buf[pos + 1] << 8)
-            pos += 2
-        elif kind in ("s4", "u4", "str4", "bytes4"):
-            if pos + 4 > n:
-                raise ValueError(f"truncated {name} at offset {start}")
-            arg = int.from_bytes(buf[pos:pos + 4], "little", signed=(kind == "s4"))
-            pos += 4
-            if kind in ("str4", "bytes4"):
-                end = pos + arg
-                if end > n:
-                    raise ValueError(f"{name} at offset {start} needs {arg} bytes past the end")
-                raw = buf[pos:end]
-                pos = end
-                arg = raw.decode("utf-8", "surrogatepass") if kind == "str4" else bytes(raw)
-        elif kind == "f8":
-            if pos + 8 > n:
-                raise ValueError(f"truncated {name} at offset {start}")
-            arg = unpack_double(buf, pos)[0]
-            pos += 8
-        else:  # rare opcodes: pickletools' reader knows their text formats
-            if stream is None:
-                stream = io.BytesIO(buf)
-            stream.seek(pos)
-            arg = _CODE2OP[code].arg.reader(stream)
-            pos = stream.tell()
+        name, arg, pos = _decode(buf, pos, n)
         yield name, arg, start
-        if code == 0x2E:  # STOP
+        if name == "STOP":
             return
+
+
+_ATOMS = frozenset((str, bytes, int, float, bool, complex, type(None)))
 
 
 class RestrictedUnpickler:
     """Interpret one pickle. Subclasses decide what calls and persistent ids mean."""
 
+    # Result types that hold nothing to resolve: ``finish`` passes them as they are.
+    leaf_types: tuple[type, ...] = ()
+
     def __init__(self, display: str = "pickle"):
         self.display = display
         self.globals_seen: list[str] = []
         self.records: list[str] = []
-        self.opcodes = 0
 
     # --- hooks ----------------------------------------------------------------
 
@@ -358,10 +370,164 @@ class RestrictedUnpickler:
     # --- the interpreter --------------------------------------------------------
 
     def load(self, data: bytes | io.BufferedIOBase) -> Any:
-        stream = io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
+        """Interpret one pickle: bytes in memory, or a stream positioned at its start
+        (left just after its STOP opcode)."""
+        # A pickle builds many small containers and no reference cycles (they
+        # are refused): the cyclic GC would only rescan them again and again.
+        gc_was_on = gc.isenabled()
+        gc.disable()
+        try:
+            if isinstance(data, (bytes, bytearray, memoryview)):
+                return self._load_bytes(bytes(data))
+            return self._load_ops((op.name, arg) for op, arg, _ in pickletools.genops(data))
+        except (ValueError, EOFError, IndexError, TypeError, OverflowError, UnicodeDecodeError,
+                MemoryError, KeyError, AttributeError, RecursionError) as e:
+            raise FormatError(f"{self.display}: corrupt or truncated pickle ({type(e).__name__}: "
+                              f"{' '.join(str(e).split())[:160]})") from e
+        finally:
+            if gc_was_on:
+                gc.enable()
+
+    def _load_ops(self, ops) -> Any:
+        """The plain loop: every opcode through ``_step``."""
         stack: list[Any] = []
         metastack: list[list[Any]] = []
         memo: dict[int, Any] = {}
+        step = self._step
+        for name, arg in ops:
+            if name == "STOP":
+                return self._stop(stack)
+            stack = step(name, arg, stack, metastack, memo)
+        raise FormatError(f"{self.display}: truncated pickle (no STOP opcode)")
+
+    def _load_bytes(self, buf: bytes) -> Any:
+        """The fast loop for a pickle in memory: the opcodes torch pickles are
+        made of are decoded and run inline (one byte dispatch, no generator,
+        no per-opcode call); any other opcode goes through ``_step``, which
+        runs every opcode exactly as the inline code does."""
+        d = self.display
+        n = len(buf)
+        stack: list[Any] = []
+        metastack: list[list[Any]] = []
+        memo: dict[int, Any] = {}
+        step, call, persistent_load = self._step, self._call, self.persistent_load
+        from_bytes = int.from_bytes
+        pos = 0
+        while pos < n:
+            code = buf[pos]
+            if code == 0x71:  # BINPUT
+                if not stack:
+                    raise FormatError(f"{d}: corrupt pickle (stack underflow)")
+                memo[buf[pos + 1]] = stack[-1]
+                pos += 2
+            elif code == 0x68:  # BINGET
+                v = memo.get(buf[pos + 1], _MISSING)
+                if v is _MISSING:
+                    raise FormatError(f"{d}: corrupt pickle (memo {buf[pos + 1]} read before written)")
+                stack.append(v)
+                pos += 2
+            elif code == 0x72:  # LONG_BINPUT
+                if pos + 5 > n:
+                    raise ValueError(f"truncated LONG_BINPUT at offset {pos}")
+                if not stack:
+                    raise FormatError(f"{d}: corrupt pickle (stack underflow)")
+                if len(memo) > MAX_MEMO:
+                    raise FormatError(f"{d}: corrupt pickle (more than {MAX_MEMO} memo entries)")
+                memo[from_bytes(buf[pos + 1:pos + 5], "little")] = stack[-1]
+                pos += 5
+            elif code == 0x6A:  # LONG_BINGET
+                if pos + 5 > n:
+                    raise ValueError(f"truncated LONG_BINGET at offset {pos}")
+                i = from_bytes(buf[pos + 1:pos + 5], "little")
+                v = memo.get(i, _MISSING)
+                if v is _MISSING:
+                    raise FormatError(f"{d}: corrupt pickle (memo {i} read before written)")
+                stack.append(v)
+                pos += 5
+            elif code == 0x4B:  # BININT1
+                stack.append(buf[pos + 1])
+                pos += 2
+            elif code == 0x28:  # MARK
+                metastack.append(stack)
+                stack = []
+                pos += 1
+            elif code == 0x58 or code == 0x8C:  # BINUNICODE, SHORT_BINUNICODE
+                if code == 0x58:
+                    if pos + 5 > n:
+                        raise ValueError(f"truncated BINUNICODE at offset {pos}")
+                    start = pos + 5
+                    end = start + from_bytes(buf[pos + 1:start], "little")
+                else:
+                    start = pos + 2
+                    end = start + buf[pos + 1]
+                if end > n:
+                    raise ValueError(f"string at offset {pos} needs {end - n} bytes past the end")
+                stack.append(buf[start:end].decode("utf-8", "surrogatepass"))
+                pos = end
+            elif code == 0x4D:  # BININT2
+                if pos + 3 > n:
+                    raise ValueError(f"truncated BININT2 at offset {pos}")
+                stack.append(buf[pos + 1] | (buf[pos + 2] << 8))
+                pos += 3
+            elif code == 0x85:  # TUPLE1
+                if not stack:
+                    raise FormatError(f"{d}: corrupt pickle (stack underflow)")
+                stack[-1] = (stack[-1],)
+                pos += 1
+            elif code == 0x74:  # TUPLE
+                if not metastack:
+                    raise FormatError(f"{d}: corrupt pickle (MARK missing)")
+                items = tuple(stack)
+                stack = metastack.pop()
+                stack.append(items)
+                pos += 1
+            elif code == 0x52:  # REDUCE
+                if len(stack) < 2:
+                    raise FormatError(f"{d}: corrupt pickle (stack underflow)")
+                args = stack.pop()
+                stack[-1] = call(stack[-1], args, "REDUCE")
+                pos += 1
+            elif code == 0x29:  # EMPTY_TUPLE
+                stack.append(())
+                pos += 1
+            elif code == 0x51:  # BINPERSID
+                if not stack:
+                    raise FormatError(f"{d}: corrupt pickle (stack underflow)")
+                stack[-1] = persistent_load(stack[-1])
+                pos += 1
+            elif code == 0x89 or code == 0x88:  # NEWFALSE, NEWTRUE
+                stack.append(code == 0x88)
+                pos += 1
+            elif code == 0x86 or code == 0x87:  # TUPLE2, TUPLE3
+                k = code - 0x84
+                if len(stack) < k:
+                    raise FormatError(f"{d}: corrupt pickle (stack underflow)")
+                items = tuple(stack[-k:])
+                del stack[-k:]
+                stack.append(items)
+                pos += 1
+            elif code == 0x4A:  # BININT
+                if pos + 5 > n:
+                    raise ValueError(f"truncated BININT at offset {pos}")
+                stack.append(from_bytes(buf[pos + 1:pos + 5], "little", signed=True))
+                pos += 5
+            elif code == 0x2E:  # STOP
+                return self._stop(stack)
+            else:
+                name, arg, pos = _decode(buf, pos, n)
+                if name == "STOP":
+                    return self._stop(stack)
+                stack = step(name, arg, stack, metastack, memo)
+        raise FormatError(f"{d}: truncated pickle (no STOP opcode)")
+
+    def _stop(self, stack):
+        if len(stack) != 1:
+            raise FormatError(f"{self.display}: corrupt pickle (stack holds {len(stack)} at STOP)")
+        return self.finish(stack.pop())
+
+    def _step(self, name: str, arg, stack: list, metastack: list, memo: dict) -> list:
+        """Run one opcode (any but STOP); returns the stack, which MARK and
+        the opcodes that pop a mark replace."""
         d = self.display
 
         def pop_mark() -> list:
@@ -377,173 +543,160 @@ class RestrictedUnpickler:
                 raise FormatError(f"{d}: corrupt pickle (stack underflow)")
             return stack[-1]
 
-        if isinstance(data, (bytes, bytearray, memoryview)):
-            ops = iter_opcodes(bytes(data))
+        if name == "BINPUT" or name == "LONG_BINPUT" or name == "PUT":
+            if int(arg) < 0:
+                raise FormatError(f"{d}: corrupt pickle (bad memo index {arg})")
+            if len(memo) > MAX_MEMO:
+                raise FormatError(f"{d}: corrupt pickle (more than {MAX_MEMO} memo entries)")
+            memo[int(arg)] = top()
+        elif name == "BINGET" or name == "LONG_BINGET" or name == "GET":
+            v = memo.get(int(arg), _MISSING)
+            if v is _MISSING:
+                raise FormatError(f"{d}: corrupt pickle (memo {arg} read before written)")
+            stack.append(v)
+        elif name in _PUSH_ARG:
+            stack.append(arg)
+        elif name == "MARK":
+            metastack.append(stack)
+            stack = []
+        elif name in ("PROTO", "FRAME"):
+            pass
+        elif name == "TUPLE":
+            items = pop_mark()
+            stack.append(tuple(items))
+        elif name in ("TUPLE1", "TUPLE2", "TUPLE3"):
+            n = int(name[-1])
+            if len(stack) < n:
+                raise FormatError(f"{d}: corrupt pickle (stack underflow)")
+            items = tuple(stack[-n:])
+            del stack[-n:]
+            stack.append(items)
+        elif name == "REDUCE":
+            if len(stack) < 2:
+                raise FormatError(f"{d}: corrupt pickle (stack underflow)")
+            args = stack.pop()
+            func = stack.pop()
+            stack.append(self._call(func, args, "REDUCE"))
+        elif name in ("PERSID", "BINPERSID"):
+            if name == "BINPERSID":
+                pid = top()
+                stack.pop()
+            else:
+                pid = arg
+            stack.append(self.persistent_load(pid))
+        elif name == "EMPTY_TUPLE":
+            stack.append(())
+        elif name == "NEWFALSE":
+            stack.append(False)
+        elif name == "NEWTRUE":
+            stack.append(True)
+        elif name == "GLOBAL":
+            module, _, gname = str(arg).partition(" ")
+            stack.append(self._global(module, gname))
+        elif name == "SETITEMS":
+            items = pop_mark()
+            self._pairs(top(), items)
+        elif name == "EMPTY_DICT":
+            stack.append({})
+        elif name == "NONE":
+            stack.append(None)
+        elif name == "BUILD":
+            if len(stack) < 2:
+                raise FormatError(f"{d}: corrupt pickle (stack underflow)")
+            state = stack.pop()
+            self.build(top(), state)
+        elif name == "NEWOBJ":
+            if len(stack) < 2:
+                raise FormatError(f"{d}: corrupt pickle (stack underflow)")
+            args = stack.pop()
+            cls = stack.pop()
+            stack.append(self._newobj(cls, args, None))
+        elif name == "APPENDS":
+            items = pop_mark()
+            lst = top()
+            if not isinstance(lst, list):
+                raise FormatError(f"{d}: corrupt pickle (APPENDS to {type(lst).__name__})")
+            lst.extend(items)
+        elif name == "EMPTY_LIST":
+            stack.append([])
+        elif name == "BYTEARRAY8":
+            stack.append(bytearray(arg))
+        elif name == "POP":
+            if stack:
+                stack.pop()
+            else:
+                pop_mark()
+        elif name == "POP_MARK":
+            pop_mark()
+        elif name == "DUP":
+            stack.append(top())
+        elif name == "EMPTY_SET":
+            stack.append(set())
+        elif name == "LIST":
+            items = pop_mark()  # rebinds `stack`: pop before appending
+            stack.append(items)
+        elif name == "DICT":
+            items = pop_mark()
+            stack.append(self._pairs({}, items))
+        elif name == "FROZENSET":
+            items = pop_mark()
+            stack.append(frozenset(self._hashable(x) for x in items))
+        elif name == "APPEND":
+            if len(stack) < 2:
+                raise FormatError(f"{d}: corrupt pickle (stack underflow)")
+            v = stack.pop()
+            lst = top()
+            if not isinstance(lst, list):
+                raise FormatError(f"{d}: corrupt pickle (APPEND to {type(lst).__name__})")
+            lst.append(v)
+        elif name == "SETITEM":
+            if len(stack) < 3:
+                raise FormatError(f"{d}: corrupt pickle (stack underflow)")
+            v = stack.pop()
+            k = stack.pop()
+            self._pairs(top(), [k, v])
+        elif name == "ADDITEMS":
+            items = pop_mark()
+            s = top()
+            if not isinstance(s, set):
+                raise FormatError(f"{d}: corrupt pickle (ADDITEMS to {type(s).__name__})")
+            s.update(self._hashable(x) for x in items)
+        elif name == "MEMOIZE":
+            if len(memo) > MAX_MEMO:
+                raise FormatError(f"{d}: corrupt pickle (more than {MAX_MEMO} memo entries)")
+            memo[len(memo)] = top()
+        elif name == "STACK_GLOBAL":
+            if len(stack) < 2:
+                raise FormatError(f"{d}: corrupt pickle (stack underflow)")
+            gname, module = stack.pop(), stack.pop()
+            if not isinstance(module, str) or not isinstance(gname, str):
+                raise FormatError(f"{d}: corrupt pickle (STACK_GLOBAL needs two strings)")
+            stack.append(self._global(module, gname, name))
+        elif name == "INST":
+            module, _, gname = str(arg).partition(" ")
+            args = tuple(pop_mark())
+            stack.append(self._call(self._global(module, gname, "INST"), args, "INST"))
+        elif name == "OBJ":
+            items = pop_mark()
+            if not items:
+                raise FormatError(f"{d}: corrupt pickle (OBJ without a class)")
+            stack.append(self._call(items[0], tuple(items[1:]), "OBJ"))
+        elif name == "NEWOBJ_EX":
+            if len(stack) < 3:
+                raise FormatError(f"{d}: corrupt pickle (stack underflow)")
+            kwargs = stack.pop()
+            args = stack.pop()
+            cls = stack.pop()
+            stack.append(self._newobj(cls, args, kwargs))
+        elif name in ("EXT1", "EXT2", "EXT4"):
+            raise UnsafePickleError(f"{d}: pickle uses the copyreg extension registry "
+                                    f"({name} code {arg}); refused, nothing was executed")
+        elif name in ("NEXT_BUFFER", "READONLY_BUFFER"):
+            raise FormatError(f"{d}: pickle uses out-of-band buffers ({name}), "
+                              "which a checkpoint file cannot carry")
         else:
-            ops = ((op.name, arg, pos) for op, arg, pos in pickletools.genops(stream))
-        push_arg = _PUSH_ARG
-        try:
-            for name, arg, pos in ops:
-                self.opcodes += 1
-                # the most frequent opcodes of torch pickles first
-                if name == "BINPUT" or name == "LONG_BINPUT" or name == "PUT":
-                    if int(arg) < 0 or len(memo) > MAX_MEMO:
-                        raise FormatError(f"{d}: corrupt pickle (bad memo index {arg})")
-                    memo[int(arg)] = top()
-                    continue
-                if name == "BINGET" or name == "LONG_BINGET" or name == "GET":
-                    try:
-                        stack.append(memo[int(arg)])
-                    except KeyError:
-                        raise FormatError(f"{d}: corrupt pickle (memo {arg} read before written)") from None
-                    continue
-                if name in push_arg:
-                    stack.append(arg)
-                    continue
-                if name == "MARK":
-                    metastack.append(stack)
-                    stack = []
-                    continue
-                if name in ("PROTO", "FRAME"):
-                    continue
-                if name == "STOP":
-                    if len(stack) != 1:
-                        raise FormatError(f"{d}: corrupt pickle (stack holds {len(stack)} at STOP)")
-                    return self.finish(stack.pop())
-                if name == "TUPLE":
-                    items = pop_mark()
-                    stack.append(tuple(items))
-                elif name in ("TUPLE1", "TUPLE2", "TUPLE3"):
-                    n = int(name[-1])
-                    if len(stack) < n:
-                        raise FormatError(f"{d}: corrupt pickle (stack underflow)")
-                    items = tuple(stack[-n:])
-                    del stack[-n:]
-                    stack.append(items)
-                elif name == "REDUCE":
-                    if len(stack) < 2:
-                        raise FormatError(f"{d}: corrupt pickle (stack underflow)")
-                    args = stack.pop()
-                    func = stack.pop()
-                    stack.append(self._call(func, args, "REDUCE"))
-                elif name in ("PERSID", "BINPERSID"):
-                    pid = arg if name == "PERSID" else stack.pop()
-                    stack.append(self.persistent_load(pid))
-                elif name == "EMPTY_TUPLE":
-                    stack.append(())
-                elif name == "NEWFALSE":
-                    stack.append(False)
-                elif name == "NEWTRUE":
-                    stack.append(True)
-                elif name == "GLOBAL":
-                    module, _, gname = str(arg).partition(" ")
-                    stack.append(self._global(module, gname))
-                elif name == "SETITEMS":
-                    items = pop_mark()
-                    self._pairs(top(), items)
-                elif name == "EMPTY_DICT":
-                    stack.append({})
-                elif name == "NONE":
-                    stack.append(None)
-                elif name == "BUILD":
-                    if len(stack) < 2:
-                        raise FormatError(f"{d}: corrupt pickle (stack underflow)")
-                    state = stack.pop()
-                    self.build(top(), state)
-                elif name == "NEWOBJ":
-                    if len(stack) < 2:
-                        raise FormatError(f"{d}: corrupt pickle (stack underflow)")
-                    args = stack.pop()
-                    cls = stack.pop()
-                    stack.append(self._newobj(cls, args, None))
-                elif name == "APPENDS":
-                    items = pop_mark()
-                    lst = top()
-                    if not isinstance(lst, list):
-                        raise FormatError(f"{d}: corrupt pickle (APPENDS to {type(lst).__name__})")
-                    lst.extend(items)
-                elif name == "EMPTY_LIST":
-                    stack.append([])
-                elif name == "BYTEARRAY8":
-                    stack.append(bytearray(arg))
-                elif name == "POP":
-                    if stack:
-                        stack.pop()
-                    else:
-                        pop_mark()
-                elif name == "POP_MARK":
-                    pop_mark()
-                elif name == "DUP":
-                    stack.append(top())
-                elif name == "EMPTY_SET":
-                    stack.append(set())
-                elif name == "LIST":
-                    items = pop_mark()  # rebinds `stack`: pop before appending
-                    stack.append(items)
-                elif name == "DICT":
-                    items = pop_mark()
-                    stack.append(self._pairs({}, items))
-                elif name == "FROZENSET":
-                    items = pop_mark()
-                    stack.append(frozenset(self._hashable(x) for x in items))
-                elif name == "APPEND":
-                    if len(stack) < 2:
-                        raise FormatError(f"{d}: corrupt pickle (stack underflow)")
-                    v = stack.pop()
-                    lst = top()
-                    if not isinstance(lst, list):
-                        raise FormatError(f"{d}: corrupt pickle (APPEND to {type(lst).__name__})")
-                    lst.append(v)
-                elif name == "SETITEM":
-                    if len(stack) < 3:
-                        raise FormatError(f"{d}: corrupt pickle (stack underflow)")
-                    v = stack.pop()
-                    k = stack.pop()
-                    self._pairs(top(), [k, v])
-                elif name == "ADDITEMS":
-                    items = pop_mark()
-                    s = top()
-                    if not isinstance(s, set):
-                        raise FormatError(f"{d}: corrupt pickle (ADDITEMS to {type(s).__name__})")
-                    s.update(self._hashable(x) for x in items)
-                elif name == "MEMOIZE":
-                    memo[len(memo)] = top()
-                elif name == "STACK_GLOBAL":
-                    if len(stack) < 2:
-                        raise FormatError(f"{d}: corrupt pickle (stack underflow)")
-                    gname, module = stack.pop(), stack.pop()
-                    if not isinstance(module, str) or not isinstance(gname, str):
-                        raise FormatError(f"{d}: corrupt pickle (STACK_GLOBAL needs two strings)")
-                    stack.append(self._global(module, gname, name))
-                elif name == "INST":
-                    module, _, gname = str(arg).partition(" ")
-                    args = tuple(pop_mark())
-                    stack.append(self._call(self._global(module, gname, "INST"), args, "INST"))
-                elif name == "OBJ":
-                    items = pop_mark()
-                    if not items:
-                        raise FormatError(f"{d}: corrupt pickle (OBJ without a class)")
-                    stack.append(self._call(items[0], tuple(items[1:]), "OBJ"))
-                elif name == "NEWOBJ_EX":
-                    if len(stack) < 3:
-                        raise FormatError(f"{d}: corrupt pickle (stack underflow)")
-                    kwargs = stack.pop()
-                    args = stack.pop()
-                    cls = stack.pop()
-                    stack.append(self._newobj(cls, args, kwargs))
-                elif name in ("EXT1", "EXT2", "EXT4"):
-                    raise UnsafePickleError(f"{d}: pickle uses the copyreg extension registry "
-                                            f"({name} code {arg}); refused, nothing was executed")
-                elif name in ("NEXT_BUFFER", "READONLY_BUFFER"):
-                    raise FormatError(f"{d}: pickle uses out-of-band buffers ({name}), "
-                                      "which a checkpoint file cannot carry")
-                else:
-                    raise FormatError(f"{d}: unsupported pickle opcode {name}")
-        except (ValueError, EOFError, IndexError, TypeError, OverflowError, UnicodeDecodeError,
-                MemoryError, KeyError, AttributeError, RecursionError) as e:
-            raise FormatError(f"{d}: corrupt or truncated pickle ({type(e).__name__}: "
-                              f"{' '.join(str(e).split())[:160]})") from e
-        raise FormatError(f"{d}: truncated pickle (no STOP opcode)")
+            raise FormatError(f"{d}: unsupported pickle opcode {name}")
+        return stack
 
     def _global(self, module: str, name: str, opcode: str = "GLOBAL") -> Global:
         g = Global(module, name)
@@ -623,10 +776,12 @@ class RestrictedUnpickler:
         expanded: dict[int, int] = {}
         total = [0]
 
+        leaves = _ATOMS | frozenset(self.leaf_types)
+
         def fix(obj, depth):
             if depth > MAX_DEPTH:
                 raise FormatError(f"{self.display}: pickle nests deeper than {MAX_DEPTH} levels")
-            if isinstance(obj, (str, bytes, int, float, bool, complex, type(None))):
+            if type(obj) in leaves or isinstance(obj, (str, bytes, int, float, complex)):
                 total[0] += 1
                 return obj
             key = id(obj)
