@@ -129,6 +129,22 @@ def array_bytes(arr: np.ndarray) -> memoryview:
     return memoryview(flat.view(np.uint8)) if flat.size else memoryview(b"")
 
 
+class _once:
+    """A property computed on first access and stored in the instance, so later
+    reads are plain attribute reads (``functools.cached_property`` takes a
+    lock on every first access in Python 3.11; writers read ``nbytes`` of
+    100,000s of tensors several times)."""
+
+    def __init__(self, fn):
+        self.fn, self.name, self.__doc__ = fn, fn.__name__, fn.__doc__
+
+    def __get__(self, obj, cls=None):
+        if obj is None:
+            return self
+        value = obj.__dict__[self.name] = self.fn(obj)
+        return value
+
+
 class TensorRef:
     """A lazy tensor. Subclasses say where the bytes come from."""
 
@@ -137,21 +153,15 @@ class TensorRef:
     requires_grad: bool = False
     is_parameter: bool = False
 
-    # shape and dtype never change after construction: compute once (by hand:
-    # functools.cached_property takes a lock on every access in Python 3.11)
-    @property
+    # shape and dtype never change after construction: computed on first use
+    # and then plain instance attributes (see ``_once``)
+    @_once
     def numel(self) -> int:
-        n = self.__dict__.get("_numel")
-        if n is None:
-            n = self._numel = math.prod(self.shape)
-        return n
+        return math.prod(self.shape)
 
-    @property
+    @_once
     def nbytes(self) -> int:
-        n = self.__dict__.get("_nbytes")
-        if n is None:
-            n = self._nbytes = self.numel * self.dtype.itemsize
-        return n
+        return self.numel * self.dtype.itemsize
 
     def numpy(self) -> np.ndarray:
         raise NotImplementedError
@@ -226,12 +236,10 @@ class StoredTensor(TensorRef):
         last = self.offset + sum((n - 1) * st for n, st in zip(self.shape, self.strides))
         return self.offset, last + 1
 
-    @property
+    @_once
     def is_contiguous(self) -> bool:
-        if self.numel <= 1:
-            return True
-        return all(st == c for n, st, c in zip(self.shape, self.strides,
-                                               contiguous_strides(self.shape)) if n != 1)
+        return self.numel <= 1 or all(st == c for n, st, c in zip(
+            self.shape, self.strides, contiguous_strides(self.shape)) if n != 1)
 
     def file_span(self):
         if self.big_endian or not self.is_contiguous:

@@ -99,9 +99,35 @@ def iter_leaves(tree, path: tuple = ()) -> Iterator[tuple[tuple, Any]]:
 
 
 def iter_tensors(tree) -> Iterator[tuple[str, TensorRef]]:
-    for path, leaf in iter_leaves(tree):
-        if isinstance(leaf, TensorRef):
-            yield join_path(path), leaf
+    """(dotted name, tensor) for every tensor leaf, in ``iter_leaves`` order.
+
+    The same names as ``join_path`` of ``iter_leaves``' paths, built as
+    strings on the way down: writers walk trees of 100,000s of tensors.
+    """
+    out: list[tuple[str, TensorRef]] = []
+    _collect_tensors(tree, None, out)
+    return iter(out)
+
+
+def _collect_tensors(node, prefix: str | None, out: list) -> None:
+    if isinstance(node, TensorRef):
+        out.append(("" if prefix is None else prefix, node))
+        return
+    if isinstance(node, dict):
+        items = node.items()
+    elif isinstance(node, (list, tuple)):
+        items = enumerate(node)
+    elif isinstance(node, ObjectRecord) and node.kind == "newobj":
+        items = _children(node)
+    else:
+        return
+    tensor = TensorRef
+    for k, v in items:
+        name = str(k) if prefix is None else f"{prefix}.{k}"
+        if isinstance(v, tensor):
+            out.append((name, v))
+        elif isinstance(v, (dict, list, tuple, ObjectRecord)):
+            _collect_tensors(v, name, out)
 
 
 @dataclass
