@@ -431,9 +431,10 @@ class RestrictedUnpickler:
                     raise ValueError(f"truncated LONG_BINPUT at offset {pos}")
                 if not stack:
                     raise FormatError(f"{d}: corrupt pickle (stack underflow)")
-                if len(memo) > MAX_MEMO:
-                    raise FormatError(f"{d}: corrupt pickle (more than {MAX_MEMO} memo entries)")
-                memo[from_bytes(buf[pos + 1:pos + 5], "little")] = stack[-1]
+                i = from_bytes(buf[pos + 1:pos + 5], "little")
+                if i > MAX_MEMO:  # bounds the memo: other puts use indexes < 256
+                    raise FormatError(f"{d}: corrupt pickle (memo index {i} beyond {MAX_MEMO})")
+                memo[i] = stack[-1]
                 pos += 5
             elif code == 0x6A:  # LONG_BINGET
                 if pos + 5 > n:
@@ -546,8 +547,8 @@ class RestrictedUnpickler:
         if name == "BINPUT" or name == "LONG_BINPUT" or name == "PUT":
             if int(arg) < 0:
                 raise FormatError(f"{d}: corrupt pickle (bad memo index {arg})")
-            if len(memo) > MAX_MEMO:
-                raise FormatError(f"{d}: corrupt pickle (more than {MAX_MEMO} memo entries)")
+            if int(arg) > MAX_MEMO:
+                raise FormatError(f"{d}: corrupt pickle (memo index {arg} beyond {MAX_MEMO})")
             memo[int(arg)] = top()
         elif name == "BINGET" or name == "LONG_BINGET" or name == "GET":
             v = memo.get(int(arg), _MISSING)
@@ -662,7 +663,7 @@ class RestrictedUnpickler:
                 raise FormatError(f"{d}: corrupt pickle (ADDITEMS to {type(s).__name__})")
             s.update(self._hashable(x) for x in items)
         elif name == "MEMOIZE":
-            if len(memo) > MAX_MEMO:
+            if len(memo) >= MAX_MEMO:
                 raise FormatError(f"{d}: corrupt pickle (more than {MAX_MEMO} memo entries)")
             memo[len(memo)] = top()
         elif name == "STACK_GLOBAL":
