@@ -18,7 +18,7 @@ import struct
 from functools import lru_cache
 from typing import Iterator, Union
 
-import numpy as np
+from ckptconv._lazy import np, numpy_loaded
 
 from ckptconv.crc import CRC32C_POLY, gf2_compose, shift, zeros_operator
 
@@ -42,6 +42,7 @@ class DecodeError(ValueError):
 _POLY = CRC32C_POLY
 _MASK_DELTA = 0xA282EAD8
 _SMALL = 2048            # below this a plain Python byte loop is faster
+_NO_IMPORT_MAX = 64 << 10  # below this, without numpy imported yet, the byte loop too
 _PIECE = 16 << 20        # bound the transposed copy the lane kernel makes
 _MAX_LANES = 16384
 
@@ -163,6 +164,8 @@ def _raw_extend(state: int, data) -> int:
     """Advance the raw (un-inverted) register ``state`` over ``data``."""
     mv = memoryview(data).cast("B")
     pos, n = 0, len(mv)
+    if n < _NO_IMPORT_MAX and not numpy_loaded():
+        return _raw_small(state, mv)  # a few ms, where importing numpy would cost 60
     while n - pos >= _SMALL:
         piece = np.frombuffer(mv[pos:pos + min(_PIECE, n - pos)], dtype=np.uint8)
         part, used = _raw_lanes(piece)

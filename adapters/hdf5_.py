@@ -59,7 +59,7 @@ import zipfile
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
+from ckptconv._lazy import np
 
 from ckptconv import dtypes as _dt
 from ckptconv.atomic import atomic_file

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-import numpy as np
+from ckptconv._lazy import np
 
 from ckptconv import dtypes as _dt
 from ckptconv.atomic import atomic_files

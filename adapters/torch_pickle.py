@@ -26,7 +26,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from ckptconv._lazy import np, numpy_loaded
 
 from ckptconv import dtypes as _dt
 from ckptconv.atomic import atomic_file
@@ -798,12 +798,14 @@ class _PickleWriter:
             w(b"\x89")
         elif isinstance(v, TensorRef):
             emit_tensor(v)
-        elif isinstance(v, np.generic):
-            self.np_scalar(v)
-        elif isinstance(v, np.ndarray):
-            self.np_array(v)
-        elif isinstance(v, np.dtype):
-            self.np_dtype(v)
+        elif numpy_loaded() and isinstance(v, (np.generic, np.ndarray, np.dtype)):
+            # (a numpy value exists only once numpy is imported: no import for the check)
+            if isinstance(v, np.generic):
+                self.np_scalar(v)
+            elif isinstance(v, np.ndarray):
+                self.np_array(v)
+            else:
+                self.np_dtype(v)
         elif isinstance(v, int):
             self.int_(int(v))
         elif isinstance(v, float):

@@ -28,12 +28,27 @@ HERE = Path(__file__).resolve().parent
 PY = sys.executable
 
 
-def run(cmd: list[str]) -> tuple[float, float]:
+def warm(paths: list[Path]) -> None:
+    """Read the inputs once (untimed) so every contender starts with them cached:
+    this VM drops cold page cache on its own, and a re-read from disk would
+    land on whichever contender came next. (``cat`` in a child: a read buffer
+    here would count in every later child's peak RSS.)"""
+    import subprocess
+
+    files = [str(f) for p in paths
+             for f in ([p] if p.is_file() else sorted(q for q in p.rglob("*") if q.is_file()))]
+    if files:
+        subprocess.run(["cat", *files], stdout=subprocess.DEVNULL, check=True)
+
+
+def run(cmd: list[str], inputs: list[Path] = ()) -> tuple[float, float]:
     """(seconds, peak RSS MiB) of one command in a fresh process.
 
-    Dirty pages of the previous command are flushed first (untimed), so no
-    contender pays for another's writeback.
+    Its inputs are read into the page cache and dirty pages of the previous
+    command are flushed first (both untimed), so no contender pays for
+    another's writeback or finds its input evicted.
     """
+    warm(list(inputs))
     os.sync()
     t0 = time.perf_counter()
     pid = os.fork()
@@ -60,7 +75,6 @@ def ckptconv(*args: str) -> list[str]:
 
 
 def generate(work: Path, total_bytes: int, small_count: int, small_bytes: int) -> dict[str, Path]:
-    import numpy as np
     import torch
     from safetensors.torch import save_file
 
@@ -179,6 +193,11 @@ def main(argv=None) -> int:
     # the memory it shared with this process before exec, so this one stays small.
     import subprocess
 
+    # Bytecode as a regular install has it (pip compiles at install time; an
+    # editable install under PYTHONDONTWRITEBYTECODE would recompile every run).
+    subprocess.run([PY, "-c", "import compileall, importlib.util as u, os; "
+                    "[compileall.compile_dir(os.path.dirname(u.find_spec(m).origin), quiet=1) "
+                    "for m in ('ckptconv', 'ckptconv.adapters')]"], check=True)
     made = subprocess.run([PY, __file__, "--generate-only", "--work", str(args.work),
                            "--size", str(args.size), "--small-count", str(args.small_count),
                            "--small-size", str(args.small_size)],
@@ -187,12 +206,17 @@ def main(argv=None) -> int:
     out = args.work / "out"
     out.mkdir(exist_ok=True)
     plan = tasks(files, out)
+    inputs = {"pth -> safetensors": [files["pt"]], "inspect 2 GiB .pt (metadata only)": [files["pt"]],
+              "50,000 small tensors pth -> safetensors": [files["small"]],
+              "safetensors -> pth": [files["st"]], "TF bundle -> safetensors": [files["tf"].parent],
+              "h5 -> safetensors": [files["h5"]],
+              "bf16 4 shards -> one safetensors": [files["shards"].parent]}
     results: dict[tuple[str, str], list[tuple[float, float]]] = {}
     for _ in range(args.repeat):  # interleaved: every contender once per round
         for task, who, cmd in plan:
             for p in out.iterdir():
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
-            results.setdefault((task, who), []).append(run(cmd))
+            results.setdefault((task, who), []).append(run(cmd, inputs.get(task, [])))
     rows = []
     for task in dict.fromkeys(t for t, _, _ in plan):
         base = results.get((task, "cp"))

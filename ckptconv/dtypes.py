@@ -11,52 +11,64 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
-import ml_dtypes
-import numpy as np
-
+from ._lazy import ml_dtypes, np
 from .errors import FormatError
+
+_NUMPY: dict[str, object] = {}  # canonical name -> numpy dtype (or None), filled on first use
 
 
 @dataclass(frozen=True)
 class DType:
     name: str            # canonical (torch) name
     itemsize: int        # bytes per element; sub-byte types are packed
-    numpy: np.dtype | None
+    numpy_type: str | None  # "numpy.<t>" or "ml_dtypes.<t>" (resolved lazily: see ``numpy``)
     safetensors: str | None
     storage_class: str | None = None  # legacy torch.<X>Storage name, if any
 
     def __str__(self) -> str:
         return self.name
 
-
-def _d(name, itemsize, np_type, st, storage=None):
-    return DType(name, itemsize, None if np_type is None else np.dtype(np_type), st, storage)
+    @property
+    def numpy(self) -> np.dtype | None:
+        """The numpy dtype (ml_dtypes for types numpy lacks), or None;
+        numpy is imported on the first call (conversions that only copy bytes never ask)."""
+        try:
+            return _NUMPY[self.name]
+        except KeyError:
+            pass
+        dt = None
+        if self.numpy_type is not None:
+            module, _, attr = self.numpy_type.partition(".")
+            t = getattr(np if module == "numpy" else ml_dtypes, attr, None)
+            dt = None if t is None else np.dtype(t)
+        _NUMPY[self.name] = dt
+        return dt
 
 
 _ALL = [
-    _d("float64", 8, np.float64, "F64", "DoubleStorage"),
-    _d("float32", 4, np.float32, "F32", "FloatStorage"),
-    _d("float16", 2, np.float16, "F16", "HalfStorage"),
-    _d("bfloat16", 2, ml_dtypes.bfloat16, "BF16", "BFloat16Storage"),
-    _d("float8_e4m3fn", 1, ml_dtypes.float8_e4m3fn, "F8_E4M3"),
-    _d("float8_e5m2", 1, ml_dtypes.float8_e5m2, "F8_E5M2"),
-    _d("float8_e4m3fnuz", 1, ml_dtypes.float8_e4m3fnuz, "F8_E4M3FNUZ"),
-    _d("float8_e5m2fnuz", 1, ml_dtypes.float8_e5m2fnuz, "F8_E5M2FNUZ"),
-    _d("float8_e8m0fnu", 1, ml_dtypes.float8_e8m0fnu, "F8_E8M0"),
-    _d("int64", 8, np.int64, "I64", "LongStorage"),
-    _d("int32", 4, np.int32, "I32", "IntStorage"),
-    _d("int16", 2, np.int16, "I16", "ShortStorage"),
-    _d("int8", 1, np.int8, "I8", "CharStorage"),
-    _d("uint64", 8, np.uint64, "U64"),
-    _d("uint32", 4, np.uint32, "U32"),
-    _d("uint16", 2, np.uint16, "U16"),
-    _d("uint8", 1, np.uint8, "U8", "ByteStorage"),
-    _d("bool", 1, np.bool_, "BOOL", "BoolStorage"),
-    _d("complex128", 16, np.complex128, "C128", "ComplexDoubleStorage"),
-    _d("complex64", 8, np.complex64, "C64", "ComplexFloatStorage"),
-    _d("complex32", 4, ml_dtypes.complex32 if hasattr(ml_dtypes, "complex32") else None, None),
-    _d("int4", 1, ml_dtypes.int4, None),
-    _d("uint4", 1, ml_dtypes.uint4, None),
+    DType("float64", 8, "numpy.float64", "F64", "DoubleStorage"),
+    DType("float32", 4, "numpy.float32", "F32", "FloatStorage"),
+    DType("float16", 2, "numpy.float16", "F16", "HalfStorage"),
+    DType("bfloat16", 2, "ml_dtypes.bfloat16", "BF16", "BFloat16Storage"),
+    DType("float8_e4m3fn", 1, "ml_dtypes.float8_e4m3fn", "F8_E4M3"),
+    DType("float8_e5m2", 1, "ml_dtypes.float8_e5m2", "F8_E5M2"),
+    DType("float8_e4m3fnuz", 1, "ml_dtypes.float8_e4m3fnuz", "F8_E4M3FNUZ"),
+    DType("float8_e5m2fnuz", 1, "ml_dtypes.float8_e5m2fnuz", "F8_E5M2FNUZ"),
+    DType("float8_e8m0fnu", 1, "ml_dtypes.float8_e8m0fnu", "F8_E8M0"),
+    DType("int64", 8, "numpy.int64", "I64", "LongStorage"),
+    DType("int32", 4, "numpy.int32", "I32", "IntStorage"),
+    DType("int16", 2, "numpy.int16", "I16", "ShortStorage"),
+    DType("int8", 1, "numpy.int8", "I8", "CharStorage"),
+    DType("uint64", 8, "numpy.uint64", "U64"),
+    DType("uint32", 4, "numpy.uint32", "U32"),
+    DType("uint16", 2, "numpy.uint16", "U16"),
+    DType("uint8", 1, "numpy.uint8", "U8", "ByteStorage"),
+    DType("bool", 1, "numpy.bool_", "BOOL", "BoolStorage"),
+    DType("complex128", 16, "numpy.complex128", "C128", "ComplexDoubleStorage"),
+    DType("complex64", 8, "numpy.complex64", "C64", "ComplexFloatStorage"),
+    DType("complex32", 4, "ml_dtypes.complex32", None),
+    DType("int4", 1, "ml_dtypes.int4", None),
+    DType("uint4", 1, "ml_dtypes.uint4", None),
 ]
 
 DTYPES: dict[str, DType] = {d.name: d for d in _ALL}

@@ -13,7 +13,7 @@ import os
 import threading
 from typing import Callable, Iterator
 
-import numpy as np
+from ._lazy import np
 
 from . import dtypes as _dt
 from .dtypes import DType

@@ -20,7 +20,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-import numpy as np
+from ._lazy import np
 
 from .errors import FormatError, UsageError
 from .tensor import ArrayTensor, TensorRef
