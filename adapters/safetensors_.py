@@ -213,7 +213,14 @@ def _write_one(path: Path, entries, metadata: dict[str, str]) -> None:
     with OutFile(path) as out:
         out.write(struct.pack("<Q", len(raw)))
         out.write(raw)
+        written: dict[int, int] = {}  # id(ref) -> where its bytes start in this file
         for i in order:
-            out.write_tensor(entries[i][1])
+            ref = entries[i][1]
+            at = written.get(id(ref))
+            if at is not None and ref.nbytes:
+                out.copy_within(at, ref.nbytes)  # tied: read (or computed) once
+                continue
+            written[id(ref)] = out.pos
+            out.write_tensor(ref)
         if out.pos != 8 + len(raw) + offset:
             raise FormatError(f"{path}: wrote {out.pos} bytes, planned {8 + len(raw) + offset}")

@@ -57,7 +57,8 @@ class OutFile:
 
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
-        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o644)
+        # (readable too: ``copy_within`` copies bytes already written)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         if os.fstat(self.fd).st_size:
             # (not O_TRUNC: ext4 flushes a file truncated-then-rewritten at
             # close; our targets are fresh temp files, so this rarely runs)
@@ -142,6 +143,35 @@ class OutFile:
                 self._wrote(k)
             done += k
         self.pos += nbytes
+
+    def copy_within(self, offset: int, nbytes: int) -> None:
+        """Append ``nbytes`` this file already holds at ``offset`` (a tied
+        tensor's second name: its source is not read, nor its view computed,
+        again; the bytes come from our own output, still in the page cache)."""
+        if offset + nbytes > self.pos:
+            raise ValueError(f"copy_within({offset}, {nbytes}) past what was written ({self.pos})")
+        self.flush()
+        done = 0
+        while done < nbytes:
+            want = min(nbytes - done, _COPY_STEP)
+            k = 0
+            if self._can_copy_range:
+                try:  # same file, ranges never overlap: allowed since Linux 5.3
+                    k = os.copy_file_range(self.fd, self.fd, want, offset + done)
+                except OSError:
+                    self._can_copy_range = False
+                    k = 0
+            if k == 0:
+                chunk = os.pread(self.fd, min(want, 8 << 20), offset + done)
+                if not chunk:
+                    raise OSError(f"short read from {self.path}")
+                self._write_all(memoryview(chunk))
+                k = len(chunk)
+            else:
+                self._wrote(k)
+            done += k
+        self.pos += nbytes
+        advance(nbytes)
 
     def write_tensor(self, ref: TensorRef) -> None:
         span = ref.file_span()

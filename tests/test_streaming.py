@@ -95,3 +95,27 @@ def test_plain_copies_do_not_import_numpy(tmp_path):
         assert r.stdout.strip().endswith("no numpy"), (src, dst, r.stdout)
     back = torch.load(tmp_path / "back.pt", weights_only=True)
     assert all(torch.equal(back[k], sd[k]) for k in sd)
+
+
+def test_tied_tensors_are_read_once(tmp_path):
+    """A tensor under two names is computed (or read) once: the second copy
+    comes from the bytes already written; both names load bit-exact."""
+    from safetensors.numpy import load_file
+
+    from ckptconv.tensor import LazyTensor
+
+    calls = []
+    arr = np.arange(12, dtype=np.float32).reshape(3, 4)
+
+    def compute():
+        calls.append(1)
+        return arr.T.copy()
+
+    tied = LazyTensor("float32", (4, 3), compute)
+    tree = {"encoder.embed": tied, "other": np.ones(2, np.float16), "decoder.embed": tied}
+    ckptconv.save(tree, tmp_path / "t.safetensors")
+    assert len(calls) == 1
+    got = load_file(tmp_path / "t.safetensors")
+    assert np.array_equal(got["encoder.embed"], arr.T) and np.array_equal(got["decoder.embed"], arr.T)
+    back = ckptconv.load(tmp_path / "t.safetensors")
+    assert back.tree["encoder.embed"] is back.tree["decoder.embed"]
