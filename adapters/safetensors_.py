@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import struct
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ckptconv import dtypes as _dt
@@ -190,6 +189,8 @@ class SafetensorsAdapter(Adapter):
         with atomic_files(targets, force) as tmps:
             work = [(tmps[k], shards[k], shard_md) for k in range(n)]
             if jobs > 1 and n > 1:
+                from concurrent.futures import ThreadPoolExecutor
+
                 with ThreadPoolExecutor(max_workers=jobs) as ex:
                     list(ex.map(lambda w: _write_one(*w), work))
             else:
