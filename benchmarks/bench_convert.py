@@ -171,6 +171,32 @@ def tasks(files: dict[str, Path], out: Path) -> list[tuple[str, str, list[str], 
     return t
 
 
+def rss_sweep(work: Path, sizes=(0.5, 1, 2, 4), markdown: bool = False) -> int:
+    """Peak RSS of ckptconv converting .pt -> .safetensors -> .pt at several sizes:
+    flat in file size (the inputs are made by torch in a child, one size at a time)."""
+    import subprocess
+
+    work.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for gib in sizes:
+        pt, st, back = work / "in.pt", work / "out.safetensors", work / "back.pt"
+        for p in (pt, st, back):
+            p.unlink(missing_ok=True)
+        subprocess.run([PY, __file__, "--make-pt", str(gib), str(pt)], check=True)
+        _, rss1 = run(ckptconv("convert", str(pt), str(st), "--no-progress"))
+        _, rss2 = run(ckptconv("convert", str(st), str(back), "--no-progress"))
+        rows.append((f"{gib:g} GiB", f"{rss1:.0f}", f"{rss2:.0f}"))
+        for p in (pt, st, back):
+            p.unlink(missing_ok=True)
+    head = ("input", "pth -> safetensors peak RSS MiB", "safetensors -> pth peak RSS MiB")
+    if markdown:
+        print("| " + " | ".join(head) + " |")
+        print("|" + "---|" * len(head))
+    for r in [head] * (not markdown) + rows:
+        print("| " + " | ".join(r) + " |" if markdown else "  ".join(r))
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", type=float, default=2.0, help="GiB of the big inputs (default 2)")
@@ -181,10 +207,23 @@ def main(argv=None) -> int:
     ap.add_argument("--work", type=Path, default=HERE / "_work")
     ap.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     ap.add_argument("--generate-only", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--rss-sweep", action="store_true",
+                    help="only peak RSS of pth <-> safetensors at 0.5, 1, 2 and 4 GiB")
+    ap.add_argument("--make-pt", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.quick:
         args.size, args.small_count, args.small_size = 0.25, 5_000, 0.1
     sizes = (int(args.size * (1 << 30)), args.small_count, int(args.small_size * (1 << 30)))
+    if args.make_pt:
+        import torch
+
+        total, path = int(float(args.make_pt[0]) * (1 << 30)), args.make_pt[1]
+        g = torch.Generator().manual_seed(1)
+        torch.save({f"layers.{i}.weight": torch.randn(total // (100 * 4096), 1024, generator=g)
+                    for i in range(100)}, path)
+        return 0
+    if args.rss_sweep:
+        return rss_sweep(args.work / "rss", markdown=args.markdown)
     if args.generate_only:
         files = generate(args.work, *sizes)
         print(json.dumps({k: str(v) for k, v in files.items()}))
