@@ -607,8 +607,11 @@ class _DataFile:
 
     def __init__(self, out: OutFile, location: str):
         self.out, self.location = out, location
+        self.placed: dict[int, tuple[int, int]] = {}  # id(ref) -> (offset, length)
 
     def append(self, ref: TensorRef) -> tuple[int, int]:
+        if id(ref) in self.placed:  # a tied tensor: both initializers name one range
+            return self.placed[id(ref)]
         if ref.nbytes >= EXTERNAL_ALIGN_FROM:
             self.out.pad_to(4096)
         offset = self.out.pos
@@ -616,6 +619,7 @@ class _DataFile:
         if self.out.pos - offset != ref.nbytes:
             raise FormatError(f"{self.location}: wrote {self.out.pos - offset} bytes of a "
                               f"{ref.nbytes}-byte tensor")
+        self.placed[id(ref)] = (offset, ref.nbytes)
         return offset, ref.nbytes
 
 

@@ -369,3 +369,19 @@ def test_cli_import_does_not_pull_onnx():
     code = "import sys, ckptconv.cli, ckptconv.adapters.onnx_; print('onnx' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_tied_tensor_is_stored_once_in_external_data(tmp_path):
+    """Two initializers of one tied tensor name the same range of the data file."""
+    w = np.arange(64 * 32, dtype=np.float32).reshape(64, 32)
+    tree = {"embed.weight": w, "bias": np.ones(3, np.float32)}
+    src = tmp_path / "tied.safetensors"
+    ckptconv.save(tree, src)
+    loaded = ckptconv.load(src)
+    loaded.tree["lm_head.weight"] = loaded.tree["embed.weight"]
+    out = tmp_path / "tied.onnx"
+    ckptconv.save(loaded, out, external_data=True)
+    onnx.checker.check_model(str(out), full_check=True)
+    got = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(out)).graph.initializer}
+    assert np.array_equal(got["embed.weight"], w) and np.array_equal(got["lm_head.weight"], w)
+    assert (tmp_path / "tied.onnx.data").stat().st_size < 2 * w.nbytes
