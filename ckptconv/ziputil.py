@@ -141,8 +141,7 @@ def read_members(handle: FileHandle) -> dict[str, Member]:
             # two members of one name: readers disagree on which one counts
             # (a scanner could check one while torch loads the other)
             raise FormatError(f"{name}: zip has two members named '{mname}'")
-        parts = mname.replace("\\", "/").split("/")
-        if mname.startswith("/") or ".." in parts:
+        if mname.startswith("/") or (".." in mname and ".." in mname.replace("\\", "/").split("/")):
             raise FormatError(f"{name}: zip member '{mname}' escapes the archive")
         if hoff + 30 > size:
             raise FormatError(f"{name}: zip member '{mname}' starts past the end of the file")
