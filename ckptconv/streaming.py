@@ -118,7 +118,23 @@ class OutFile:
         if offset + nbytes > handle.size:
             handle.pread(offset, nbytes)  # raises the one-line truncation error
         self.flush()
-        src = handle.fileno()
+        self._copy_fd(handle.fileno(), offset, nbytes, handle.pread)
+
+    def copy_within(self, offset: int, nbytes: int) -> None:
+        """Append ``nbytes`` this file already holds at ``offset`` (a tied
+        tensor's second name: its source is not read, nor its view computed,
+        again; the bytes come from our own output, still in the page cache)."""
+        if offset + nbytes > self.pos:
+            raise ValueError(f"copy_within({offset}, {nbytes}) past what was written ({self.pos})")
+        self.flush()
+        # same file, ranges never overlap: copy_file_range allows it since Linux 5.3
+        self._copy_fd(self.fd, offset, nbytes, lambda off, n: os.pread(self.fd, n, off))
+        advance(nbytes)
+
+    def _copy_fd(self, src: int, offset: int, nbytes: int, read) -> None:
+        """Append ``nbytes`` of the file ``src`` from ``offset``: copied in the
+        kernel (``copy_file_range``, then ``sendfile``), else ``read(offset, n)``
+        in bounded pieces and written."""
         done = 0
         while done < nbytes:
             want = min(nbytes - done, _COPY_STEP)
@@ -136,42 +152,15 @@ class OutFile:
                     self._can_sendfile = False
                     k = 0
             if k == 0:
-                chunk = handle.pread(offset + done, min(want, 8 << 20))
-                self._write_all(memoryview(chunk))
-                k = len(chunk)
-            else:
-                self._wrote(k)
-            done += k
-        self.pos += nbytes
-
-    def copy_within(self, offset: int, nbytes: int) -> None:
-        """Append ``nbytes`` this file already holds at ``offset`` (a tied
-        tensor's second name: its source is not read, nor its view computed,
-        again; the bytes come from our own output, still in the page cache)."""
-        if offset + nbytes > self.pos:
-            raise ValueError(f"copy_within({offset}, {nbytes}) past what was written ({self.pos})")
-        self.flush()
-        done = 0
-        while done < nbytes:
-            want = min(nbytes - done, _COPY_STEP)
-            k = 0
-            if self._can_copy_range:
-                try:  # same file, ranges never overlap: allowed since Linux 5.3
-                    k = os.copy_file_range(self.fd, self.fd, want, offset + done)
-                except OSError:
-                    self._can_copy_range = False
-                    k = 0
-            if k == 0:
-                chunk = os.pread(self.fd, min(want, 8 << 20), offset + done)
+                chunk = read(offset + done, min(want, 8 << 20))
                 if not chunk:
-                    raise OSError(f"short read from {self.path}")
+                    raise OSError(f"short read while copying into {self.path}")
                 self._write_all(memoryview(chunk))
                 k = len(chunk)
             else:
                 self._wrote(k)
             done += k
         self.pos += nbytes
-        advance(nbytes)
 
     def write_tensor(self, ref: TensorRef) -> None:
         span = ref.file_span()
