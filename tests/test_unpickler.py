@@ -55,7 +55,12 @@ def canonical(v):
         return (type(v).__name__, sorted(map(repr, v)))
     if isinstance(v, float) and v != v:
         return ("nan",)
-    return (type(v).__name__, v)
+    if isinstance(v, (str, bytes, int, float, complex, type(None))):
+        return (type(v).__name__, v)
+    slots = getattr(type(v), "__slots__", ())  # e.g. a bare storage: compare its fields
+    return (type(v).__name__,) + tuple(
+        canonical(getattr(v, s, None)) if isinstance(getattr(v, s, None), (str, int, tuple))
+        else type(getattr(v, s, None)).__name__ for s in slots)
 
 
 def both(make, data: bytes):
