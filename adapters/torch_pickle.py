@@ -265,7 +265,8 @@ class TorchUnpickler(RestrictedUnpickler):
         dtype, untyped = _storage_dtype(stype, d)
         if not isinstance(key, str) or not isinstance(location, str) or len(location) > 64:
             raise FormatError(f"{d}: malformed storage id {short_repr(pid)}")
-        numel = _nonneg_int(numel, f"storage '{key}' size", d)
+        if type(numel) is not int or numel < 0:
+            numel = _nonneg_int(numel, f"storage '{key}' size", d)
         self.locations.add(location)
         st = self.storages.get(key)
         if st is None:
@@ -465,8 +466,10 @@ class TorchUnpickler(RestrictedUnpickler):
             if storage.dtype is None:
                 raise FormatError(f"{d}: untyped storage '{storage.key}' without a tensor dtype")
             dtype = storage.dtype
-        offset = _nonneg_int(offset, "tensor storage offset", d)
-        rg = _flag(rg, "requires_grad", d)
+        if type(offset) is not int or offset < 0:
+            offset = _nonneg_int(offset, "tensor storage offset", d)
+        if rg is not False and rg is not True:
+            rg = _flag(rg, "requires_grad", d)
         size = _ints(size, "size", d)
         stride = _ints(stride, "stride", d)
         key = (id(storage.source), dtype.name, offset, size, stride, rg)

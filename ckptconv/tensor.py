@@ -211,11 +211,16 @@ class StoredTensor(TensorRef):
                  requires_grad: bool = False, is_parameter: bool = False):
         # readers build tens of thousands of these: keep the common path cheap
         self.dtype = dtype if type(dtype) is DType else _dt.get(dtype)
-        self.shape = shape = tuple(map(int, shape))
+        if type(shape) is not tuple or not all(type(n) is int for n in shape):
+            shape = tuple(map(int, shape))
+        self.shape = shape
         self.source = source
-        self.offset = int(offset)
-        self.strides = tuple(map(int, strides)) if strides is not None else \
-            contiguous_strides(shape)
+        self.offset = offset if type(offset) is int else int(offset)
+        if strides is None:
+            strides = contiguous_strides(shape)
+        elif type(strides) is not tuple or not all(type(n) is int for n in strides):
+            strides = tuple(map(int, strides))
+        self.strides = strides
         self.big_endian = big_endian
         self.requires_grad = requires_grad
         self.is_parameter = is_parameter
