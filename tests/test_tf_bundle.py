@@ -587,3 +587,22 @@ def test_hostile_index_entries_give_clean_errors(tmp_path):
             assert "\n" not in str(e)
 
     check()
+
+
+def test_big_file_backed_tensors_are_copied_with_their_crc_beside(tf, tmp_path):
+    """Tensors of >= 1 MiB lying in a file are copied in the kernel while their
+    CRC-32C is read in a thread: TensorFlow reads the bundle back equal, and the
+    checksums are the ones its own writer computes (``verify``)."""
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(3)
+    arrays = {"big.kernel": rng.standard_normal((700, 600)).astype(np.float32),   # 1.6 MiB
+              "big.bf16": rng.standard_normal((1100, 500)).astype(ml_dtypes.bfloat16),
+              "small.bias": np.arange(7, dtype=np.int64)}
+    save_file(arrays, str(tmp_path / "w.safetensors"))
+    ckptconv.convert(tmp_path / "w.safetensors", tmp_path / "out" / "model.ckpt")
+    report = ckptconv.verify(tmp_path / "out" / "model.ckpt")
+    assert report.problems == [] and report.checked["tf entries (crc32c)"] == 4
+    reader = tf.train.load_checkpoint(str(tmp_path / "out" / "model.ckpt"))
+    for name, arr in arrays.items():  # TensorFlow checks each tensor's crc32c as it reads
+        assert reader.get_tensor(name).tobytes() == arr.tobytes(), name
