@@ -65,6 +65,7 @@ from ckptconv import dtypes as _dt
 from ckptconv.atomic import atomic_file
 from ckptconv.errors import CkptconvError, FormatError, UnsupportedError
 from ckptconv.registry import Adapter
+from ckptconv.streaming import COPY_STEP, start_writeback
 from ckptconv.tensor import (ArrayTensor, FileHandle, FileSource, LazyTensor, StoredTensor,
                              TensorRef)
 from ckptconv.tree import (ALIASES_KEY, SOURCE_KEY, TREE_KEY, Checkpoint, iter_leaves,
@@ -625,8 +626,12 @@ def write_h5(target: Path, datasets: list[tuple[str, TensorRef]], attrs: dict[st
         os.close(fd)
 
 
+_WRITEBEHIND_MIN = 1 << 20  # smaller pieces are left to the final fsync
+
+
 def _pwrite_tensor(fd: int, ref: TensorRef, offset: int, target: Path) -> None:
-    """Put ``ref``'s bytes at ``offset`` of ``fd`` (copy_file_range when it lies in a file)."""
+    """Put ``ref``'s bytes at ``offset`` of ``fd`` (copy_file_range when it lies in a file),
+    starting their writeback as they land."""
     span = ref.file_span()
     done = 0
     if span is not None:
@@ -638,13 +643,15 @@ def _pwrite_tensor(fd: int, ref: TensorRef, offset: int, target: Path) -> None:
             k = 0
             if can_copy:
                 try:
-                    k = os.copy_file_range(handle.fileno(), fd, min(n - done, 1 << 30),
+                    k = os.copy_file_range(handle.fileno(), fd, min(n - done, COPY_STEP),
                                            src_off + done, offset + done)
                 except OSError:
                     can_copy = False
             if k == 0:
                 chunk = handle.pread(src_off + done, min(n - done, 8 << 20))
                 k = os.pwrite(fd, chunk, offset + done)
+            if k >= _WRITEBEHIND_MIN:
+                start_writeback(fd, offset + done, k)  # the disk works while we copy on
             done += k
     else:
         for chunk in ref.iter_bytes():
@@ -652,6 +659,8 @@ def _pwrite_tensor(fd: int, ref: TensorRef, offset: int, target: Path) -> None:
             while len(view):
                 k = os.pwrite(fd, view, offset + done)
                 view = view[k:]
+                if k >= _WRITEBEHIND_MIN:
+                    start_writeback(fd, offset + done, k)
                 done += k
     if done != ref.nbytes:
         raise FormatError(f"{target}: wrote {done} bytes of a {ref.nbytes}-byte tensor")

@@ -21,14 +21,14 @@ _BUF_LIMIT = 4 << 20
 _DIRECT_MIN = 256 << 10  # below this a pread + buffered write is cheaper
 # One copy_file_range call moves at most this much: the kernel copies one
 # huge range slower than many moderate ones, and writeback starts between.
-_COPY_STEP = 32 << 20
+COPY_STEP = 32 << 20
 _WRITEBEHIND = 8 << 20  # start writeback whenever this much is newly written
 _SYNC_FILE_RANGE_WRITE = 2
 
 _sync_range = None  # libc sync_file_range, looked up on first use; False if absent
 
 
-def _start_writeback(fd: int, offset: int, nbytes: int) -> None:
+def start_writeback(fd: int, offset: int, nbytes: int) -> None:
     """Ask the kernel to start writing ``nbytes`` at ``offset`` to disk, without waiting."""
     global _sync_range
     if _sync_range is None:
@@ -93,7 +93,7 @@ class OutFile:
     def _wrote(self, n: int) -> None:
         self.written += n
         if self.written - self.synced >= _WRITEBEHIND:
-            _start_writeback(self.fd, self.synced, self.written - self.synced)
+            start_writeback(self.fd, self.synced, self.written - self.synced)
             self.synced = self.written
 
     def flush(self) -> None:
@@ -137,7 +137,7 @@ class OutFile:
         in bounded pieces and written."""
         done = 0
         while done < nbytes:
-            want = min(nbytes - done, _COPY_STEP)
+            want = min(nbytes - done, COPY_STEP)
             k = 0
             if self._can_copy_range:
                 try:
