@@ -43,7 +43,7 @@ from ckptconv import dtypes as _dt
 from ckptconv.atomic import atomic_files
 from ckptconv.errors import FormatError, IntegrityError, UnsupportedError
 from ckptconv.registry import Adapter
-from ckptconv.streaming import OutFile
+from ckptconv.streaming import OutFile, crc_of_span
 from ckptconv.tensor import (CHUNK_BYTES, FileHandle, FileSource, StoredTensor, TensorRef,
                              human_bytes)
 from ckptconv.tree import (TREE_KEY, Checkpoint, ObjectRecord, iter_tensors,
@@ -1129,14 +1129,6 @@ def _shard_plan(planned: list[_Planned], shard_size: int | None) -> int:
 _PARALLEL_CRC_MIN = 1 << 20
 
 
-def _crc32c_of_span(handle: FileHandle, offset: int, nbytes: int) -> int:
-    """CRC-32C of a file range, read in bounded pieces (runs beside the copy)."""
-    crc = 0
-    for off in range(0, nbytes, CHUNK_BYTES):
-        crc = crc32c(handle.pread(offset + off, min(CHUNK_BYTES, nbytes - off)), crc)
-    return crc
-
-
 def _write_shard(path: Path, planned: list[_Planned], display: str) -> None:
     pool = None
     pending: list[tuple[_Planned, Any]] = []
@@ -1153,7 +1145,7 @@ def _write_shard(path: Path, planned: list[_Planned], display: str) -> None:
                     if pool is None:
                         pool = ThreadPoolExecutor(max_workers=1)
                     crc = None
-                    pending.append((p, pool.submit(_crc32c_of_span, *span)))
+                    pending.append((p, pool.submit(crc_of_span, *span, crc32c)))
                     out.copy_from(*span)
                 else:
                     crc = 0

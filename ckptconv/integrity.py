@@ -80,10 +80,10 @@ def _line(e: BaseException) -> str:
 
 def _member_crc(handle, m) -> int:
     """CRC-32 of a member's *uncompressed* bytes, read in bounded chunks."""
-    from .ziputil import crc_of_span
+    from .streaming import crc_of_span
 
     if m.compress_type == 0:
-        return crc_of_span(handle, m.data_offset, m.compressed_size, _CHUNK)
+        return crc_of_span(handle, m.data_offset, m.compressed_size, chunk=_CHUNK)
     if m.compress_type != 8:
         raise FormatError(f"{handle.display}: zip member '{m.name}' uses compression "
                           f"{m.compress_type}")

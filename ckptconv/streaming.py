@@ -13,7 +13,9 @@ without it, a 2 GiB output spends about as long in ``fsync`` as in copying.
 from __future__ import annotations
 
 import os
+import zlib
 
+from .errors import FormatError
 from .progress import advance
 from .tensor import FileHandle, TensorRef
 
@@ -45,6 +47,30 @@ def start_writeback(fd: int, offset: int, nbytes: int) -> None:
                 pass
     if _sync_range:
         _sync_range(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)  # advisory: errors ignored
+
+
+def crc_of_span(handle: FileHandle, offset: int, nbytes: int, update=zlib.crc32,
+                chunk: int = 4 << 20) -> int:
+    """A running checksum (``update(data, crc)``: zlib.crc32 by default, or
+    crc32c) of a file range. zlib and crc32c release the GIL, so this runs
+    in a thread beside the copy of the same bytes.
+
+    Read into one reused buffer: a fresh multi-MiB ``bytes`` per read costs
+    page faults on every chunk."""
+    if offset + nbytes > handle.size:
+        handle.pread(offset, nbytes)  # raises the one-line truncation error
+    buf = bytearray(min(chunk, nbytes))
+    view = memoryview(buf)
+    fd = handle.fileno()
+    crc = 0
+    done = 0
+    while done < nbytes:
+        got = os.preadv(fd, [view[:min(len(buf), nbytes - done)]], offset + done)
+        if got <= 0:
+            raise FormatError(f"{handle.display}: file shrank while being read")
+        crc = update(view[:got], crc)
+        done += got
+    return crc
 
 
 class OutFile:

@@ -19,7 +19,7 @@ from pathlib import Path
 from .crc import CRC32_POLY, crc_combine
 from .errors import FormatError
 from .progress import advance
-from .streaming import OutFile
+from .streaming import OutFile, crc_of_span
 from .tensor import FileHandle, TensorRef, human_bytes
 
 ALIGN = 64
@@ -28,27 +28,6 @@ ALIGN = 64
 _BOMB_RATIO = 50
 _BOMB_MIN = 64 << 20
 _PARALLEL_CRC_MIN = 1 << 20
-
-
-def crc_of_span(handle: FileHandle, offset: int, nbytes: int, chunk: int = 4 << 20) -> int:
-    """CRC-32 of a file range (zlib releases the GIL, so this overlaps a copy).
-
-    Read into one reused buffer: a fresh multi-MiB ``bytes`` per read costs
-    page faults on every chunk."""
-    if offset + nbytes > handle.size:
-        handle.pread(offset, nbytes)  # raises the one-line truncation error
-    buf = bytearray(min(chunk, nbytes))
-    view = memoryview(buf)
-    fd = handle.fileno()
-    crc = 0
-    done = 0
-    while done < nbytes:
-        got = os.preadv(fd, [view[:min(len(buf), nbytes - done)]], offset + done)
-        if got <= 0:
-            raise FormatError(f"{handle.display}: file shrank while being read")
-        crc = zlib.crc32(view[:got], crc)
-        done += got
-    return crc
 
 
 def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
