@@ -43,7 +43,7 @@ from ckptconv import dtypes as _dt
 from ckptconv.atomic import atomic_files
 from ckptconv.errors import FormatError, IntegrityError, UnsupportedError
 from ckptconv.registry import Adapter
-from ckptconv.streaming import OutFile, crc_of_span
+from ckptconv.streaming import PARALLEL_CRC_MIN, OutFile, crc_of_span
 from ckptconv.tensor import (CHUNK_BYTES, FileHandle, FileSource, StoredTensor, TensorRef,
                              human_bytes)
 from ckptconv.tree import (TREE_KEY, Checkpoint, ObjectRecord, iter_tensors,
@@ -1126,9 +1126,6 @@ def _shard_plan(planned: list[_Planned], shard_size: int | None) -> int:
     return shard + 1
 
 
-_PARALLEL_CRC_MIN = 1 << 20
-
-
 def _write_shard(path: Path, planned: list[_Planned], display: str) -> None:
     pool = None
     pending: list[tuple[_Planned, Any]] = []
@@ -1140,7 +1137,7 @@ def _write_shard(path: Path, planned: list[_Planned], display: str) -> None:
                 if p.ref is None:
                     out.write(p.payload)
                     crc = p.crc
-                elif span is not None and span[2] >= _PARALLEL_CRC_MIN:
+                elif span is not None and span[2] >= PARALLEL_CRC_MIN:
                     # bytes copied in the kernel; their checksum read beside the copy
                     if pool is None:
                         pool = ThreadPoolExecutor(max_workers=1)

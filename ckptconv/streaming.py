@@ -49,6 +49,11 @@ def start_writeback(fd: int, offset: int, nbytes: int) -> None:
         _sync_range(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)  # advisory: errors ignored
 
 
+# A span at least this big gets its checksum from ``crc_of_span`` in a thread
+# while the kernel copies it; smaller ones are checksummed as they are written.
+PARALLEL_CRC_MIN = 1 << 20
+
+
 def crc_of_span(handle: FileHandle, offset: int, nbytes: int, update=zlib.crc32,
                 chunk: int = 4 << 20) -> int:
     """A running checksum (``update(data, crc)``: zlib.crc32 by default, or

@@ -19,7 +19,7 @@ from pathlib import Path
 from .crc import CRC32_POLY, crc_combine
 from .errors import FormatError
 from .progress import advance
-from .streaming import OutFile, crc_of_span
+from .streaming import PARALLEL_CRC_MIN, OutFile, crc_of_span
 from .tensor import FileHandle, TensorRef, human_bytes
 
 ALIGN = 64
@@ -27,9 +27,6 @@ ALIGN = 64
 # (pickles compress 3-10x; deflate's own ceiling is about 1032x).
 _BOMB_RATIO = 50
 _BOMB_MIN = 64 << 20
-_PARALLEL_CRC_MIN = 1 << 20
-
-
 def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
     """CRC-32 of A+B from crc(A), crc(B) and len(B) (zlib's crc32_combine)."""
     return crc_combine(CRC32_POLY, crc1, crc2, len2)
@@ -221,7 +218,7 @@ class ZipWriter:
                 written += len(part)
                 continue
             span = part.file_span()
-            if span is not None and (crc is not None or span[2] >= _PARALLEL_CRC_MIN):
+            if span is not None and (crc is not None or span[2] >= PARALLEL_CRC_MIN):
                 if crc is None:
                     pieces.append((self._crc_pool().submit(crc_of_span, *span), span[2]))
                 self.out.copy_from(*span)
