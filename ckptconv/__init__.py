@@ -15,7 +15,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "load": "api", "save": "api", "convert": "api", "inspect": "api", "load_into": "api",
-    "check": "api", "verify": "api", "scan": "api", "Mapping": "mapping",
+    "check": "api", "sanitize": "api", "verify": "api", "scan": "api", "Mapping": "mapping",
     "Checkpoint": "tree", "ObjectRecord": "tree",
     "TensorRef": "tensor", "StoredTensor": "tensor", "ArrayTensor": "tensor", "LazyTensor": "tensor",
     "CkptconvError": "errors", "FormatError": "errors", "IntegrityError": "errors",

@@ -155,10 +155,32 @@ def load_into(module, path, mapping=None, strict: bool = False, device=None, sel
     return _load_into(module, path, mapping=mapping, strict=strict, device=device, select=select)
 
 
-def check(path):
-    from .compat import check as _check
+def _hook(path: Path, verb: str):
+    """The adapter of ``path``'s format and its ``verb`` hook (a format without it says so)."""
+    fmt = detect_format(path)
+    adapter = get_adapter(fmt)
+    hook = getattr(adapter, verb, None)
+    if hook is None:
+        from .errors import FormatError
 
-    return _check(path)
+        raise FormatError(f"{path.name}: `{verb}` is for torch files; this is {fmt} "
+                          f"(`ckptconv convert {path.name} out.pt` writes one)")
+    return hook
+
+
+def check(path):
+    """What torch a torch file needs, and what blocks ``torch.load(weights_only=True)``."""
+    p = Path(path)
+    return _hook(p, "check")(p)
+
+
+def sanitize(src, dst, force: bool = False, torch_compat: str | None = None):
+    """Rewrite ``src`` as a torch file that ``torch.load(weights_only=True)`` loads."""
+    src_p, dst_p = Path(src), Path(dst)
+    if src_p.exists() and dst_p.exists() and src_p.resolve() == dst_p.resolve():
+        raise UsageError(f"{dst_p}: source and target are the same file")
+    ck = load(src_p)
+    return get_adapter("torch").sanitize(ck, dst_p, force=force, torch_compat=torch_compat)
 
 
 def verify(path, manifest: bool = False):

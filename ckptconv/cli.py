@@ -172,9 +172,7 @@ def run(args: argparse.Namespace) -> int:
         _emit(report, args.json)
         return getattr(report, "exit_code", EXIT_OK)
     if args.verb == "sanitize":
-        from .compat import sanitize
-
-        report = sanitize(args.src, args.dst, force=args.force, torch_compat=args.torch_compat)
+        report = api.sanitize(args.src, args.dst, force=args.force, torch_compat=args.torch_compat)
         _emit(report, args.json)
         return EXIT_OK
     if args.verb == "verify":

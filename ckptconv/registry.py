@@ -52,7 +52,7 @@ class Adapter:
 
 # name -> "module:Class"; order is the sniffing order (most specific first).
 BUILTINS: dict[str, str] = {
-    "torch": "ckptconv.adapters.torch_pickle:TorchAdapter",
+    "torch": "ckptconv.adapters.torch:TorchAdapter",
     "safetensors": "ckptconv.adapters.safetensors_:SafetensorsAdapter",
     "tf": "ckptconv.adapters.tf_bundle:TFBundleAdapter",
     "keras-h5": "ckptconv.adapters.hdf5_:KerasH5Adapter",

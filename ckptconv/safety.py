@@ -19,7 +19,7 @@ names. A file can carry pickles in more places than its ``data.pkl``, so
 
 Each pickle gets a raw listing of the names it mentions
 (``ckptconv.unpickler.scan_globals``) and a real interpretation with torch's
-allowlist (``ckptconv.adapters.torch_pickle.check_pickle``), which decides:
+allowlist (``ckptconv.adapters.torch.check_pickle``), which decides:
 *safe* (only allowlisted calls; other classes kept as inert records, listed),
 *unsafe* (the first refused callable, named) or *unreadable* (malformed).
 Exit codes: 0 all safe, 3 anything unsafe, 1 anything unreadable.
@@ -155,7 +155,7 @@ class ScanSummary:
 
 def check_pickle_bytes(data: bytes, display: str, where: str) -> tuple[PickleReport, Any]:
     """Raw listing + interpretation of one pickle; (report, value or None)."""
-    from .adapters.torch_pickle import check_pickle
+    from .adapters.torch import check_pickle
     from .unpickler import scan_globals
 
     listing = scan_globals(data, display)
@@ -494,7 +494,7 @@ def scan(path: str | os.PathLike) -> ScanReport:
 
 
 def _scan_file(rep: ScanReport, p: Path, buf, display: str) -> None:
-    from .adapters.torch_pickle import _LEGACY_HEAD
+    from .adapters.torch import LEGACY_HEAD
     from .ziputil import is_zip
 
     head = bytes(buf[:512])
@@ -514,7 +514,7 @@ def _scan_file(rep: ScanReport, p: Path, buf, display: str) -> None:
         if not rep.pickles and not rep.reasons:
             rep.kind = "numpy .npy (no pickle)"
         return
-    if head.startswith(_LEGACY_HEAD):
+    if head.startswith(LEGACY_HEAD):
         _scan_legacy(rep, buf, display)
         return
     fmt = _known_format(p)
@@ -562,7 +562,7 @@ def _known_format(p: Path) -> str | None:
 
 
 def _is_legacy_magic(value) -> bool:
-    from .adapters.torch_pickle import LEGACY_MAGIC
+    from .adapters.torch import LEGACY_MAGIC
 
     return isinstance(value, int) and not isinstance(value, bool) and value == LEGACY_MAGIC
 

@@ -46,10 +46,10 @@ class Member:
     compress_type: int
 
 
-def _find_eocd(handle: FileHandle, size: int, name: str) -> tuple[int, int, int]:
+def _find_eocd(handle: FileHandle, start: int, size: int, name: str) -> tuple[int, int, int]:
     """(entry count, central directory size, central directory offset)."""
     base = max(0, size - (0xFFFF + 22 + 20))
-    tail = handle.pread(base, size - base, "zip end record")
+    tail = handle.pread(start + base, size - base, "zip end record")
     pos = tail.rfind(b"PK\x05\x06")
     if pos < 0:
         raise FormatError(f"{name}: truncated or corrupt zip archive "
@@ -64,7 +64,7 @@ def _find_eocd(handle: FileHandle, size: int, name: str) -> tuple[int, int, int]
         if loc < 0 or tail[loc:loc + 4] != b"PK\x06\x07":
             raise FormatError(f"{name}: corrupt zip64 archive (no zip64 locator)")
         (z64,) = struct.unpack_from("<Q", tail, loc + 8)
-        rec = handle.pread(z64, 56, "zip64 end record") if z64 + 56 <= size else b""
+        rec = handle.pread(start + z64, 56, "zip64 end record") if z64 + 56 <= size else b""
         if rec[:4] != b"PK\x06\x06":
             raise FormatError(f"{name}: corrupt zip64 archive (bad zip64 end record)")
         count, cd_size, cd_offset = struct.unpack_from("<QQQ", rec, 32)
@@ -74,19 +74,24 @@ def _find_eocd(handle: FileHandle, size: int, name: str) -> tuple[int, int, int]
     return count, cd_size, cd_offset
 
 
-def read_members(handle: FileHandle) -> dict[str, Member]:
+def read_members(handle: FileHandle, start: int = 0, size: int | None = None) -> dict[str, Member]:
     """Central directory of a zip: name -> Member with absolute data offsets.
 
+    ``start``/``size``: a zip stored inside a bigger file (a ``torch.save``
+    blob in a DCP ``.distcp`` file), its own offsets relative to ``start``.
     Parsed with struct from one read of the central directory and one small
     read per local header: much faster than ``zipfile`` for archives of tens
     of thousands of storages, and no mmap (which would count as memory).
     """
     name = handle.display
-    size = handle.size
+    size = handle.size - start if size is None else size
+    if start < 0 or size < 0 or start + size > handle.size:
+        raise FormatError(f"{name}: zip archive of {size} bytes at offset {start} is past the "
+                          f"end of the file ({handle.size} bytes)")
     if size < 22:
         raise FormatError(f"{name}: truncated zip archive ({size} bytes)")
-    count, cd_size, cd_offset = _find_eocd(handle, size, name)
-    cd = handle.pread(cd_offset, cd_size, "zip central directory")
+    count, cd_size, cd_offset = _find_eocd(handle, start, size, name)
+    cd = handle.pread(start + cd_offset, cd_size, "zip central directory")
     if count > cd_size // 46 + 1:
         raise FormatError(f"{name}: corrupt zip: {count} entries cannot fit in "
                           f"a {cd_size}-byte central directory")
@@ -121,15 +126,16 @@ def read_members(handle: FileHandle) -> dict[str, Member]:
             raise FormatError(f"{name}: zip member '{mname}' escapes the archive")
         if hoff + 30 > size:
             raise FormatError(f"{name}: zip member '{mname}' starts past the end of the file")
-        lsig, _, _, _, _, _, _, _, _, lnlen, lxlen = _LOCAL.unpack(os.pread(fd, 30, hoff))
+        lsig, _, _, _, _, _, _, _, _, lnlen, lxlen = _LOCAL.unpack(os.pread(fd, 30, start + hoff))
         if lsig != 0x04034B50:
             raise FormatError(f"{name}: corrupt zip: bad local header for '{mname}'")
-        start = hoff + 30 + lnlen + lxlen
-        if start + csize > size:
+        data_start = hoff + 30 + lnlen + lxlen
+        if data_start + csize > size:
             raise FormatError(
                 f"{name}: truncated zip archive (member '{mname}' needs "
-                f"{human_bytes(csize)} at offset {start}, file ends at {size})")
-        members[mname] = Member(mname, start, csize, usize, crc, method)
+                f"{human_bytes(csize)} at offset {start + data_start}, file ends at "
+                f"{start + size})")
+        members[mname] = Member(mname, start + data_start, csize, usize, crc, method)
     return members
 
 

@@ -14,7 +14,7 @@ from conftest import assert_one_line_error, make_training_checkpoint, run_cli
 torch = pytest.importorskip("torch")
 
 import ckptconv  # noqa: E402
-from ckptconv.compat import check, sanitize  # noqa: E402
+from ckptconv import check, sanitize  # noqa: E402
 
 NUMPY_SCALAR = ("numpy._core.multiarray.scalar" if int(np.__version__.split(".")[0]) >= 2
                 else "numpy.core.multiarray.scalar")
@@ -191,7 +191,7 @@ def test_convert_torch_compat_refuses_fp8_for_1_13(tmp_path, files):
 
 
 def test_compat_module_imports_no_torch():
-    code = ("import sys, ckptconv.compat, ckptconv.cli\n"
+    code = ("import sys, ckptconv.adapters.torch, ckptconv.cli\n"
             "assert 'torch' not in sys.modules, 'torch imported'\n")
     import subprocess
 

@@ -314,3 +314,21 @@ def test_sharded_bin_keeps_non_tensor_entries(tmp_path):
             assert tensor_bytes_equal(ck.tensors()[n].torch(), t)
     # closed: a later read opens the file again
     assert tensor_bytes_equal(ck.tensors()["b.weight"].torch(), sd["b.weight"])
+
+
+def test_torch_blob_at_an_offset_reads_lazily(tmp_path):
+    """A torch.save zip stored inside a bigger file (as DCP's .distcp files hold them)."""
+    from ckptconv.adapters.torch import read_torch_blob
+    from ckptconv.tensor import FileHandle
+
+    buf = io.BytesIO()
+    torch.save({"w": torch.arange(12, dtype=torch.float32).reshape(3, 4), "step": 7}, buf)
+    blob = buf.getvalue()
+    path = tmp_path / "items.bin"
+    path.write_bytes(b"x" * 1000 + blob + b"y" * 333)
+    tree, info = read_torch_blob(FileHandle(path), 1000, len(blob))
+    assert tree["step"] == 7 and info["torch_format"] == "zip"
+    assert tree["w"].file_span()[1] >= 1000  # a range of the outer file, not a copy
+    assert torch.equal(tree["w"].torch(), torch.arange(12, dtype=torch.float32).reshape(3, 4))
+    with pytest.raises(ckptconv.FormatError, match="items.bin"):
+        read_torch_blob(FileHandle(path), 1000, len(blob) - 40)  # cut through the end record

@@ -18,7 +18,7 @@ from collections import OrderedDict
 import pytest
 
 import malicious_corpus as mc
-from ckptconv.adapters.torch_pickle import TorchUnpickler
+from ckptconv.adapters.torch import TorchUnpickler
 from ckptconv.errors import CkptconvError, UnsafePickleError
 from ckptconv.tensor import BufferSource, TensorRef
 from ckptconv.tree import ObjectRecord

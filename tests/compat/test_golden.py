@@ -12,7 +12,7 @@ import warnings
 import pytest
 
 import ckptconv
-from ckptconv.compat import check
+from ckptconv import check
 
 from matrix_helpers import (GOLDEN, HAS_WEIGHTS_ONLY, THIS, THIS_V, assert_same, describe_checkpoint,
                       describe_torch, gen, golden_files, manifest, torch, torch_load)

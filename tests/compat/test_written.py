@@ -13,20 +13,21 @@ import numpy as np
 import pytest
 
 import ckptconv
-from ckptconv.compat import (GLOBAL_MIN_TORCH, MATRIX, check, sanitize, weights_only_allowlist,
-                             weights_only_opcodes)
+from ckptconv import check, sanitize
+from ckptconv.adapters.torch.weights_only import (GLOBAL_MIN_TORCH, MATRIX, weights_only_allowlist,
+                                                  weights_only_opcodes)
 from ckptconv.errors import UnsupportedError
 from ckptconv.tensor import ArrayTensor
 from ckptconv.tree import Checkpoint
 
-from matrix_helpers import (GOLDEN, HAS_WEIGHTS_ONLY, THIS, THIS_V, assert_same, describe_checkpoint,
+from matrix_helpers import (GOLDEN, HAS_WEIGHTS_ONLY, THIS, THIS_V, assert_same, 
                       describe_torch, gen, golden_files, manifest, torch, torch_load)
 
 FILES = [(f, n) for f, n in golden_files() if manifest(f)["files"][n]["kind"] != "torchscript"]
 
 
 def _dtype_min():
-    from ckptconv.adapters.torch_pickle import DTYPE_MIN_TORCH
+    from ckptconv.adapters.torch import DTYPE_MIN_TORCH
 
     return DTYPE_MIN_TORCH
 

@@ -1,17 +1,15 @@
-"""PyTorch checkpoints (``torch.save``): the zip format (torch >= 1.6), the
-legacy format (magic number + pickles + raw storages) and TorchScript
-archives, read without torch and without executing the pickle.
+"""The torch pickle, interpreted: ``TorchUnpickler`` turns the calls torch's
+weights-only loader accepts into lazy tensors and plain values, and refuses
+everything else by name; ``check_pickle`` judges a pickle without reading
+any storage bytes.
 
-Ground truth: ``torch/serialization.py`` (``_save``, ``_load``,
-``_legacy_load``, ``persistent_load``, location tags), ``torch/_utils.py``
-(``_rebuild_tensor_v2``/``_v3``, ``_rebuild_parameter``),
+Ground truth: ``torch/serialization.py`` (``persistent_load``, location tags),
+``torch/_utils.py`` (``_rebuild_tensor_v2``/``_v3``, ``_rebuild_parameter``),
 ``torch/_tensor.py`` (``_reduce_ex_internal``), ``torch/storage.py``
 (``_dtype_to_storage_type_map``, ``_new_dtypes``),
 ``torch/_weights_only_unpickler.py`` (what ``weights_only=True`` accepts).
 
-Zip layout: ``<root>/data.pkl`` (the pickle), ``<root>/data/<key>`` (one
-member per storage, raw little-endian bytes), ``<root>/byteorder``,
-``<root>/version``. A storage is a persistent id
+A storage is a persistent id
 ``('storage', torch.FloatStorage | torch.UntypedStorage, key, location, numel)``;
 a tensor is ``_rebuild_tensor_v2(storage, offset, size, stride, requires_grad,
 hooks)`` or, for dtypes without a legacy storage class (fp8, uint16/32/64),
@@ -19,30 +17,19 @@ hooks)`` or, for dtypes without a legacy storage class (fp8, uint16/32/64),
 """
 from __future__ import annotations
 
-import io
 import math
-import pickletools
 from collections import OrderedDict
-from pathlib import Path
 from typing import Any
 
-from ckptconv._lazy import np, numpy_loaded
+from ckptconv._lazy import np
 
 from ckptconv import dtypes as _dt
-from ckptconv.atomic import atomic_file
-from ckptconv.errors import FormatError, UnsafePickleError, UnsupportedError
-from ckptconv.registry import Adapter
-from ckptconv.sharding import read_sharded
-from ckptconv.tensor import (ArrayTensor, BufferSource, ByteSource, FileHandle, FileSource,
-                             StoredTensor, TensorRef, contiguous_strides)
-from ckptconv.tree import Checkpoint, ObjectRecord, iter_tensors
-from ckptconv.unpickler import (Global, Pending, RestrictedUnpickler, is_dangerous, iter_opcodes,
-                                scan_globals, short_repr)
-from ckptconv.ziputil import (ZipWriter, is_zip, member_root, read_member_bytes, read_members)
+from ckptconv.errors import FormatError, UnsafePickleError
+from ckptconv.tensor import ArrayTensor, ByteSource, StoredTensor, TensorRef
+from ckptconv.tree import ObjectRecord
+from ckptconv.unpickler import (Global, Pending, RestrictedUnpickler, is_dangerous, scan_globals,
+                                short_repr)
 
-LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
-LEGACY_PROTOCOL = 1001
-_LEGACY_HEAD = b"\x80\x02\x8a\x0a"  # PROTO 2, LONG1 of 10 bytes: the magic number
 
 
 class _Storage:
@@ -282,7 +269,7 @@ class TorchUnpickler(RestrictedUnpickler):
             itemsize = (dtype or _dt.get("uint8")).itemsize
             if (offset + size) * itemsize > st.source.nbytes:
                 raise FormatError(f"{d}: storage view {short_repr(view)} outside its storage")
-            sub = _SubSource(st.source, offset * itemsize, size * itemsize)
+            sub = SubSource(st.source, offset * itemsize, size * itemsize)
             return _Storage(view_key, dtype, location, size, sub, untyped)
         return st
 
@@ -526,53 +513,9 @@ def check_pickle(data: bytes, display: str, listing: list | None = None) -> Torc
     return up
 
 
-def read_bare_pickle(path: Path) -> Checkpoint:
-    """A plain ``pickle.dump`` file (protocol 2+), e.g. a dict of numpy arrays.
+class SubSource(ByteSource):
+    """A range of another source: a legacy storage view (view_key, offset, size)."""
 
-    Not a torch format, but ``torch.load`` runs such a file's pickle (it reads
-    it as the legacy magic number), so it is read here, with the same
-    allowlist. It has no storages; numpy arrays become the tensors.
-    """
-    from ckptconv.tree import to_canonical
-
-    handle = FileHandle(path)
-    display = handle.display
-    if handle.size > 1 << 31:
-        raise FormatError(f"{display}: bare pickle of {handle.size} bytes is too big to interpret")
-
-    def storage_source(key, dtype, numel, untyped):
-        raise FormatError(f"{display}: a bare pickle cannot hold torch storages (persistent id "
-                          f"'{key}'); is it part of a legacy checkpoint?")
-
-    up = TorchUnpickler(display, storage_source)
-    tree = to_canonical(up.load(handle.pread(0, handle.size, "pickle")))
-    return Checkpoint(tree, {}, "torch", str(path), _checkpoint_info(up, "pickle"))
-
-
-_TEXT_PICKLE_SNIFF = 1 << 20
-
-
-def is_bare_pickle(head: bytes, path: Path | None = None) -> bool:
-    """A plain pickle: PROTO 2..5 and a valid opcode next (not a safetensors
-    header that happens to start with 0x80: its 9th byte is '{'), or a
-    protocol 0/1 pickle that parses to its STOP within its first MiB."""
-    if len(head) >= 3 and head[0] == 0x80:
-        return (2 <= head[1] <= 5 and head[2:3].decode("latin1") in _PICKLE_OPCODES
-                and head[8:9] != b"{")
-    if not head or head[:1].decode("latin1") not in _PICKLE_OPCODES or path is None:
-        return False
-    with open(path, "rb") as f:
-        prefix = f.read(_TEXT_PICKLE_SNIFF)
-    try:
-        return any(name == "STOP" for name, _, _ in iter_opcodes(prefix))
-    except Exception:  # noqa: BLE001 - sniffing: anything that does not parse is not a pickle
-        return False
-
-
-_PICKLE_OPCODES = frozenset(op.code for op in pickletools.opcodes)
-
-
-class _SubSource(ByteSource):
     def __init__(self, base: ByteSource, offset: int, nbytes: int):
         self.base, self.offset, self.nbytes = base, offset, nbytes
 
@@ -584,506 +527,11 @@ class _SubSource(ByteSource):
         return None if fr is None else (fr[0], fr[1] + self.offset)
 
 
-# --- reading ---------------------------------------------------------------------
-
-def _checkpoint_info(up: TorchUnpickler, kind: str) -> dict:
+def checkpoint_info(up: TorchUnpickler, kind: str) -> dict:
+    """``Checkpoint.info`` of a torch file: what its pickle named and where its tensors were."""
     return {"torch_format": kind,
             "pickle_globals": sorted(set(up.globals_seen)),
             "records": sorted(set(up.records)),
             "storage_locations": sorted(up.locations),
             "storages": len(up.storages)}
 
-
-def read_zip_checkpoint(path: Path) -> Checkpoint:
-    handle = FileHandle(path)
-    members = read_members(handle)
-    root = member_root(members, path)
-    prefix = f"{root}/" if root else ""
-    display = handle.display
-    big = False
-    if f"{prefix}byteorder" in members:
-        order = read_member_bytes(handle, members[f"{prefix}byteorder"], 64).strip()
-        if order not in (b"little", b"big"):
-            raise FormatError(f"{display}: unknown byteorder {order!r}")
-        big = order == b"big"
-    torchscript = any(n.startswith(f"{prefix}code/") for n in members) or \
-        f"{prefix}constants.pkl" in members
-
-    def storage_source(key, dtype, numel, untyped):
-        m = members.get(f"{prefix}data/{key}")
-        if m is None:
-            raise FormatError(f"{display}: storage '{key}' is missing from the archive "
-                              f"(no member {prefix}data/{key})")
-        nbytes = numel * (1 if untyped else dtype.itemsize)
-        if nbytes > m.size:
-            raise FormatError(f"{display}: storage '{key}' needs {nbytes} bytes, member holds {m.size}")
-        if m.compress_type != 0:
-            return BufferSource(read_member_bytes(handle, m))
-        src = FileSource(handle, m.data_offset, nbytes, f"storage '{key}'")
-        if nbytes == m.size:
-            src.crc32 = m.crc  # lets a zip writer copy the storage without re-reading it
-        return src
-
-    up = TorchUnpickler(f"{display}:{prefix}data.pkl", storage_source, big)
-    data = read_member_bytes(handle, members[f"{prefix}data.pkl"], 1 << 31)
-    tree = up.load(data)
-    kind = "torchscript" if torchscript else "zip"
-    info = _checkpoint_info(up, kind)
-    info["archive_root"] = root
-    version = members.get(f"{prefix}version") or members.get(f"{prefix}.data/version")
-    if version is not None:
-        info["zip_version"] = read_member_bytes(handle, version, 64).decode("latin1").strip()
-    extra = sorted(n for n in members if n.endswith(".pkl") and n != f"{prefix}data.pkl")
-    for name in extra:
-        # torch.jit.load unpickles constants.pkl; a zip may carry other
-        # pickles (another root's data.pkl): refuse any that could run code.
-        check_pickle(read_member_bytes(handle, members[name], 1 << 31), f"{display}:{name}")
-    info["extra_pickles"] = extra
-    if torchscript:
-        tree = _torchscript_weights(tree)
-    return Checkpoint(tree, {}, "torch", str(path), info)
-
-
-def _torchscript_weights(tree):
-    """TorchScript: keep the module records' parameters/buffers as a nested dict.
-
-    The module objects are ``__torch__.*`` records whose state holds the
-    weights and a few flags (``training``...); the code is never run.
-    """
-    def walk(node):
-        if isinstance(node, ObjectRecord) and isinstance(node.state, dict):
-            out = OrderedDict()
-            for k, v in node.state.items():
-                w = walk(v)
-                if w is not None and w != {}:
-                    out[k] = w
-            return out
-        if isinstance(node, TensorRef):
-            return node
-        return None
-
-    weights = walk(tree)
-    return weights if weights is not None else tree
-
-
-def _scan_one_pickle(f: io.BufferedReader, display: str) -> int:
-    """Skip one pickle without interpreting it; returns its end offset."""
-    import pickletools
-
-    try:
-        for op, _, pos in pickletools.genops(f):
-            if op.name == "STOP":
-                return pos + 1
-    except Exception as e:
-        raise FormatError(f"{display}: corrupt or truncated pickle ({e})") from None
-    raise FormatError(f"{display}: truncated pickle (no STOP opcode)")
-
-
-def read_legacy_checkpoint(path: Path) -> Checkpoint:
-    """The pre-1.6 format: magic, protocol, sys_info, main pickle, storage keys, raw storages."""
-    handle = FileHandle(path)
-    display = handle.display
-
-    def plain(f, what):
-        up = RestrictedUnpickler(f"{display} ({what})")
-        return up.load(f)
-
-    with open(path, "rb") as f:
-        magic = plain(f, "magic number")
-        if magic != LEGACY_MAGIC:
-            raise FormatError(f"{display}: not a torch legacy file (bad magic number)")
-        protocol = plain(f, "protocol version")
-        if protocol != LEGACY_PROTOCOL:
-            raise FormatError(f"{display}: unsupported legacy protocol version {protocol!r}")
-        sys_info = plain(f, "sys info")
-        if not isinstance(sys_info, dict):
-            raise FormatError(f"{display}: bad sys info record")
-        big = not sys_info.get("little_endian", True)
-        main_start = f.tell()
-        main_end = _scan_one_pickle(f, f"{display} (main pickle)")
-        f.seek(main_end)
-        keys = plain(f, "storage keys")
-        if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
-            raise FormatError(f"{display}: bad storage key list")
-        data_start = f.tell()
-        f.seek(main_start)
-        main_bytes = f.read(main_end - main_start)
-
-    # First pass: learn each storage's dtype and size; the raw data follows
-    # the pickles in the order of `keys`, each as int64 numel + bytes.
-    found: dict[str, tuple[_dt.DType, int, bool]] = {}
-
-    def probe(key, dtype, numel, untyped):
-        found[key] = (dtype, numel, untyped)
-        return BufferSource(b"")
-
-    class _Probe(TorchUnpickler):
-        def _rebuild(self, q, args):
-            return ArrayTensor(np.zeros(0, np.uint8))
-
-        def persistent_load(self, pid):
-            if isinstance(pid, tuple) and len(pid) > 5 and pid[5] is not None:
-                pid = pid[:5]
-            return super().persistent_load(pid)
-
-    _Probe(display, probe, big).load(main_bytes)
-    sources: dict[str, ByteSource] = {}
-    offset = data_start
-    order = "big" if big else "little"
-    for key in keys:
-        if key not in found:
-            raise FormatError(f"{display}: storage '{key}' listed but never used")
-        dtype, numel, untyped = found[key]
-        size = 1 if untyped else dtype.itemsize
-        header = int.from_bytes(handle.pread(offset, 8, f"storage '{key}' header"), order)
-        if header < 0 or offset + 8 + header * size > handle.size:
-            raise FormatError(f"{display}: storage '{key}' needs {header * size} bytes at offset "
-                              f"{offset + 8}, file ends at {handle.size} (truncated?)")
-        src = FileSource(handle, offset + 8, header * size, f"storage '{key}'")
-        sources[key] = src
-        offset += 8 + header * size
-
-    def storage_source(key, dtype, numel, untyped):
-        if key not in sources:
-            raise FormatError(f"{display}: storage '{key}' has no data")
-        return sources[key]
-
-    up = TorchUnpickler(display, storage_source, big)
-    tree = up.load(main_bytes)
-    info = _checkpoint_info(up, "legacy")
-    return Checkpoint(tree, {}, "torch", str(path), info)
-
-
-# --- writing ---------------------------------------------------------------------
-
-# the first torch release that has each dtype (for --torch-compat and `check`)
-DTYPE_MIN_TORCH = {"bfloat16": (1, 10), "float8_e4m3fn": (2, 1), "float8_e5m2": (2, 1),
-                   "float8_e4m3fnuz": (2, 2), "float8_e5m2fnuz": (2, 2), "float8_e8m0fnu": (2, 7),
-                   "uint16": (2, 3), "uint32": (2, 3), "uint64": (2, 3), "complex32": (1, 9)}
-
-
-class _PickleWriter:
-    """Emits protocol-2 opcodes that torch's weights-only loader accepts (1.13+)."""
-
-    def __init__(self):
-        self.buf = io.BytesIO()
-        self.w = self.buf.write
-
-    def glob(self, qual: str) -> None:
-        module, _, name = qual.rpartition(".")
-        self.w(b"c" + module.encode() + b"\n" + name.encode() + b"\n")
-
-    def int_(self, v: int) -> None:
-        if 0 <= v < 256:
-            self.w(b"K" + bytes([v]))
-        elif 0 <= v < 65536:
-            self.w(b"M" + v.to_bytes(2, "little"))
-        elif -(1 << 31) <= v < (1 << 31):
-            self.w(b"J" + v.to_bytes(4, "little", signed=True))
-        else:
-            n = (v.bit_length() + 8) // 8
-            raw = v.to_bytes(n, "little", signed=True)
-            self.w(b"\x8a" + bytes([len(raw)]) + raw)
-
-    def str_(self, s: str) -> None:
-        b = s.encode("utf-8", "surrogatepass")
-        self.w(b"X" + len(b).to_bytes(4, "little") + b)
-
-    def value(self, v: Any, emit_tensor) -> None:
-        import struct
-
-        w = self.w
-        if v is None:
-            w(b"N")
-        elif v is True:
-            w(b"\x88")
-        elif v is False:
-            w(b"\x89")
-        elif isinstance(v, TensorRef):
-            emit_tensor(v)
-        elif numpy_loaded() and isinstance(v, (np.generic, np.ndarray, np.dtype)):
-            # (a numpy value exists only once numpy is imported: no import for the check)
-            if isinstance(v, np.generic):
-                self.np_scalar(v)
-            elif isinstance(v, np.ndarray):
-                self.np_array(v)
-            else:
-                self.np_dtype(v)
-        elif isinstance(v, int):
-            self.int_(int(v))
-        elif isinstance(v, float):
-            w(b"G" + struct.pack(">d", float(v)))
-        elif isinstance(v, str):
-            self.str_(v)
-        elif isinstance(v, (bytes, bytearray)):
-            self.glob("_codecs.encode")
-            self.str_(bytes(v).decode("latin1"))
-            self.str_("latin1")
-            w(b"\x86R")
-            if isinstance(v, bytearray):
-                pass
-        elif isinstance(v, complex):
-            self.glob("builtins.complex")
-            self.value((v.real, v.imag), emit_tensor)
-            w(b"R")
-        elif isinstance(v, OrderedDict):
-            self.glob("collections.OrderedDict")
-            w(b")R")
-            self._items(v, emit_tensor)
-            attrs = vars(v)
-            if attrs:
-                self.value(dict(attrs), emit_tensor)
-                w(b"b")
-        elif isinstance(v, dict):
-            w(b"}")
-            self._items(v, emit_tensor)
-        elif isinstance(v, list):
-            w(b"]")
-            for i in range(0, len(v), 1000):
-                w(b"(")
-                for x in v[i:i + 1000]:
-                    self.value(x, emit_tensor)
-                w(b"e")
-        elif isinstance(v, tuple):
-            if not v:
-                w(b")")
-            elif len(v) <= 3:
-                for x in v:
-                    self.value(x, emit_tensor)
-                w(b"\x85\x86\x87"[len(v) - 1:len(v)])
-            else:
-                w(b"(")
-                for x in v:
-                    self.value(x, emit_tensor)
-                w(b"t")
-        elif isinstance(v, (set, frozenset)):
-            self.glob("builtins.set" if isinstance(v, set) else "builtins.frozenset")
-            self.value((list(v),), emit_tensor)
-            w(b"R")
-        elif isinstance(v, ObjectRecord):
-            self.record(v, emit_tensor)
-        else:
-            raise UnsupportedError(f"cannot write a {type(v).__name__} into a torch pickle")
-
-    def _items(self, d: dict, emit_tensor) -> None:
-        items = list(d.items())
-        for i in range(0, len(items), 1000):
-            self.w(b"(")
-            for k, x in items[i:i + 1000]:
-                self.value(k, emit_tensor)
-                self.value(x, emit_tensor)
-            self.w(b"u")
-
-    def record(self, r: ObjectRecord, emit_tensor) -> None:
-        if r.kind == "global":
-            self.glob(r.cls)
-            return
-        self.glob(r.cls)
-        if r.kind == "reduce":
-            self.value(tuple(r.args), emit_tensor)
-            self.w(b"R")
-        else:
-            args = tuple(r.args)
-            if args and isinstance(args[-1], tuple) and len(args[-1]) == 2 and args[-1][0] == "__kwargs__":
-                raise UnsupportedError(f"record {r.cls} was built with keyword arguments")
-            self.value(args, emit_tensor)
-            self.w(b"\x81")
-        if r.state is not None:
-            self.value(r.state, emit_tensor)
-            self.w(b"b")
-
-    def np_dtype(self, dt: np.dtype) -> None:
-        self.glob("numpy.dtype")
-        self.value((dt.str[1:] if dt.str[0] in "<>|=" else dt.str, False, True), None)
-        self.w(b"R")
-        order = "|" if dt.itemsize == 1 or dt.str[0] == "|" else dt.str[0]
-        self.value((3, order, None, None, None, -1, -1, 0), None)
-        self.w(b"b")
-
-    def np_scalar(self, v: np.generic) -> None:
-        self.glob("numpy.core.multiarray.scalar")
-        self.np_dtype(v.dtype)
-        self.value(v.tobytes(), None)
-        self.w(b"\x86R")
-
-    def np_array(self, a: np.ndarray) -> None:
-        self.glob("numpy.core.multiarray._reconstruct")
-        self.glob("numpy.ndarray")  # _reconstruct(ndarray, (0,), b"b"): one TUPLE3 of args
-        self.value((0,), None)
-        self.value(b"b", None)
-        self.w(b"\x87R")
-        self.w(b"(")
-        self.int_(1)
-        self.value(tuple(a.shape), None)
-        self.np_dtype(a.dtype)
-        self.w(b"\x89")
-        self.value(np.ascontiguousarray(a).tobytes(), None)
-        self.w(b"tb")
-
-
-def _plan_storages(ckpt: Checkpoint):
-    """Group tensors into storages: views of one source storage share it."""
-    storages: list[dict] = []      # {"refs": [...], "source": src or None, "dtype", "nbytes"}
-    by_source: dict[tuple, int] = {}
-    placement: dict[int, tuple[int, int, tuple, tuple]] = {}  # id(ref) -> (storage, offset, shape, stride)
-    for _, ref in iter_tensors(ckpt.tree):
-        if id(ref) in placement:
-            continue
-        if isinstance(ref, StoredTensor) and not ref.big_endian:
-            key = (id(ref.source), ref.dtype.name)
-            if ref.source.nbytes % ref.dtype.itemsize == 0:
-                idx = by_source.get(key)
-                if idx is None:
-                    idx = len(storages)
-                    by_source[key] = idx
-                    storages.append({"source": ref.source, "dtype": ref.dtype,
-                                     "nbytes": ref.source.nbytes, "ref": ref})
-                placement[id(ref)] = (idx, ref.offset, ref.shape, ref.strides)
-                continue
-        idx = len(storages)
-        storages.append({"source": None, "dtype": ref.dtype, "nbytes": ref.nbytes, "ref": ref})
-        placement[id(ref)] = (idx, 0, ref.shape, contiguous_strides(ref.shape))
-    return storages, placement
-
-
-def _check_compat(ckpt: Checkpoint, version: str | None) -> None:
-    if not version:
-        return
-    try:
-        want = tuple(int(x) for x in version.split(".")[:2])
-    except ValueError:
-        raise UnsupportedError(f"--torch-compat '{version}' is not a version like 1.13") from None
-    for name, ref in iter_tensors(ckpt.tree):
-        need = DTYPE_MIN_TORCH.get(ref.dtype.name)
-        if need and want < need:
-            raise UnsupportedError(
-                f"tensor '{name}' is {ref.dtype.name}, which torch {version} cannot hold "
-                f"(needs {need[0]}.{need[1]}+); cast it with --dtype or target a newer torch")
-
-
-def write_zip_checkpoint(ckpt: Checkpoint, path: Path, force: bool = False,
-                         torch_compat: str | None = None) -> dict:
-    _check_compat(ckpt, torch_compat)
-    storages, placement = _plan_storages(ckpt)
-    pw = _PickleWriter()
-    pw.w(b"\x80\x02")
-
-    def emit_tensor(ref: TensorRef) -> None:
-        idx, offset, shape, stride = placement[id(ref)]
-        st = storages[idx]
-        dtype: _dt.DType = st["dtype"]
-        # dtypes with no typed storage class (fp8, uint16..64, complex32)
-        # need _rebuild_tensor_v3 over an UntypedStorage
-        v3 = dtype.storage_class is None
-        if ref.is_parameter:
-            pw.glob("torch._utils._rebuild_parameter")
-            pw.w(b"(")
-        pw.glob("torch._utils._rebuild_tensor_v3" if v3 else "torch._utils._rebuild_tensor_v2")
-        pw.w(b"(")
-        pw.w(b"(")
-        pw.str_("storage")
-        pw.glob("torch.storage.UntypedStorage" if v3 else f"torch.{dtype.storage_class}")
-        pw.str_(str(idx))
-        pw.str_("cpu")
-        pw.int_(st["nbytes"] if v3 else st["nbytes"] // dtype.itemsize)
-        pw.w(b"tQ")
-        pw.int_(offset)
-        pw.value(tuple(shape), None)
-        pw.value(tuple(stride), None)
-        pw.value(bool(ref.requires_grad and not ref.is_parameter), None)
-        pw.glob("collections.OrderedDict")
-        pw.w(b")R")
-        if v3:
-            pw.glob(f"torch.{dtype.name}")
-        pw.w(b"tR")
-        if ref.is_parameter:
-            pw.value(bool(ref.requires_grad), None)
-            pw.glob("collections.OrderedDict")
-            pw.w(b")R")
-            pw.w(b"tR")
-
-    pw.value(ckpt.tree, emit_tensor)
-    pw.w(b".")
-    root = "archive"
-    with atomic_file(path, force) as tmp:
-        zw = ZipWriter(tmp)
-        try:
-            zw.add_bytes(f"{root}/data.pkl", pw.buf.getvalue())
-            zw.add_bytes(f"{root}/.format_version", b"1")
-            zw.add_bytes(f"{root}/.storage_alignment", b"64")
-            zw.add_bytes(f"{root}/byteorder", b"little")
-            for idx, st in enumerate(storages):
-                if st["source"] is not None:
-                    whole = StoredTensor(st["dtype"], (st["nbytes"] // st["dtype"].itemsize,),
-                                         st["source"])
-                    zw.add_tensor_bytes(f"{root}/data/{idx}", st["nbytes"], [whole],
-                                        getattr(st["source"], "crc32", None))
-                else:
-                    zw.add_tensor_bytes(f"{root}/data/{idx}", st["nbytes"], [st["ref"]])
-            zw.add_bytes(f"{root}/version", b"3\n")
-            zw.add_bytes(f"{root}/.data/serialization_id", b"0" * 40)
-        finally:
-            zw.close()
-    return {"files": [str(path)], "notes": []}
-
-
-class TorchAdapter(Adapter):
-    name = "torch"
-    extensions = (".pt", ".pth", ".bin", ".ckpt.pt", ".tar")
-    description = "PyTorch torch.save (zip and legacy), TorchScript weights"
-
-    def sniff(self, head: bytes, path: Path) -> bool:
-        if path.is_dir():
-            return False
-        if head.startswith(_LEGACY_HEAD):
-            return True
-        if path.name.endswith(".index.json") and b'"weight_map"' in head:
-            return b".bin" in head and b".safetensors" not in head
-        if is_zip(head):
-            # torch writes "<root>/data.pkl" first: check the first local header
-            nlen = int.from_bytes(head[26:28], "little")
-            if 30 + nlen <= len(head) and head[30:30 + nlen].endswith(b"data.pkl"):
-                return True
-            try:
-                members = read_members(FileHandle(path))
-            except FormatError:
-                # a truncated torch zip still starts with "<root>/data.pkl"
-                return b"/data.pkl" in head[:200] or head[30:38] == b"data.pkl"
-            return any(n.endswith("data.pkl") for n in members) and not \
-                any(n.endswith("model.weights.h5") for n in members)
-        return is_bare_pickle(head, path)
-
-    def read(self, path: Path, **options) -> Checkpoint:
-        if path.name.endswith(".index.json"):
-            return self._read_sharded(path)
-        with open(path, "rb") as f:
-            head = f.read(16)
-        if head.startswith(b"PK"):
-            return read_zip_checkpoint(path)
-        if head.startswith(_LEGACY_HEAD):
-            return read_legacy_checkpoint(path)
-        if is_bare_pickle(head, path):
-            return read_bare_pickle(path)
-        raise FormatError(f"{path.name}: not a torch checkpoint")
-
-    def _read_sharded(self, path: Path) -> Checkpoint:
-        """``pytorch_model.bin.index.json`` + ``pytorch_model-0000K-of-0000N.bin`` shards."""
-        values: dict[str, Any] = {}  # non-tensor entries of the shards (HF shards have none)
-
-        def read_shard(p: Path):
-            part = self.read(p)
-            for name, leaf in part.leaves():
-                if not isinstance(leaf, TensorRef):
-                    values.setdefault(name, leaf)
-            return part.tensors(), {}
-
-        tensors, index_meta, _ = read_sharded(path, read_shard)
-        tree: dict[str, Any] = dict(tensors)
-        for name, value in values.items():
-            tree.setdefault(name, value)
-        md = {k: str(v) for k, v in index_meta.items()}
-        return Checkpoint(tree, md, "torch", str(path), {"sharded": True})
-
-    def write(self, ckpt: Checkpoint, path: Path, force: bool = False,
-              torch_compat: str | None = None, **options) -> dict:
-        return write_zip_checkpoint(ckpt, path, force, torch_compat)

@@ -1,0 +1,95 @@
+"""The ``torch`` format's adapter: sniffing, reading (zip, legacy, bare
+pickle, sharded ``*.bin.index.json``), writing, and the torch-only verbs
+``check`` and ``sanitize``."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ckptconv.errors import FormatError
+from ckptconv.registry import Adapter
+from ckptconv.sharding import read_sharded
+from ckptconv.tensor import FileHandle, TensorRef
+from ckptconv.tree import Checkpoint
+from ckptconv.ziputil import is_zip, read_members
+
+from .legacy_reader import LEGACY_HEAD, is_bare_pickle, read_bare_pickle, read_legacy_checkpoint
+from .writer import write_zip_checkpoint
+from .zip_reader import read_zip_checkpoint
+
+
+class TorchAdapter(Adapter):
+    name = "torch"
+    extensions = (".pt", ".pth", ".bin", ".ckpt.pt", ".tar")
+    description = "PyTorch torch.save (zip and legacy), TorchScript weights"
+
+    def sniff(self, head: bytes, path: Path) -> bool:
+        if path.is_dir():
+            return False
+        if head.startswith(LEGACY_HEAD):
+            return True
+        if path.name.endswith(".index.json") and b'"weight_map"' in head:
+            return b".bin" in head and b".safetensors" not in head
+        if is_zip(head):
+            # torch writes "<root>/data.pkl" first: check the first local header
+            nlen = int.from_bytes(head[26:28], "little")
+            if 30 + nlen <= len(head) and head[30:30 + nlen].endswith(b"data.pkl"):
+                return True
+            try:
+                members = read_members(FileHandle(path))
+            except FormatError:
+                # a truncated torch zip still starts with "<root>/data.pkl"
+                return b"/data.pkl" in head[:200] or head[30:38] == b"data.pkl"
+            return any(n.endswith("data.pkl") for n in members) and not \
+                any(n.endswith("model.weights.h5") for n in members)
+        return is_bare_pickle(head, path)
+
+    def read(self, path: Path, **options) -> Checkpoint:
+        if path.name.endswith(".index.json"):
+            return self._read_sharded(path)
+        with open(path, "rb") as f:
+            head = f.read(16)
+        if head.startswith(b"PK"):
+            return read_zip_checkpoint(path)
+        if head.startswith(LEGACY_HEAD):
+            return read_legacy_checkpoint(path)
+        if is_bare_pickle(head, path):
+            return read_bare_pickle(path)
+        raise FormatError(f"{path.name}: not a torch checkpoint")
+
+    def _read_sharded(self, path: Path) -> Checkpoint:
+        """``pytorch_model.bin.index.json`` + ``pytorch_model-0000K-of-0000N.bin`` shards."""
+        values: dict[str, Any] = {}  # non-tensor entries of the shards (HF shards have none)
+
+        def read_shard(p: Path):
+            part = self.read(p)
+            for name, leaf in part.leaves():
+                if not isinstance(leaf, TensorRef):
+                    values.setdefault(name, leaf)
+            return part.tensors(), {}
+
+        tensors, index_meta, _ = read_sharded(path, read_shard)
+        tree: dict[str, Any] = dict(tensors)
+        for name, value in values.items():
+            tree.setdefault(name, value)
+        md = {k: str(v) for k, v in index_meta.items()}
+        return Checkpoint(tree, md, "torch", str(path), {"sharded": True})
+
+    def write(self, ckpt: Checkpoint, path: Path, force: bool = False,
+              torch_compat: str | None = None, **options) -> dict:
+        return write_zip_checkpoint(ckpt, path, force, torch_compat)
+
+    # --- torch-only verbs (adapter hooks) ------------------------------------
+
+    def check(self, path: Path, **options):
+        """``ckptconv check``: minimum torch, and what blocks ``weights_only=True``."""
+        from .check import check_torch_file
+
+        return check_torch_file(path, lambda p: self.read(p, **options))
+
+    def sanitize(self, ckpt: Checkpoint, path: Path, force: bool = False,
+                 torch_compat: str | None = None):
+        """``ckptconv sanitize``: write ``ckpt`` so that ``weights_only=True`` loads it."""
+        from .sanitize import sanitize_checkpoint
+
+        return sanitize_checkpoint(ckpt, path, force, torch_compat)
