@@ -20,8 +20,8 @@ from ckptconv.errors import UnsupportedError
 from ckptconv.tensor import ArrayTensor
 from ckptconv.tree import Checkpoint
 
-from matrix_helpers import (GOLDEN, HAS_WEIGHTS_ONLY, THIS, THIS_V, assert_same, 
-                      describe_torch, gen, golden_files, manifest, torch, torch_load)
+from matrix_helpers import (GOLDEN, HAS_WEIGHTS_ONLY, THIS, THIS_V, assert_same, describe_torch,
+                            gen, golden_files, manifest, torch, torch_load)
 
 FILES = [(f, n) for f, n in golden_files() if manifest(f)["files"][n]["kind"] != "torchscript"]
 
