@@ -72,40 +72,17 @@ from ckptconv.tree import (ALIASES_KEY, SOURCE_KEY, TREE_KEY, Checkpoint, iter_l
                            iter_tensors, join_path, tree_from_metadata, tree_to_metadata)
 from ckptconv.ziputil import ZipWriter, is_zip, read_member_bytes, read_members
 
-HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
-KERAS_WEIGHTS_MEMBER = "model.weights.h5"
+from .sniffers import KERAS_WEIGHTS_MEMBER, keras_layout, keras_list_attr
+
 KERAS_ARCHIVE_JSON = ("metadata.json", "config.json")
 DTYPE_ATTR = "dtype"                    # Keras 3's attribute for bfloat16, used for all such
 ATTR_TYPES_KEY = "ckptconv.hdf5.attrs"  # metadata key: dtypes of non-string attributes
 KERAS_STRUCTURAL = re.compile(r"^(layer_names|weight_names)\d*$")
 KERAS_HEADER_LIMIT = 64512              # tf_keras HDF5_OBJECT_HEADER_LIMIT
 DEFAULT_KERAS2_VERSION = "2.15.0"       # keras_version "1" (absent) would trigger Keras 1 fixes
-_SUPERBLOCK_SEARCH_LIMIT = 1 << 30
 
 
 # --- where the HDF5 bytes are -------------------------------------------------
-
-def superblock_offset(head: bytes, path: Path) -> int | None:
-    """Offset of the HDF5 signature: 0, or 512, 1024, 2048, ... after a user block."""
-    if head[:8] == HDF5_MAGIC:
-        return 0
-    if not path.is_file():
-        return None
-    size = path.stat().st_size
-    off = 512
-    with open(path, "rb") as f:
-        while off + 8 <= min(size, _SUPERBLOCK_SEARCH_LIMIT):
-            sig = head[off:off + 8] if off + 8 <= len(head) else _pread(f, off, 8)
-            if sig == HDF5_MAGIC:
-                return off
-            off *= 2
-    return None
-
-
-def _pread(f, offset: int, n: int) -> bytes:
-    f.seek(offset)
-    return f.read(n)
-
 
 class _Window(io.RawIOBase):
     """A read-only file object over ``size`` bytes of ``handle`` from ``base``
@@ -458,43 +435,6 @@ def _checkpoint(contents: H5Contents, src: H5Source, fmt: str, path: Path,
 
 # --- Keras layouts ------------------------------------------------------------
 
-def _keras_list_attr(obj, name: str) -> list[str] | None:
-    """``layer_names`` / ``weight_names``, joined back from Keras' chunks."""
-    attrs = obj.attrs
-    if name in attrs:
-        parts = [attrs[name]]
-    elif f"{name}0" in attrs:
-        parts, k = [], 0
-        while f"{name}{k}" in attrs:
-            parts.append(attrs[f"{name}{k}"])
-            k += 1
-    else:
-        return None
-    out = []
-    for p in parts:
-        for n in np.asarray(p).reshape(-1).tolist():
-            out.append(n.decode("utf-8") if isinstance(n, bytes) else str(n))
-    return out
-
-
-def keras_layout(f) -> str | None:
-    """``keras2-weights``, ``keras2-model``, ``keras3`` or None for an h5py file."""
-    import h5py
-
-    if _keras_list_attr(f, "layer_names") is not None:
-        return "keras2-weights"
-    mw = f.get("model_weights")
-    if isinstance(mw, h5py.Group) and _keras_list_attr(mw, "layer_names") is not None:
-        return "keras2-model"
-    if isinstance(f.get("vars"), h5py.Group) or isinstance(f.get("optimizer/vars"), h5py.Group):
-        return "keras3"
-    for top in ("layers", "_layer_checkpoint_dependencies"):
-        g = f.get(top)
-        if isinstance(g, h5py.Group) and any(isinstance(g.get(f"{k}/vars"), h5py.Group) for k in g):
-            return "keras3"
-    return None
-
-
 def _keras2_order(f, layout: str) -> list[str]:
     """Dataset paths in Keras' own order: layers, their weights, then the optimizer's."""
     import h5py
@@ -503,13 +443,13 @@ def _keras2_order(f, layout: str) -> list[str]:
     root = f[root_name] if root_name else f
     prefix = f"{root_name}/" if root_name else ""
     order = []
-    for layer in (_keras_list_attr(root, "layer_names") or []) + ["top_level_model_weights"]:
+    for layer in (keras_list_attr(root, "layer_names") or []) + ["top_level_model_weights"]:
         g = root.get(layer)
         if isinstance(g, h5py.Group):
-            order += [f"{prefix}{layer}/{w}" for w in _keras_list_attr(g, "weight_names") or []]
+            order += [f"{prefix}{layer}/{w}" for w in keras_list_attr(g, "weight_names") or []]
     opt = f.get("optimizer_weights")
     if isinstance(opt, h5py.Group):
-        order += [f"optimizer_weights/{w}" for w in _keras_list_attr(opt, "weight_names") or []]
+        order += [f"optimizer_weights/{w}" for w in keras_list_attr(opt, "weight_names") or []]
     return order
 
 
@@ -681,9 +621,6 @@ class HDF5Adapter(Adapter):
     extra = "hdf5"
     description = "plain HDF5 (numeric datasets, nested groups as '/' names, attributes)"
 
-    def sniff(self, head: bytes, path: Path) -> bool:
-        return path.is_file() and superblock_offset(head, path) is not None
-
     def read(self, path: Path, **options) -> Checkpoint:
         with _h5_errors(path):
             src = H5Source(FileHandle(path))
@@ -739,26 +676,6 @@ class KerasH5Adapter(Adapter):
     requires = ("h5py",)
     extra = "hdf5"
     description = "Keras weights: Keras 2 .h5 (weights or full model), Keras 3 .weights.h5 / .keras"
-
-    def sniff(self, head: bytes, path: Path) -> bool:
-        if not path.is_file():
-            return False
-        if is_zip(head):
-            try:
-                return KERAS_WEIGHTS_MEMBER in read_members(FileHandle(path))
-            except FormatError:
-                return False
-        if superblock_offset(head, path) is None:
-            return False
-        try:
-            import h5py
-        except ImportError:
-            return False
-        try:
-            with h5py.File(path, "r") as f:
-                return keras_layout(f) is not None
-        except (OSError, ValueError, RuntimeError):
-            return False
 
     def read(self, path: Path, **options) -> Checkpoint:
         with _h5_errors(path):

@@ -79,7 +79,6 @@ ONNX_CODES = {v: k for k, v in ONNX_DTYPES.items()}
 ONNX_TYPE_NAMES = {8: "STRING", 23: "FLOAT4E2M1", 25: "UINT2", 26: "INT2"}
 PACKED_4BIT = ("int4", "uint4")   # two elements per byte in raw_data
 _TYPED_FIELDS = (3, 4, 5, 6, 7, 10, 11)   # segment and the typed value fields of TensorProto
-_MODEL_FIELDS = {1: 0, 2: 2, 3: 2, 4: 2, 5: 0, 6: 2, 7: 2, 8: 2, 14: 2, 20: 2, 25: 2, 26: 2}
 
 
 # --- protobuf wire format -------------------------------------------------------
@@ -130,32 +129,6 @@ def _packed_varints(buf, span) -> list[int]:
 def _len_field(num: int, length: int) -> bytes:
     """Tag and length prefix of a length-delimited field."""
     return encode_varint(num << 3 | 2) + encode_varint(length)
-
-
-def looks_like_onnx(head: bytes) -> bool:
-    """ModelProto serializations start with ir_version (field 1) and only hold
-    ModelProto fields with their proper wire types (checked as far as ``head``
-    goes: a field running past it ends the check)."""
-    if len(head) < 4 or head[0] != 0x08:
-        return False
-    pos, seen = 0, 0
-    try:
-        while pos < len(head):
-            key, pos = read_varint(head, pos, len(head))
-            num, wire = key >> 3, key & 7
-            if _MODEL_FIELDS.get(num) != wire or (seen == 0) != (num == 1):
-                return False
-            value, pos = read_varint(head, pos, len(head))
-            seen += 1
-            if num == 1 and not 1 <= value <= 64:
-                return False
-            if wire == 2:
-                pos += value
-                if pos > len(head):     # runs past head (or past the file: read reports it)
-                    return True
-    except DecodeError:
-        return seen >= 2    # a varint cut by the end of head
-    return seen >= 2
 
 
 # --- reading ------------------------------------------------------------------
@@ -640,9 +613,6 @@ class OnnxAdapter(Adapter):
     requires = ("onnx",)
     extra = "onnx"
     description = "ONNX (initializers, Constant nodes, subgraphs, external data)"
-
-    def sniff(self, head: bytes, path: Path) -> bool:
-        return path.is_file() and looks_like_onnx(head)
 
     def read(self, path: Path, **options) -> Checkpoint:
         scan = scan_onnx(path)

@@ -24,7 +24,8 @@ from ckptconv.streaming import OutFile
 from ckptconv.tensor import FileHandle, FileSource, StoredTensor, TensorRef
 from ckptconv.tree import Checkpoint, iter_tensors, tree_from_metadata, tree_to_metadata
 
-MAX_HEADER = 100 << 20  # safetensors itself refuses headers above 100 MB
+from .sniffers import MAX_HEADER
+
 DEFAULT_SHARD = 5 * 10**9
 
 
@@ -103,19 +104,6 @@ class SafetensorsAdapter(Adapter):
     name = "safetensors"
     extensions = (".safetensors", ".safetensors.index.json")
     description = "safetensors (single file or sharded *.index.json)"
-
-    def sniff(self, head: bytes, path: Path) -> bool:
-        if path.name.endswith(".index.json"):
-            if b'"weight_map"' in head:
-                return True
-            if not path.is_file():
-                return False
-            with open(path, "rb") as f:  # a long "metadata" can push it past the head
-                return b'"weight_map"' in f.read(1 << 20)
-        if len(head) < 10 or head[8:9] != b"{":
-            return False
-        (n,) = struct.unpack("<Q", head[:8])
-        return 2 <= n <= MAX_HEADER
 
     def read(self, path: Path, **options) -> Checkpoint:
         if path.name.endswith(".index.json"):

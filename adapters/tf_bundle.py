@@ -25,11 +25,9 @@ writer keeps ckptconv's tree and metadata in the string tensor
 """
 from __future__ import annotations
 
-import codecs
 import json
 import math
 import os
-import re
 import struct
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -49,6 +47,7 @@ from ckptconv.tensor import (CHUNK_BYTES, FileHandle, FileSource, StoredTensor, 
 from ckptconv.tree import (TREE_KEY, Checkpoint, ObjectRecord, iter_tensors,
                            tree_from_metadata, tree_to_metadata)
 
+from .sniffers import FOOTER_SIZE, TABLE_MAGIC, find_prefix
 from ._io import (DecodeError, bytes_value, crc32c, encode_varint, field_bytes, field_fixed32,
                   field_varint, fixed32_value, iter_fields, mask_crc, read_varint,
                   snappy_decompress, unmask_crc, varint_value)
@@ -86,8 +85,6 @@ RAW_ENTRY_CLASS = "tensorflow.BundleEntry"   # tensors of types ckptconv has no 
 
 # --- SSTable constants (core/lib/io/format.h, table_options.h) ------------------
 
-TABLE_MAGIC = 0xDB4775248B80FB57
-FOOTER_SIZE = 48                 # two BlockHandles padded to 40 bytes + 8-byte magic
 BLOCK_TRAILER = 5                # compression type byte + masked crc32c
 NO_COMPRESSION, SNAPPY = 0, 1
 BLOCK_SIZE = 262144              # TF's table::Options default
@@ -95,96 +92,8 @@ RESTART_INTERVAL = 16
 MAX_STRING_TENSOR = 256 << 20    # DT_STRING tensors are decoded eagerly
 MAX_RAW_ENTRY = 64 << 20
 
-_DATA_RE = re.compile(r"^(?P<prefix>.+)\.data-(?P<k>\d{5})-of-(?P<n>\d{5})$")
-
-
 def data_filename(prefix: str, shard: int, num_shards: int) -> str:
     return f"{prefix}.data-{shard:05d}-of-{num_shards:05d}"
-
-
-# --- locating the prefix ----------------------------------------------------------
-
-def _has_magic(index: Path) -> bool:
-    try:
-        size = index.stat().st_size
-        if size < FOOTER_SIZE:
-            return False
-        with open(index, "rb") as f:
-            f.seek(size - 8)
-            return struct.unpack("<Q", f.read(8))[0] == TABLE_MAGIC
-    except OSError:
-        return False
-
-
-def _has_data_files(prefix: str) -> bool:
-    p = Path(prefix)
-    try:
-        return any(_DATA_RE.match(c.name) and c.name.startswith(p.name + ".data-")
-                   for c in p.parent.iterdir())
-    except OSError:
-        return False
-
-
-def _state_file_prefix(folder: Path) -> str:
-    """The newest checkpoint named by a ``checkpoint`` state file (text proto)."""
-    state = folder / "checkpoint"
-    try:
-        text = state.read_text(errors="replace")
-    except OSError as e:
-        raise FormatError(f"{state}: cannot read: {e.strerror}") from None
-    found: dict[str, list[str]] = {}
-    for m in re.finditer(r'^\s*(\w+)\s*:\s*"((?:[^"\\]|\\.)*)"', text, re.M):
-        try:                            # C escapes, as protobuf's text format writes them
-            raw = codecs.escape_decode(m.group(2).encode("utf-8", "surrogateescape"))[0]
-        except ValueError:
-            raw = m.group(2).encode("utf-8", "surrogateescape")
-        found.setdefault(m.group(1), []).append(raw.decode("utf-8", "surrogateescape"))
-    names = found.get("model_checkpoint_path") or found.get("all_model_checkpoint_paths", [])[-1:]
-    if not names:
-        raise FormatError(f"{folder.name}/checkpoint: no model_checkpoint_path in the state file")
-    name = names[0]
-    # TF writes absolute paths; a copied or moved folder still means its own files
-    candidates = [folder / Path(name).name, Path(name) if os.path.isabs(name) else folder / name]
-    for c in candidates:
-        if Path(str(c) + ".index").exists():
-            return str(c)
-    raise FormatError(f"{folder.name}/checkpoint: points at '{name}' but '{Path(name).name}.index' "
-                      f"is not in {folder}")
-
-
-def find_prefix(path: str | os.PathLike, strict: bool = True) -> str | None:
-    """The bundle prefix for a prefix, a ``.index`` or ``.data-*`` file, a folder
-    with a ``checkpoint`` state file, a SavedModel folder or its ``variables/``.
-
-    ``strict=False`` (sniffing) returns None instead of raising.
-    """
-    p = Path(path)
-    s = str(p)
-    try:
-        if p.is_dir():
-            if (p / "checkpoint").is_file():
-                return _state_file_prefix(p)
-            for cand in (p / "variables" / "variables", p / "variables"):
-                if Path(str(cand) + ".index").is_file():
-                    return str(cand)
-            if strict:
-                raise FormatError(f"{p}: folder has no 'checkpoint' state file, no "
-                                  f"saved_model variables/ and no variables.index")
-            return None
-        if s.endswith(".index") and p.is_file():
-            return s[: -len(".index")]
-        m = _DATA_RE.match(s)
-        if m and p.is_file():
-            return m.group("prefix")
-        if Path(s + ".index").is_file():
-            return s
-    except FormatError:
-        if strict:
-            raise
-        return None
-    if strict:
-        raise FormatError(f"{p}: not a TensorFlow checkpoint (no {p.name}.index)")
-    return None
 
 
 # --- SSTable reading ----------------------------------------------------------------
@@ -1167,18 +1076,8 @@ class TFBundleAdapter(Adapter):
     extensions = (".ckpt", ".index")
     description = "TensorFlow checkpoint (prefix.index + prefix.data-*; TF1 and TF2; SavedModel variables/)"
 
-    def sniff(self, head: bytes, path: Path) -> bool:
-        prefix = find_prefix(path, strict=False)
-        if prefix is None:
-            return False
-        index = Path(prefix + ".index")
-        return _has_magic(index) or (index.is_file() and _has_data_files(prefix))
-
     def read(self, path: Path, verify: bool = False, **options) -> Checkpoint:
         return read_bundle(path, verify=verify)
-
-    def verify(self, path: Path) -> list[str]:
-        return verify_bundle(path)
 
     def write(self, ckpt: Checkpoint, path: Path, force: bool = False,
               shard_size: int | None = None, jobs: int = 1, **options) -> dict:

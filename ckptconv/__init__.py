@@ -15,7 +15,8 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "load": "api", "save": "api", "convert": "api", "inspect": "api", "load_into": "api",
-    "check": "api", "sanitize": "api", "verify": "api", "scan": "api", "Mapping": "mapping",
+    "load_state_dict": "api", "check": "api", "verify": "api", "scan": "api", "diff": "api",
+    "sanitize": "api", "formats": "api", "presets": "api", "Mapping": "mapping", "Report": "reports",
     "Checkpoint": "tree", "ObjectRecord": "tree",
     "TensorRef": "tensor", "StoredTensor": "tensor", "ArrayTensor": "tensor", "LazyTensor": "tensor",
     "CkptconvError": "errors", "FormatError": "errors", "IntegrityError": "errors",
@@ -31,7 +32,7 @@ def __getattr__(name):
         value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
         globals()[name] = value
         return value
-    if name in ("dtypes", "tree", "tensor", "registry", "errors", "api"):
+    if name in ("dtypes", "tree", "tensor", "registry", "errors", "api", "reports"):
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'ckptconv' has no attribute {name!r}")
 

@@ -1,52 +1,50 @@
-"""The Python API: ``load``, ``save``, ``convert`` (and the verbs built on them).
+"""The Python API, and the one facade of ckptconv: every verb is a function
+here, and the CLI calls nothing else.
 
-The CLI is a thin layer over these functions; everything it can do a Python
-user can do here.
+Reading functions take ``allow_globals=`` (more inert record types for this
+run, ``MODULE.NAME`` strings) and ``storage_options=`` (fsspec backend
+options for remote paths); both reach the reader as read options, and an
+option the chosen reader or writer does not take is a ``UsageError`` (exit 2)
+naming the option and the formats that take it.
 """
 from __future__ import annotations
 
+import inspect as _inspect
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable
 
-from . import dtypes as _dt
-from .errors import UsageError
-from .registry import detect_format, format_for_target, get_adapter
-from .tensor import cast
+from .errors import CkptconvError, UsageError
+from .registry import (check_options, detect_format, format_for_target, format_info,
+                       given_options, hook, option_flag, read_checkpoint, write_checkpoint)
+from .reports import Report
 from .tree import Checkpoint
 
 
-def load(path: str | os.PathLike, format: str | None = None, **options) -> Checkpoint:
+# --- load, save, convert ---------------------------------------------------------------
+
+def load(path: str | os.PathLike, format: str | None = None, *, allow_globals=None,
+         storage_options: dict | None = None, **options) -> Checkpoint:
     """Open a checkpoint lazily: headers are parsed, no tensor bytes are read."""
-    p = Path(path)
-    fmt = format or detect_format(p)
-    adapter = get_adapter(fmt)
-    adapter.check_available("reading")
-    ck = adapter.read(p, **options)
-    ck.format = ck.format or fmt
-    ck.path = ck.path or str(p)
-    return ck
+    return read_checkpoint(path, format=format, allow_globals=allow_globals,
+                           storage_options=storage_options, **options)
 
 
 def save(ck: Checkpoint | dict, path: str | os.PathLike, format: str | None = None,
-         force: bool = False, **options) -> dict[str, Any]:
+         force: bool = False, *, storage_options: dict | None = None, **options) -> dict[str, Any]:
     """Write a checkpoint (or a plain dict of tensors) atomically."""
     if not isinstance(ck, Checkpoint):
         if not isinstance(ck, dict):
             raise UsageError(f"save() takes a Checkpoint or a dict, not {type(ck).__name__}")
         ck = Checkpoint.from_state_dict(ck)
-    fmt = format_for_target(path, format)
-    adapter = get_adapter(fmt)
-    if not adapter.can_write:
-        raise UsageError(f"format '{fmt}' can be read but not written")
-    adapter.check_available("writing")
-    return adapter.write(ck, Path(path), force=force, **options) or {}
+    return write_checkpoint(ck, path, format=format, force=force,
+                            storage_options=storage_options, **options)
 
 
 @dataclass
-class ConvertReport:
+class ConvertReport(Report):
     source: str
     source_format: str
     target: str
@@ -58,60 +56,57 @@ class ConvertReport:
     notes: list[str] = field(default_factory=list)
     mapping: dict | None = None
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
     def __str__(self) -> str:
+        from .tensor import human_bytes
+
         lines = [f"{self.source} ({self.source_format}) -> {self.target} ({self.target_format}): "
-                 f"{self.tensors} tensors, {_human(self.bytes)} in {self.seconds:.2f} s"]
+                 f"{self.tensors} tensors, {human_bytes(self.bytes)} in {self.seconds:.2f} s"]
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
 
 
-def _human(n):
-    from .tensor import human_bytes
-
-    return human_bytes(n)
-
-
 def cast_floats(ck: Checkpoint, dtype: str) -> Checkpoint:
     """Cast every floating-point tensor to ``dtype`` (ints and bools stay)."""
-    target = _dt.get(dtype)
+    from . import dtypes
+    from .tensor import cast
 
-    def one(ref):
-        n = ref.dtype.name
-        if n.startswith(("float", "bfloat")):
+    target = dtypes.get(dtype)
+
+    def cast_if_float(ref):
+        if ref.dtype.name.startswith(("float", "bfloat")):
             return cast(ref, target)
         return ref
 
-    return ck.map_tensors(one)
+    return ck.map_tensors(cast_if_float)
 
 
 def resolve_mapping(mapping):
     """A Mapping from a Mapping, a preset name, a rules file, rules text or a list of those."""
     if mapping is None:
         return None
-    from .mapping import Mapping
+    from .mapping import resolve_mapping as resolve
 
-    if isinstance(mapping, Mapping):
-        return mapping
-    if isinstance(mapping, (list, tuple)):
-        parts = [resolve_mapping(m) for m in mapping]
-        return Mapping.chain(parts) if len(parts) > 1 else parts[0]
-    return Mapping.load(str(mapping))
+    return resolve(mapping)
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str | None = None,
             mapping=None, select: str | None = None, force: bool = False,
             dtype: str | None = None, format: str | None = None, strict: bool = False,
-            **options) -> ConvertReport:
-    """Read ``src``, optionally select/map/cast, write ``dst``; returns a report."""
+            *, allow_globals=None, storage_options: dict | None = None,
+            manifest: bool = False, progress: bool = False, **options) -> ConvertReport:
+    """Read ``src``, optionally select/map/cast, write ``dst``; returns a report.
+
+    ``options`` are the writer's (``shard_size``, ``template``, ...): each must
+    be one the target format's writer takes (see ``formats()``)."""
     t0 = time.perf_counter()
     src, dst = Path(src), Path(dst)
     if src.resolve() == dst.resolve():
         raise UsageError(f"{dst}: source and target are the same file")
     target_format = format_for_target(dst, to)
-    ck = load(src, format=format)
+    # before reading anything: an option the writer does not take is a usage error
+    write_options = check_options(target_format, "write",
+                                  dict(options, storage_options=storage_options))
+    ck = load(src, format=format, allow_globals=allow_globals, storage_options=storage_options)
     source_format = ck.format
     if select:
         ck = ck.select(select)
@@ -123,12 +118,11 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str | None = Non
     if dtype:
         ck = cast_floats(ck, dtype)
     uniq = ck.unique_tensors()
-    manifest = options.pop("manifest", False)
-    from .progress import progress
+    from .progress import progress as progress_bar
 
-    with progress(sum(r.nbytes for r in uniq.values()), bool(options.pop("progress", False)),
-                  f"{src.name} -> {dst.name}"):
-        info = save(ck, dst, format=target_format, force=force, **options)
+    with progress_bar(sum(r.nbytes for r in uniq.values()), bool(progress),
+                      f"{src.name} -> {dst.name}"):
+        info = save(ck, dst, format=target_format, force=force, **write_options)
     report.tensors = len(uniq)
     report.bytes = sum(r.nbytes for r in uniq.values())
     report.files = [str(f) for f in info.get("files", [dst])]
@@ -141,55 +135,144 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str | None = Non
     return report
 
 
-# --- verbs that live in their own modules ------------------------------------
+# --- verbs on one checkpoint ---------------------------------------------------------------
 
-def inspect(path: str | os.PathLike, format: str | None = None):
+def inspect(path: str | os.PathLike, format: str | None = None, show_all: bool = False, *,
+            allow_globals=None, storage_options: dict | None = None):
+    """Format, tensors, dtypes, shapes, bytes, tree and metadata, from headers only."""
     from .inspect_ import inspect_checkpoint
 
-    return inspect_checkpoint(load(path, format=format))
+    ck = load(path, format=format, allow_globals=allow_globals, storage_options=storage_options)
+    return inspect_checkpoint(ck, show_all=show_all)
 
 
-def load_into(module, path, mapping=None, strict: bool = False, device=None, select=None):
-    from .partial import load_into as _load_into
+def diff(a, b, mapping=None, suggest: bool = False, *, allow_globals=None,
+         storage_options: dict | None = None):
+    """Compare two checkpoints (paths or Checkpoints): keys, shapes, dtypes, values.
+    ``mapping`` is applied to ``a``; ``suggest`` adds DSL rules mapping A onto B."""
+    from .diff import diff as diff_checkpoints
 
-    return _load_into(module, path, mapping=mapping, strict=strict, device=device, select=select)
-
-
-def _hook(path: Path, verb: str):
-    """The adapter of ``path``'s format and its ``verb`` hook (a format without it says so)."""
-    fmt = detect_format(path)
-    adapter = get_adapter(fmt)
-    hook = getattr(adapter, verb, None)
-    if hook is None:
-        from .errors import FormatError
-
-        raise FormatError(f"{path.name}: `{verb}` is for torch files; this is {fmt} "
-                          f"(`ckptconv convert {path.name} out.pt` writes one)")
-    return hook
+    if given_options({"allow_globals": allow_globals, "storage_options": storage_options}):
+        a, b = (x if isinstance(x, Checkpoint) else
+                load(x, allow_globals=allow_globals, storage_options=storage_options)
+                for x in (a, b))
+    return diff_checkpoints(a, b, mapping=resolve_mapping(mapping), suggest=suggest)
 
 
-def check(path):
-    """What torch a torch file needs, and what blocks ``torch.load(weights_only=True)``."""
-    p = Path(path)
-    return _hook(p, "check")(p)
+def check(path: str | os.PathLike, *, allow_globals=None, storage_options: dict | None = None):
+    """Loadability by the format's own library; for torch files: the minimum
+    torch, and what blocks ``torch.load(weights_only=True)``."""
+    return _format_verb("check", path, allow_globals=allow_globals,
+                        storage_options=storage_options)
 
 
-def sanitize(src, dst, force: bool = False, torch_compat: str | None = None):
-    """Rewrite ``src`` as a torch file that ``torch.load(weights_only=True)`` loads."""
+def sanitize(src: str | os.PathLike, dst: str | os.PathLike, force: bool = False,
+             torch_compat: str | None = None, *, allow_globals=None,
+             storage_options: dict | None = None):
+    """Rewrite ``src`` (any format) as a torch file that ``torch.load(weights_only=True)``
+    loads: the ``sanitize`` hook of the target format, torch."""
     src_p, dst_p = Path(src), Path(dst)
     if src_p.exists() and dst_p.exists() and src_p.resolve() == dst_p.resolve():
         raise UsageError(f"{dst_p}: source and target are the same file")
-    ck = load(src_p)
-    return get_adapter("torch").sanitize(ck, dst_p, force=force, torch_compat=torch_compat)
+    ck = load(src_p, allow_globals=allow_globals, storage_options=storage_options)
+    return hook("torch", "sanitize")(ck, dst_p, force=force, torch_compat=torch_compat)
 
 
-def verify(path, manifest: bool = False):
-    from .integrity import verify as _verify
+def verify(path: str | os.PathLike, manifest: bool = False, *, allow_globals=None,
+           storage_options: dict | None = None):
+    """Integrity: CRCs, offsets, sizes, checksums (and ``<path>.sha256.json`` with ``manifest``)."""
+    return _format_verb("verify", path, "ckptconv.integrity:verify", manifest=manifest,
+                        allow_globals=allow_globals, storage_options=storage_options)
 
-    return _verify(path, manifest=manifest)
+
+def scan(paths: str | os.PathLike | Iterable[str | os.PathLike], *, allow_globals=None,
+         storage_options: dict | None = None):
+    """Pickle safety report of a file, or of every file named or under a folder
+    named (a list); never executes anything."""
+    from .safety import scan as scan_file
+    from .safety import scan_paths
+
+    if isinstance(paths, (str, os.PathLike)):
+        return _call_passing(scan_file, "scan", [paths], allow_globals=allow_globals,
+                             storage_options=storage_options)
+    return _call_passing(scan_paths, "scan", [list(paths)], allow_globals=allow_globals,
+                         storage_options=storage_options)
 
 
-def scan(path):
-    from .safety import scan as _scan
+def _format_verb(verb: str, path, fallback: str | None = None, **options):
+    """A format-specific verb: the hook of the file's format (its read options
+    checked against the reader's). ``fallback`` ("module:function") serves the
+    formats whose adapters have no hook yet; without one, a format lacking the
+    hook is a one-line error naming the formats that have it."""
+    if fallback is None:
+        fmt = detect_format(path)
+    else:
+        try:
+            fmt = detect_format(path)
+        except CkptconvError:
+            fmt = None
+    if fmt is not None and (fallback is None or verb in format_info(fmt).hooks):
+        read_options = check_options(fmt, "read", {k: options.pop(k) for k in
+                                                   ("allow_globals", "storage_options")})
+        return hook(fmt, verb, path)(Path(path), **given_options(options), **read_options)
+    module, _, name = fallback.partition(":")
+    import importlib
 
-    return _scan(path)
+    return _call_passing(getattr(importlib.import_module(module), name), verb, [path],
+                         **options)
+
+
+def _call_passing(fn: Callable, verb: str, args: list, **options):
+    """``fn(*args, **given options)``; an option given that ``fn`` does not
+    take is a usage error, never silently dropped."""
+    given = given_options(options)
+    params = _inspect.signature(fn).parameters
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    for name in given:
+        if name not in params and not takes_any:
+            raise UsageError(f"{option_flag(name)} is not an option of {verb}")
+    return fn(*args, **given)
+
+
+# --- verbs on many checkpoints, on models, and listings ----------------------------------------
+
+def load_into(module, path, mapping=None, strict: bool = False, device=None, select=None, *,
+              allow_globals=None, storage_options: dict | None = None):
+    """Load what fits of ``path`` into a torch module; report loaded/missing/unexpected/mismatched."""
+    from .partial import load_into as load_into_module
+
+    if not isinstance(path, Checkpoint):
+        path = load(path, allow_globals=allow_globals, storage_options=storage_options)
+    return load_into_module(module, path, mapping=mapping, strict=strict, device=device,
+                            select=select)
+
+
+def load_state_dict(path, device="cpu", *, allow_globals=None,
+                    storage_options: dict | None = None, **options):
+    """A dict of torch tensors from a checkpoint of any format."""
+    import importlib
+
+    for module in ("ckptconv.verbs.load_into", "ckptconv.partial"):
+        try:
+            implementation = getattr(importlib.import_module(module), "load_state_dict")
+        except (ImportError, AttributeError):
+            continue
+        return implementation(path, device=device, allow_globals=allow_globals,
+                              storage_options=storage_options, **options)
+    from .errors import UnsupportedError
+
+    raise UnsupportedError("load_state_dict is not available in this version of ckptconv")
+
+
+def formats():
+    """Every format: extensions, availability, reader/writer options, hooks."""
+    from .inspect_ import formats_report
+
+    return formats_report()
+
+
+def presets(name: str | None = None):
+    """The mapping presets with their descriptions, or one preset's rules."""
+    from .mapping import presets_report
+
+    return presets_report(name)

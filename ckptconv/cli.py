@@ -10,9 +10,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
-from .errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_USAGE, CkptconvError
+from .errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_USAGE, CkptconvError, error_line
 
 PROG = "ckptconv"
 
@@ -44,21 +44,16 @@ def _size(text: str) -> int:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description="Convert, inspect and check model checkpoints "
-                "(PyTorch, safetensors, TensorFlow, HDF5/Keras, ONNX) without running their code.")
-    p.add_argument("--version", action="version", version=f"{PROG} {_version()}")
-    sub = p.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
-    sub.required = True
+def _reading(sp: argparse.ArgumentParser) -> None:
+    """Options of every verb that reads checkpoints."""
+    sp.add_argument("--allow-global", dest="allow_globals", action="append", metavar="MODULE.NAME",
+                    help="one more inert record type for this run (repeatable)")
 
-    def verb(name, help_, json_=True):
-        sp = sub.add_parser(name, help=help_, description=help_)
-        sp.add_argument("--debug", action="store_true", help="show tracebacks on errors")
-        if json_:
-            sp.add_argument("--json", action="store_true", help="print a JSON report")
-        return sp
 
-    c = verb("convert", "convert SRC to DST (format from --to or DST's extension)")
+# --- one argument builder per verb: adds its arguments, and turns the parsed
+# arguments into the API call (positional args, keyword args) ---------------------------
+
+def _convert_arguments(c: argparse.ArgumentParser):
     c.add_argument("src")
     c.add_argument("dst")
     c.add_argument("--to", metavar="FMT", help="target format (see `ckptconv formats`)")
@@ -70,48 +65,116 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dtype", metavar="DTYPE", help="cast floating-point tensors (bf16, fp16, ...)")
     c.add_argument("--shard-size", type=_size, metavar="SIZE", help="shard output (e.g. 5GB)")
     c.add_argument("--dedupe-tied", action="store_true",
-                   help="store tied tensors once (safetensors)")
+                   help="store tied tensors once (safetensors, onnx)")
     c.add_argument("--template", metavar="MODEL.onnx",
                    help="onnx: replace the weights of this exported graph by name")
+    c.add_argument("--external-data", action="store_true",
+                   help="onnx: store tensors in a data file beside the model")
     c.add_argument("--torch-compat", metavar="VERSION",
                    help="torch: write what this torch version can load, or fail")
     c.add_argument("--manifest", action="store_true", help="also write <DST>.sha256.json")
-    c.add_argument("--jobs", type=int, default=1, help="write shards in parallel")
+    c.add_argument("--jobs", type=int, metavar="N", help="write shards in parallel")
     c.add_argument("--force", action="store_true", help="replace DST if it exists")
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _reading(c)
 
-    i = verb("inspect", "show format, tensors, dtypes, shapes, bytes, tree and metadata")
+    def call(a):
+        return [a.src, a.dst], dict(
+            to=a.to, format=a.from_, mapping=a.map, select=a.select, force=a.force,
+            dtype=a.dtype, strict=a.strict, shard_size=a.shard_size, dedupe_tied=a.dedupe_tied,
+            template=a.template, external_data=a.external_data, torch_compat=a.torch_compat,
+            jobs=a.jobs, manifest=a.manifest, progress=_progress_enabled(a),
+            allow_globals=a.allow_globals)
+    return call
+
+
+def _inspect_arguments(i: argparse.ArgumentParser):
     i.add_argument("src")
     i.add_argument("--from", dest="from_", metavar="FMT", help="force the source format")
     i.add_argument("--all", action="store_true", help="list every tensor (default: first 50)")
+    _reading(i)
+    return lambda a: ([a.src], dict(format=a.from_, show_all=a.all, allow_globals=a.allow_globals))
 
-    d = verb("diff", "compare two checkpoints: keys, shapes, dtypes, values")
+
+def _diff_arguments(d: argparse.ArgumentParser):
     d.add_argument("a")
     d.add_argument("b")
     d.add_argument("--map", action="append", metavar="RULES_FILE|PRESET",
                    help="rules applied to A before comparing")
     d.add_argument("--suggest", action="store_true", help="print DSL rules that map A onto B")
+    _reading(d)
+    return lambda a: ([a.a, a.b], dict(mapping=a.map, suggest=a.suggest,
+                                       allow_globals=a.allow_globals))
 
-    k = verb("check", "torch compatibility: minimum torch, weights_only blockers")
+
+def _check_arguments(k: argparse.ArgumentParser):
     k.add_argument("src")
+    _reading(k)
+    return lambda a: ([a.src], dict(allow_globals=a.allow_globals))
 
-    s = verb("sanitize", "rewrite as a torch file that loads with weights_only=True", json_=True)
+
+def _sanitize_arguments(s: argparse.ArgumentParser):
     s.add_argument("src")
     s.add_argument("dst")
     s.add_argument("--force", action="store_true", help="replace DST if it exists")
     s.add_argument("--torch-compat", metavar="VERSION",
                    help="also loadable by this torch (1.13: floats become 0-d tensors)")
+    _reading(s)
+    return lambda a: ([a.src, a.dst], dict(force=a.force, torch_compat=a.torch_compat,
+                                           allow_globals=a.allow_globals))
 
-    v = verb("verify", "integrity: CRCs, offsets, sizes, checksums")
+
+def _verify_arguments(v: argparse.ArgumentParser):
     v.add_argument("src")
     v.add_argument("--manifest", action="store_true", help="also check <SRC>.sha256.json")
+    _reading(v)
+    return lambda a: ([a.src], dict(manifest=a.manifest, allow_globals=a.allow_globals))
 
-    sc = verb("scan", "pickle safety report; never executes anything")
+
+def _scan_arguments(sc: argparse.ArgumentParser):
     sc.add_argument("src", nargs="+")
+    _reading(sc)
+    return lambda a: ([a.src], dict(allow_globals=a.allow_globals))
 
-    verb("formats", "list formats")
-    pr = verb("presets", "list mapping presets, or print one")
+
+def _formats_arguments(f: argparse.ArgumentParser):
+    return lambda a: ([], {})
+
+
+def _presets_arguments(pr: argparse.ArgumentParser):
     pr.add_argument("name", nargs="?")
+    return lambda a: ([a.name], {})
+
+
+# verb -> (name of the api function, argument builder, help); the CLI is this table.
+VERBS: dict[str, tuple[str, Callable, str]] = {
+    "convert": ("convert", _convert_arguments,
+                "convert SRC to DST (format from --to or DST's extension)"),
+    "inspect": ("inspect", _inspect_arguments,
+                "show format, tensors, dtypes, shapes, bytes, tree and metadata"),
+    "diff": ("diff", _diff_arguments, "compare two checkpoints: keys, shapes, dtypes, values"),
+    "check": ("check", _check_arguments,
+              "torch compatibility: minimum torch, weights_only blockers"),
+    "sanitize": ("sanitize", _sanitize_arguments,
+                 "rewrite as a torch file that loads with weights_only=True"),
+    "verify": ("verify", _verify_arguments, "integrity: CRCs, offsets, sizes, checksums"),
+    "scan": ("scan", _scan_arguments, "pickle safety report; never executes anything"),
+    "formats": ("formats", _formats_arguments, "list formats"),
+    "presets": ("presets", _presets_arguments, "list mapping presets, or print one"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, description="Convert, inspect and check model checkpoints "
+                "(PyTorch, safetensors, TensorFlow, HDF5/Keras, ONNX) without running their code.")
+    p.add_argument("--version", action="version", version=f"{PROG} {_version()}")
+    sub = p.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
+    sub.required = True
+    for name, (_, add_arguments, help_) in VERBS.items():
+        sp = sub.add_parser(name, help=help_, description=help_)
+        sp.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+        sp.add_argument("--json", action="store_true", help="print a JSON report")
+        sp.set_defaults(api_call=add_arguments(sp))
     return p
 
 
@@ -134,58 +197,13 @@ def _progress_enabled(args) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Call the verb's API function and print its report; the exit code is the report's."""
     from . import api
 
-    if args.verb == "convert":
-        report = api.convert(
-            args.src, args.dst, to=args.to, format=args.from_, mapping=args.map,
-            select=args.select, force=args.force, dtype=args.dtype, strict=args.strict,
-            shard_size=args.shard_size, dedupe_tied=args.dedupe_tied, template=args.template,
-            torch_compat=args.torch_compat, manifest=args.manifest, jobs=args.jobs,
-            progress=_progress_enabled(args))
-        _emit(report, args.json)
-        return EXIT_OK
-    if args.verb == "inspect":
-        from .inspect_ import inspect_checkpoint
-
-        report = inspect_checkpoint(api.load(args.src, format=args.from_), show_all=args.all)
-        _emit(report, args.json)
-        return EXIT_OK
-    if args.verb == "formats":
-        from .inspect_ import formats_report
-
-        _emit(formats_report(), args.json)
-        return EXIT_OK
-    if args.verb == "presets":
-        from .mapping import presets_report
-
-        _emit(presets_report(args.name), args.json)
-        return EXIT_OK
-    if args.verb == "diff":
-        from .diff import diff
-
-        report = diff(args.a, args.b, mapping=api.resolve_mapping(args.map), suggest=args.suggest)
-        _emit(report, args.json)
-        return getattr(report, "exit_code", EXIT_OK)
-    if args.verb == "check":
-        report = api.check(args.src)
-        _emit(report, args.json)
-        return getattr(report, "exit_code", EXIT_OK)
-    if args.verb == "sanitize":
-        report = api.sanitize(args.src, args.dst, force=args.force, torch_compat=args.torch_compat)
-        _emit(report, args.json)
-        return EXIT_OK
-    if args.verb == "verify":
-        report = api.verify(args.src, manifest=args.manifest)
-        _emit(report, args.json)
-        return getattr(report, "exit_code", EXIT_OK)
-    if args.verb == "scan":
-        from .safety import scan_paths
-
-        report = scan_paths(args.src)
-        _emit(report, args.json)
-        return getattr(report, "exit_code", EXIT_OK)
-    raise AssertionError(args.verb)
+    positional, keywords = args.api_call(args)
+    report = getattr(api, VERBS[args.verb][0])(*positional, **keywords)
+    _emit(report, args.json)
+    return getattr(report, "exit_code", EXIT_OK)
 
 
 class _Terminated(BaseException):
@@ -227,7 +245,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CkptconvError as e:
         if args.debug:
             raise
-        print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
+        print(error_line(e), file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
@@ -237,17 +255,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:  # a bug or an input we did not foresee: still one line
         if args.debug:
             raise
-        print(f"{PROG}: error: {_one_line(e, internal=True)} (run with --debug for the traceback)",
-              file=sys.stderr)
+        print(error_line(e, internal=True), file=sys.stderr)
         return EXIT_BAD_INPUT
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-
-
-def _one_line(e: BaseException, internal: bool = False) -> str:
-    msg = " ".join(str(e).split()) or type(e).__name__
-    return f"{type(e).__name__}: {msg}" if internal else msg
 
 
 if __name__ == "__main__":  # pragma: no cover

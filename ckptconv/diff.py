@@ -175,7 +175,7 @@ class DiffReport:
 def _open(x) -> tuple[Checkpoint, str]:
     if isinstance(x, Checkpoint):
         return x, str(x.path or "<checkpoint>")
-    from .api import load
+    from .registry import read_checkpoint as load
 
     return load(x), str(x)
 
@@ -186,7 +186,7 @@ def diff(path_a, path_b, mapping=None, suggest: bool = False) -> DiffReport:
     ck_b, name_b = _open(path_b)
     report = DiffReport(name_a, name_b)
     if mapping is not None:
-        from .api import resolve_mapping
+        from .mapping import resolve_mapping
 
         mapping = resolve_mapping(mapping)
         ck_a = mapping.apply(ck_a)

@@ -19,6 +19,16 @@ def one_line(text: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
+def error_line(e: BaseException, internal: bool = False) -> str:
+    """``ckptconv: error: <one line>``: how every error reaches stderr.
+    ``internal`` (an exception ckptconv did not raise on purpose) adds the
+    exception's type, so that a bug report says what went wrong."""
+    msg = one_line(" ".join(str(e).split())) or type(e).__name__
+    if internal:
+        msg = f"{type(e).__name__}: {msg} (run with --debug for the traceback)"
+    return f"ckptconv: error: {msg}"
+
+
 class CkptconvError(Exception):
     """Base class; ``exit_code`` is what the CLI exits with."""
 

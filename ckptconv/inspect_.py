@@ -5,7 +5,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from .registry import BUILTINS, available_formats, get_adapter
+from .registry import available_formats, format_info
+from .reports import Report
 from .tensor import TensorRef, human_bytes
 from .tree import Checkpoint, ObjectRecord, iter_leaves, join_path
 
@@ -20,7 +21,7 @@ def _describe_leaf(v: Any) -> str:
 
 
 @dataclass
-class InspectReport:
+class InspectReport(Report):
     path: str
     format: str
     tensors: list[dict] = field(default_factory=list)
@@ -93,7 +94,7 @@ def inspect_checkpoint(ck: Checkpoint, show_all: bool = False) -> InspectReport:
 
 
 @dataclass
-class FormatsReport:
+class FormatsReport(Report):
     formats: list[dict]
 
     def to_dict(self):
@@ -108,21 +109,24 @@ class FormatsReport:
 
 
 def formats_report() -> FormatsReport:
+    """Every format of the table and every plugin: extensions, whether its
+    optional modules are installed, the options it takes and its hooks. Reads
+    the table only: no built-in adapter is imported."""
+    import importlib.util
+
     out = []
     for name in available_formats():
         try:
-            a = get_adapter(name)
-        except Exception as e:
+            info = format_info(name)
+        except Exception as e:  # a broken plugin is listed, not fatal
             out.append({"name": name, "extensions": [], "available": False, "missing": str(e),
-                        "builtin": name in BUILTINS})
+                        "builtin": False})
             continue
-        missing = []
-        for mod in a.requires:
-            import importlib.util
-
-            if importlib.util.find_spec(mod) is None:
-                missing.append(f"{mod} (pip install 'ckptconv[{a.extra}]')" if a.extra else mod)
-        out.append({"name": name, "extensions": list(a.extensions), "available": not missing,
-                    "missing": ", ".join(missing), "builtin": name in BUILTINS,
-                    "description": a.description})
+        missing = [f"{mod} (pip install 'ckptconv[{info.extra}]')" if info.extra else mod
+                   for mod in info.requires if importlib.util.find_spec(mod) is None]
+        out.append({"name": name, "extensions": list(info.extensions), "available": not missing,
+                    "missing": ", ".join(missing), "builtin": info.builtin,
+                    "description": info.description, "reads": info.reads, "writes": info.writes,
+                    "read_options": sorted(info.read_options),
+                    "write_options": sorted(info.write_options), "hooks": sorted(info.hooks)})
     return FormatsReport(out)

@@ -296,7 +296,7 @@ def find_manifest(src: Path) -> Path | None:
 def write_manifest(out_path: str | os.PathLike, files: Iterable[str | os.PathLike]) -> Path:
     """Write ``<out_path>.sha256.json``: every file's size and SHA-256 and every
     tensor's SHA-256 (read back through ckptconv from what was written)."""
-    from . import api
+    from .registry import read_checkpoint
     from .atomic import atomic_file
 
     out = Path(out_path)
@@ -314,7 +314,7 @@ def write_manifest(out_path: str | os.PathLike, files: Iterable[str | os.PathLik
     # what to read back: the target, or the index of a sharded target
     readable = out if out.exists() or Path(str(out) + ".index").exists() else next(
         (Path(f) for f in files if str(f).endswith(".index.json")), out)
-    ck = api.load(readable)
+    ck = read_checkpoint(readable)
     manifest = {"kind": MANIFEST_KIND, "version": 1, "target": out.name, "format": ck.format,
                 "files": entries, "tensors": tensor_digests(ck)}
     target = manifest_path(out)
@@ -377,7 +377,7 @@ def check_manifest(src: Path, ck, digests: dict[str, dict] | None, report: Verif
 
 def verify(path: str | os.PathLike, manifest: bool = False) -> VerifyReport:
     """Every integrity check the format allows (see the module docstring)."""
-    from . import api
+    from .registry import read_checkpoint
     from .registry import detect_format
 
     src = Path(path)
@@ -406,7 +406,7 @@ def verify(path: str | os.PathLike, manifest: bool = False) -> VerifyReport:
         report.problems.append(_line(e))
     ck = digests = None
     try:
-        ck = api.load(src, format=fmt)
+        ck = read_checkpoint(src, format=fmt)
         digests = tensor_digests(ck, report)
     except CkptconvError as e:
         report.problems.append(_line(e))

@@ -75,6 +75,7 @@ import numpy as np
 
 from . import dtypes as _dt
 from .errors import CkptconvError, MappingError, UsageError
+from .reports import Report
 from .tensor import CHUNK_BYTES, LazyTensor, StoredTensor, TensorRef, cast
 from .tree import Checkpoint, ObjectRecord, iter_leaves, join_path
 
@@ -1168,7 +1169,7 @@ def _parse_constant(text: str, off: int, err: _Err, lineno: int, origin: str) ->
 # --- reports ---------------------------------------------------------------------------------
 
 @dataclass
-class MappingReport:
+class MappingReport(Report):
     """What one application of a mapping did."""
 
     mapping: str
@@ -1726,7 +1727,7 @@ def _description(text: str) -> str:
 
 
 @dataclass
-class PresetsReport:
+class PresetsReport(Report):
     presets: list[dict]
     text: str | None = None
 
@@ -1752,3 +1753,15 @@ def presets_report(name: str | None = None) -> PresetsReport:
     return PresetsReport([{"name": n, "description": _description(preset_text(n))}
                           for n in preset_names()])
 
+
+
+def resolve_mapping(mapping) -> Mapping | None:
+    """A Mapping from a Mapping, a preset name, a rules file, rules text or a list of those."""
+    if mapping is None:
+        return None
+    if isinstance(mapping, Mapping):
+        return mapping
+    if isinstance(mapping, (list, tuple)):
+        parts = [resolve_mapping(m) for m in mapping]
+        return Mapping.chain(parts) if len(parts) > 1 else parts[0]
+    return Mapping.load(str(mapping))

@@ -167,7 +167,8 @@ def load_into(module, path, mapping=None, strict: bool = False, device=None,
     unless everything fits."""
     import torch
 
-    from .api import load, resolve_mapping
+    from .mapping import resolve_mapping
+    from .registry import read_checkpoint as load
 
     ck = path if isinstance(path, Checkpoint) else load(path)
     m = resolve_mapping(mapping)

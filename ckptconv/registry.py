@@ -1,27 +1,56 @@
-"""Adapter registry: built-ins by dotted path (imported on first use), plus
-third-party adapters from the entry-point group ``ckptconv.adapters``.
+"""The format table: what ckptconv knows about each format without importing
+its adapter, plus third-party adapters from the entry-point group
+``ckptconv.adapters``.
+
+Each built-in format is one ``FormatInfo`` row in ``FORMATS``: its name,
+extensions, a cheap content sniffer (a dotted path into the light module
+``ckptconv.adapters.sniffers``), the extra that installs what it needs, the
+options its reader and writer take, and the hooks (format-specific verbs) its
+adapter has. Choosing a target format reads only this table; detecting a
+source imports only the sniffers; a conversion imports the two adapters it
+uses. Modelled on fsspec's ``known_implementations`` and xarray's
+``list_engines`` (a broken plugin warns, it does not crash).
 
 Sources are detected by content (magic bytes), never by extension alone;
-targets by ``--to`` or the extension. Modelled on fsspec's
-``known_implementations`` and xarray's ``list_engines``.
+targets by ``--to`` or the extension.
 """
 from __future__ import annotations
 
 import importlib
 import os
 import warnings
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from .errors import FormatError, MissingDependencyError, UsageError
+from .errors import FormatError, MissingDependencyError, UnsupportedError, UsageError
 from .tree import Checkpoint
 
 HEAD_BYTES = 4096
 
+# Format-specific verbs an adapter may implement as methods of the same name:
+#   verify(path, **o) -> Report      integrity (CRCs, offsets, sizes)
+#   scan(path, **o) -> Report        pickle safety, never executes
+#   check(path, **o) -> Report       loadability by the format's own library
+#   sanitize(src, dst, **o) -> Report
+#   layout(ckpt) -> dict             format-specific lines for `inspect`
+HOOKS = ("verify", "scan", "check", "sanitize", "layout")
+
+# Options every reader and every writer takes (handled by the API or the
+# writers' shared code), beyond what each format declares.
+COMMON_READ_OPTIONS = frozenset()
+COMMON_WRITE_OPTIONS = frozenset({"force"})
+
 
 class Adapter:
-    """One format. Subclasses set the class attributes and implement the methods."""
+    """One format. Subclasses set the class attributes and implement the methods.
+
+    A third-party adapter declares everything the table row of a built-in
+    holds as class attributes (``name``, ``extensions``, ``extra``,
+    ``requires``, ``read_options``, ``write_options``) and implements
+    ``sniff``; hooks are the methods of ``HOOKS`` it defines.
+    """
 
     name: str = ""
     extensions: tuple[str, ...] = ()
@@ -30,10 +59,14 @@ class Adapter:
     description: str = ""
     can_read: bool = True
     can_write: bool = True
+    read_options: tuple[str, ...] = ()  # keyword options read() takes (beyond the path)
+    write_options: tuple[str, ...] = ()  # keyword options write() takes (beyond force)
 
     def sniff(self, head: bytes, path: Path) -> bool:
-        """True when the file or folder at ``path`` (first bytes ``head``) is this format."""
-        return False
+        """True when the file or folder at ``path`` (first bytes ``head``) is this format.
+        Built-ins sniff with the function their table row names."""
+        info = FORMATS.get(self.name)
+        return bool(info and info.sniffer()(head, path))
 
     def read(self, path: Path, **options) -> Checkpoint:
         raise NotImplementedError
@@ -49,18 +82,95 @@ class Adapter:
                 hint = f": pip install 'ckptconv[{self.extra}]'" if self.extra else ""
                 raise MissingDependencyError(f"{action} {self.name} needs {mod}{hint}") from e
 
+    @classmethod
+    def defined_hooks(cls) -> tuple[str, ...]:
+        return tuple(h for h in HOOKS if callable(getattr(cls, h, None)))
 
-# name -> "module:Class"; order is the sniffing order (most specific first).
-BUILTINS: dict[str, str] = {
-    "torch": "ckptconv.adapters.torch:TorchAdapter",
-    "safetensors": "ckptconv.adapters.safetensors_:SafetensorsAdapter",
-    "tf": "ckptconv.adapters.tf_bundle:TFBundleAdapter",
-    "keras-h5": "ckptconv.adapters.hdf5_:KerasH5Adapter",
-    "hdf5": "ckptconv.adapters.hdf5_:HDF5Adapter",
-    "onnx": "ckptconv.adapters.onnx_:OnnxAdapter",
-}
 
-_cache: dict[str, Adapter] = {}
+@dataclass(frozen=True)
+class FormatInfo:
+    """One row of the format table."""
+
+    name: str
+    extensions: tuple[str, ...]
+    adapter: str                          # "module:Class", imported on first use
+    sniff: str | Callable | None = None   # "module:function" (head, path) -> bool
+    extra: str | None = None
+    requires: tuple[str, ...] = ()
+    description: str = ""
+    reads: bool = True
+    writes: bool = True
+    read_options: frozenset[str] = frozenset()
+    write_options: frozenset[str] = frozenset()
+    hooks: frozenset[str] = frozenset()
+    builtin: bool = True
+
+    def sniffer(self) -> Callable[[bytes, Path], bool]:
+        if callable(self.sniff):
+            return self.sniff
+        if not self.sniff:
+            return lambda head, path: False
+        return _resolve(self.sniff)
+
+    def takes(self, kind: str) -> frozenset[str]:
+        """The options the reader (``kind="read"``) or writer (``"write"``) takes."""
+        if kind == "read":
+            return self.read_options | COMMON_READ_OPTIONS
+        return self.write_options | COMMON_WRITE_OPTIONS
+
+
+def _sniffer(name: str) -> str:
+    return f"ckptconv.adapters.sniffers:{name}"
+
+
+def _formats(*rows: FormatInfo) -> dict[str, FormatInfo]:
+    return {r.name: r for r in rows}
+
+
+# Order is the sniffing order (most specific first).
+FORMATS: dict[str, FormatInfo] = _formats(
+    FormatInfo("torch", (".pt", ".pth", ".bin", ".ckpt.pt", ".tar"),
+               "ckptconv.adapters.torch:TorchAdapter", _sniffer("sniff_torch"),
+               description="PyTorch torch.save (zip and legacy), TorchScript weights",
+               read_options=frozenset({"allow_globals"}),
+               write_options=frozenset({"torch_compat"}),
+               hooks=frozenset({"check", "sanitize"})),
+    FormatInfo("safetensors", (".safetensors", ".safetensors.index.json"),
+               "ckptconv.adapters.safetensors_:SafetensorsAdapter", _sniffer("sniff_safetensors"),
+               description="safetensors (single file or sharded *.index.json)",
+               write_options=frozenset({"shard_size", "dedupe_tied", "jobs"})),
+    FormatInfo("tf", (".ckpt", ".index"),
+               "ckptconv.adapters.tf_bundle:TFBundleAdapter", _sniffer("sniff_tf"),
+               description="TensorFlow checkpoint (prefix.index + prefix.data-*; TF1 and TF2; "
+                           "SavedModel variables/)",
+               read_options=frozenset({"verify"}),
+               write_options=frozenset({"shard_size", "jobs"})),
+    FormatInfo("keras-h5", (".weights.h5", ".keras"),
+               "ckptconv.adapters.hdf5_:KerasH5Adapter", _sniffer("sniff_keras_h5"),
+               extra="hdf5", requires=("h5py",),
+               description="Keras weights: Keras 2 .h5 (weights or full model), "
+                           "Keras 3 .weights.h5 / .keras"),
+    FormatInfo("hdf5", (".h5", ".hdf5", ".hdf", ".he5"),
+               "ckptconv.adapters.hdf5_:HDF5Adapter", _sniffer("sniff_hdf5"),
+               extra="hdf5", requires=("h5py",),
+               description="plain HDF5 (numeric datasets, nested groups as '/' names, attributes)"),
+    FormatInfo("onnx", (".onnx",),
+               "ckptconv.adapters.onnx_:OnnxAdapter", _sniffer("sniff_onnx"),
+               extra="onnx", requires=("onnx",),
+               description="ONNX (initializers, Constant nodes, subgraphs, external data)",
+               write_options=frozenset({"template", "external_data", "dedupe_tied"})),
+)
+
+# name -> "module:Class" of the built-ins (kept for callers that list them)
+BUILTINS: dict[str, str] = {name: info.adapter for name, info in FORMATS.items()}
+
+_adapters: dict[str, Adapter] = {}
+_plugin_infos: dict[str, FormatInfo] = {}
+
+
+def _resolve(dotted: str) -> Any:
+    module, _, attr = dotted.partition(":")
+    return getattr(importlib.import_module(module), attr)
 
 
 @lru_cache(maxsize=1)
@@ -77,18 +187,16 @@ def _entry_points() -> dict[str, Any]:
 
 
 def available_formats() -> list[str]:
-    names = list(BUILTINS)
-    names += [n for n in _entry_points() if n not in BUILTINS]
-    return names
+    """Built-ins in sniffing order, then plugins (listed without importing them)."""
+    return list(FORMATS) + [n for n in _entry_points() if n not in FORMATS]
 
 
 def get_adapter(name: str) -> Adapter:
-    if name in _cache:
-        return _cache[name]
-    if name in BUILTINS:
-        mod, _, cls = BUILTINS[name].partition(":")
+    if name in _adapters:
+        return _adapters[name]
+    if name in FORMATS:
         try:
-            adapter = getattr(importlib.import_module(mod), cls)()
+            adapter = _resolve(FORMATS[name].adapter)()
         except ImportError as e:
             raise MissingDependencyError(f"format '{name}' could not be loaded: {e}") from e
     elif name in _entry_points():
@@ -99,24 +207,36 @@ def get_adapter(name: str) -> Adapter:
             raise MissingDependencyError(f"adapter plugin '{name}' failed to load: {e}") from e
     else:
         raise UsageError(f"unknown format '{name}'; pick one of: {', '.join(available_formats())}")
-    _cache[name] = adapter
+    _adapters[name] = adapter
     return adapter
 
 
-def _adapters_quietly():
+def format_info(name: str) -> FormatInfo:
+    """The table row of a format; a plugin's row is built from its Adapter class."""
+    if name in FORMATS:
+        return FORMATS[name]
+    if name not in _plugin_infos:
+        a = get_adapter(name)
+        _plugin_infos[name] = FormatInfo(
+            name=name, extensions=tuple(a.extensions),
+            adapter=f"{type(a).__module__}:{type(a).__qualname__}", sniff=a.sniff,
+            extra=a.extra, requires=tuple(a.requires), description=a.description,
+            reads=a.can_read, writes=a.can_write, read_options=frozenset(a.read_options),
+            write_options=frozenset(a.write_options), hooks=frozenset(a.defined_hooks()),
+            builtin=False)
+    return _plugin_infos[name]
+
+
+def _infos_quietly():
     # built-ins first; plugins (an entry-point scan, ~10 ms) only if none claims the file
-    names = list(BUILTINS)
-    yield from _quietly(names)
-    yield from _quietly([n for n in _entry_points() if n not in BUILTINS])
-
-
-def _quietly(names):
-    for name in names:
+    yield from FORMATS.values()
+    for name in _entry_points():
+        if name in FORMATS:
+            continue
         try:
-            yield get_adapter(name)
+            yield format_info(name)
         except Exception as e:
-            if name not in BUILTINS:
-                warnings.warn(f"ckptconv: adapter plugin '{name}' is broken: {e}")
+            warnings.warn(f"ckptconv: adapter plugin '{name}' is broken: {e}")
 
 
 def read_head(path: Path) -> bytes:
@@ -134,10 +254,10 @@ def detect_format(path: str | os.PathLike) -> str:
     if p.is_file() and p.stat().st_size == 0:
         raise FormatError(f"{p.name}: file is empty (0 bytes)")
     head = read_head(p) if p.exists() else b""
-    for adapter in _adapters_quietly():
+    for info in _infos_quietly():
         try:
-            if adapter.can_read and adapter.sniff(head, p):
-                return adapter.name
+            if info.reads and info.sniffer()(head, p):
+                return info.name
         except Exception:  # noqa: BLE001 - a sniffer that chokes on the bytes does not claim them
             continue
     raise FormatError(f"{p.name}: not a checkpoint format ckptconv knows "
@@ -145,23 +265,121 @@ def detect_format(path: str | os.PathLike) -> str:
 
 
 def format_for_target(path: str | os.PathLike, to: str | None = None) -> str:
-    """The format to write: ``to`` if given, else from the extension."""
+    """The format to write: ``to`` if given, else from the extension (the table only)."""
     if to:
-        get_adapter(to)
+        if to not in FORMATS:
+            format_info(to)      # a plugin, or the "unknown format" usage error
         return to
     p = str(path).lower()
     if p.endswith(".index.json"):
         return "safetensors"
     best = None
-    for name in BUILTINS:
-        try:
-            adapter = get_adapter(name)
-        except Exception:
-            continue
-        for ext in adapter.extensions:
+    for name, info in FORMATS.items():
+        for ext in info.extensions:
             if p.endswith(ext) and (best is None or len(ext) > best[1]):
                 best = (name, len(ext))
     if best is None:
         raise UsageError(f"{Path(path).name}: cannot tell the target format from the extension; "
                          f"use --to ({', '.join(available_formats())})")
     return best[0]
+
+
+# --- declared options and hooks ----------------------------------------------------
+
+# options whose CLI flag is not the option's name with dashes (repeatable flags)
+FLAGS = {"allow_globals": "--allow-global", "storage_options": "--storage-option"}
+
+
+def option_flag(option: str) -> str:
+    """How the CLI spells an option: ``template`` -> ``--template``."""
+    return FLAGS.get(option) or "--" + option.replace("_", "-")
+
+
+def given_options(options: dict[str, Any]) -> dict[str, Any]:
+    """The options actually given: None, False and empty collections are not."""
+    return {k: v for k, v in options.items()
+            if v is not None and v is not False and not (isinstance(v, (list, tuple, dict,
+                                                                      set, frozenset)) and not v)}
+
+
+def check_options(fmt: str, kind: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The given options, once each is known to be taken by ``fmt``'s reader or
+    writer (``kind`` "read" or "write"); otherwise a usage error naming the
+    option and the formats that take it."""
+    given = given_options(options)
+    takes = format_info(fmt).takes(kind)
+    for option in given:
+        if option not in takes:
+            others = [n for n in available_formats() if _takes_quietly(n, kind, option)]
+            where = (f"; formats that take it: {', '.join(others)}" if others
+                     else "; no format's " + ("reader" if kind == "read" else "writer") + " takes it")
+            role = "reader" if kind == "read" else "writer"
+            raise UsageError(f"{option_flag(option)} is not an option of the {fmt} {role}{where}")
+    return given
+
+
+def _takes_quietly(name: str, kind: str, option: str) -> bool:
+    try:
+        return option in format_info(name).takes(kind)
+    except Exception:  # noqa: BLE001 - a broken plugin takes nothing
+        return False
+
+
+def formats_with_hook(hook: str) -> list[str]:
+    return [n for n in available_formats() if _has_hook_quietly(n, hook)]
+
+
+def _has_hook_quietly(name: str, hook: str) -> bool:
+    try:
+        return hook in format_info(name).hooks
+    except Exception:  # noqa: BLE001 - a broken plugin has no hooks
+        return False
+
+
+def hook(fmt: str, name: str, path: str | os.PathLike | None = None) -> Callable:
+    """The adapter method implementing the verb ``name`` for ``fmt``, or a
+    one-line error naming the format and the formats that have it."""
+    if name not in format_info(fmt).hooks:
+        have = formats_with_hook(name)
+        where = Path(path).name + ": " if path is not None else ""
+        offer = f"{name} is for {', '.join(have)} files" if have else f"no format has {name}"
+        raise UnsupportedError(f"{where}{offer}; this is {fmt}")
+    adapter = get_adapter(fmt)
+    adapter.check_available(name)
+    return getattr(adapter, name)
+
+
+# --- reading and writing through the table -------------------------------------------
+
+def read_checkpoint(path: str | os.PathLike, format: str | None = None,
+                    **options) -> Checkpoint:
+    """Open a checkpoint lazily with the adapter of its format (detected from
+    the content unless ``format`` is given); options are checked against the
+    reader's declared options."""
+    p = Path(path)
+    fmt = format or detect_format(p)
+    given = check_options(fmt, "read", options)
+    info = format_info(fmt)
+    if not info.reads:
+        raise UsageError(f"format '{fmt}' can be written but not read")
+    adapter = get_adapter(fmt)
+    adapter.check_available("reading")
+    ck = adapter.read(p, **given)
+    ck.format = ck.format or fmt
+    ck.path = ck.path or str(p)
+    return ck
+
+
+def write_checkpoint(ck: Checkpoint, path: str | os.PathLike, format: str | None = None,
+                     force: bool = False, **options) -> dict[str, Any]:
+    """Write atomically with the adapter of ``format`` (else from the
+    extension); options are checked against the writer's declared options."""
+    fmt = format_for_target(path, format)
+    given = check_options(fmt, "write", options)
+    if not format_info(fmt).writes:
+        raise UsageError(f"format '{fmt}' can be read but not written")
+    adapter = get_adapter(fmt)
+    if not adapter.can_write:
+        raise UsageError(f"format '{fmt}' can be read but not written")
+    adapter.check_available("writing")
+    return adapter.write(ck, Path(path), force=force, **given) or {}

@@ -9,9 +9,8 @@ from typing import Any
 from ckptconv.errors import FormatError
 from ckptconv.registry import Adapter
 from ckptconv.sharding import read_sharded
-from ckptconv.tensor import FileHandle, TensorRef
+from ckptconv.tensor import TensorRef
 from ckptconv.tree import Checkpoint
-from ckptconv.ziputil import is_zip, read_members
 
 from .legacy_reader import LEGACY_HEAD, is_bare_pickle, read_bare_pickle, read_legacy_checkpoint
 from .writer import write_zip_checkpoint
@@ -22,27 +21,6 @@ class TorchAdapter(Adapter):
     name = "torch"
     extensions = (".pt", ".pth", ".bin", ".ckpt.pt", ".tar")
     description = "PyTorch torch.save (zip and legacy), TorchScript weights"
-
-    def sniff(self, head: bytes, path: Path) -> bool:
-        if path.is_dir():
-            return False
-        if head.startswith(LEGACY_HEAD):
-            return True
-        if path.name.endswith(".index.json") and b'"weight_map"' in head:
-            return b".bin" in head and b".safetensors" not in head
-        if is_zip(head):
-            # torch writes "<root>/data.pkl" first: check the first local header
-            nlen = int.from_bytes(head[26:28], "little")
-            if 30 + nlen <= len(head) and head[30:30 + nlen].endswith(b"data.pkl"):
-                return True
-            try:
-                members = read_members(FileHandle(path))
-            except FormatError:
-                # a truncated torch zip still starts with "<root>/data.pkl"
-                return b"/data.pkl" in head[:200] or head[30:38] == b"data.pkl"
-            return any(n.endswith("data.pkl") for n in members) and not \
-                any(n.endswith("model.weights.h5") for n in members)
-        return is_bare_pickle(head, path)
 
     def read(self, path: Path, **options) -> Checkpoint:
         if path.name.endswith(".index.json"):

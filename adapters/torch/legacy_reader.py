@@ -10,7 +10,6 @@ bytes, in the order of the keys.
 from __future__ import annotations
 
 import io
-import pickletools
 from pathlib import Path
 
 from ckptconv._lazy import np
@@ -19,13 +18,12 @@ from ckptconv import dtypes as _dt
 from ckptconv.errors import FormatError
 from ckptconv.tensor import ArrayTensor, BufferSource, ByteSource, FileHandle, FileSource
 from ckptconv.tree import Checkpoint
-from ckptconv.unpickler import RestrictedUnpickler, iter_opcodes
+from ckptconv.unpickler import RestrictedUnpickler
 
+from ..sniffers import LEGACY_HEAD, LEGACY_MAGIC, is_bare_pickle  # noqa: F401 (re-exported)
 from .unpickling import TorchUnpickler, checkpoint_info
 
-LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL = 1001
-LEGACY_HEAD = b"\x80\x02\x8a\x0a"  # PROTO 2, LONG1 of 10 bytes: the magic number
 
 
 def _scan_one_pickle(f: io.BufferedReader, display: str) -> int:
@@ -140,25 +138,4 @@ def read_bare_pickle(path: Path) -> Checkpoint:
     return Checkpoint(tree, {}, "torch", str(path), checkpoint_info(up, "pickle"))
 
 
-_TEXT_PICKLE_SNIFF = 1 << 20
-
-
-def is_bare_pickle(head: bytes, path: Path | None = None) -> bool:
-    """A plain pickle: PROTO 2..5 and a valid opcode next (not a safetensors
-    header that happens to start with 0x80: its 9th byte is '{'), or a
-    protocol 0/1 pickle that parses to its STOP within its first MiB."""
-    if len(head) >= 3 and head[0] == 0x80:
-        return (2 <= head[1] <= 5 and head[2:3].decode("latin1") in _PICKLE_OPCODES
-                and head[8:9] != b"{")
-    if not head or head[:1].decode("latin1") not in _PICKLE_OPCODES or path is None:
-        return False
-    with open(path, "rb") as f:
-        prefix = f.read(_TEXT_PICKLE_SNIFF)
-    try:
-        return any(name == "STOP" for name, _, _ in iter_opcodes(prefix))
-    except Exception:  # noqa: BLE001 - sniffing: anything that does not parse is not a pickle
-        return False
-
-
-_PICKLE_OPCODES = frozenset(op.code for op in pickletools.opcodes)
 

@@ -1,0 +1,318 @@
+"""Content sniffers of the built-in formats: cheap functions on a file's first
+bytes (and its path), importable without any adapter module.
+
+The registry names one sniffer per format (``FormatInfo.sniff``, a dotted
+path to a function here) so that detecting a source imports only this module
+and, once a format claims the file, that format's adapter. Each sniffer takes
+``(head, path)`` -- ``head`` is the first ``registry.HEAD_BYTES`` bytes (empty
+for a folder) -- and returns True when the file is its format. The helpers
+they need (the TF prefix finder, the HDF5 superblock search, the torch pickle
+magic) live here too; the adapters import them from here.
+"""
+from __future__ import annotations
+
+import codecs
+import os
+import pickletools
+import re
+import struct
+from pathlib import Path
+
+from ckptconv.errors import FormatError
+from ckptconv.tensor import FileHandle
+from ckptconv.ziputil import is_zip, read_members
+
+from ._io import DecodeError, read_varint
+
+# --- torch (torch/serialization.py) ---------------------------------------------
+
+LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+LEGACY_HEAD = b"\x80\x02\x8a\x0a"  # PROTO 2, LONG1 of 10 bytes: the magic number
+TEXT_PICKLE_SNIFF = 1 << 20
+PICKLE_OPCODES = frozenset(op.code for op in pickletools.opcodes)
+
+
+def is_bare_pickle(head: bytes, path: Path | None = None) -> bool:
+    """A plain pickle: PROTO 2..5 and a valid opcode next (not a safetensors
+    header that happens to start with 0x80: its 9th byte is '{'), or a
+    protocol 0/1 pickle that parses to its STOP within its first MiB."""
+    if len(head) >= 3 and head[0] == 0x80:
+        return (2 <= head[1] <= 5 and head[2:3].decode("latin1") in PICKLE_OPCODES
+                and head[8:9] != b"{")
+    if not head or head[:1].decode("latin1") not in PICKLE_OPCODES or path is None:
+        return False
+    from ckptconv.unpickler import iter_opcodes
+
+    with open(path, "rb") as f:
+        prefix = f.read(TEXT_PICKLE_SNIFF)
+    try:
+        return any(name == "STOP" for name, _, _ in iter_opcodes(prefix))
+    except Exception:  # noqa: BLE001 - sniffing: anything that does not parse is not a pickle
+        return False
+
+
+def sniff_torch(head: bytes, path: Path) -> bool:
+    if path.is_dir():
+        return False
+    if head.startswith(LEGACY_HEAD):
+        return True
+    if path.name.endswith(".index.json") and b'"weight_map"' in head:
+        return b".bin" in head and b".safetensors" not in head
+    if is_zip(head):
+        # torch writes "<root>/data.pkl" first: check the first local header
+        name_length = int.from_bytes(head[26:28], "little")
+        if 30 + name_length <= len(head) and head[30:30 + name_length].endswith(b"data.pkl"):
+            return True
+        try:
+            members = read_members(FileHandle(path))
+        except FormatError:
+            # a truncated torch zip still starts with "<root>/data.pkl"
+            return b"/data.pkl" in head[:200] or head[30:38] == b"data.pkl"
+        return any(n.endswith("data.pkl") for n in members) and not \
+            any(n.endswith(KERAS_WEIGHTS_MEMBER) for n in members)
+    return is_bare_pickle(head, path)
+
+
+# --- safetensors (the safetensors README) ----------------------------------------
+
+MAX_HEADER = 100 << 20  # safetensors itself refuses headers above 100 MB
+
+
+def sniff_safetensors(head: bytes, path: Path) -> bool:
+    if path.name.endswith(".index.json"):
+        if b'"weight_map"' in head:
+            return True
+        if not path.is_file():
+            return False
+        with open(path, "rb") as f:  # a long "metadata" can push it past the head
+            return b'"weight_map"' in f.read(1 << 20)
+    if len(head) < 10 or head[8:9] != b"{":
+        return False
+    (n,) = struct.unpack("<Q", head[:8])
+    return 2 <= n <= MAX_HEADER
+
+
+# --- TensorFlow bundles (core/lib/io/format.h, core/util/tensor_bundle) ---------
+
+TABLE_MAGIC = 0xDB4775248B80FB57
+FOOTER_SIZE = 48                 # two BlockHandles padded to 40 bytes + 8-byte magic
+DATA_FILE_RE = re.compile(r"^(?P<prefix>.+)\.data-(?P<k>\d{5})-of-(?P<n>\d{5})$")
+
+
+def has_table_magic(index: Path) -> bool:
+    try:
+        size = index.stat().st_size
+        if size < FOOTER_SIZE:
+            return False
+        with open(index, "rb") as f:
+            f.seek(size - 8)
+            return struct.unpack("<Q", f.read(8))[0] == TABLE_MAGIC
+    except OSError:
+        return False
+
+
+def has_data_files(prefix: str) -> bool:
+    p = Path(prefix)
+    try:
+        return any(DATA_FILE_RE.match(c.name) and c.name.startswith(p.name + ".data-")
+                   for c in p.parent.iterdir())
+    except OSError:
+        return False
+
+
+def _state_file_prefix(folder: Path) -> str:
+    """The newest checkpoint named by a ``checkpoint`` state file (text proto)."""
+    state = folder / "checkpoint"
+    try:
+        text = state.read_text(errors="replace")
+    except OSError as e:
+        raise FormatError(f"{state}: cannot read: {e.strerror}") from None
+    found: dict[str, list[str]] = {}
+    for m in re.finditer(r'^\s*(\w+)\s*:\s*"((?:[^"\\]|\\.)*)"', text, re.M):
+        try:                            # C escapes, as protobuf's text format writes them
+            raw = codecs.escape_decode(m.group(2).encode("utf-8", "surrogateescape"))[0]
+        except ValueError:
+            raw = m.group(2).encode("utf-8", "surrogateescape")
+        found.setdefault(m.group(1), []).append(raw.decode("utf-8", "surrogateescape"))
+    names = found.get("model_checkpoint_path") or found.get("all_model_checkpoint_paths", [])[-1:]
+    if not names:
+        raise FormatError(f"{folder.name}/checkpoint: no model_checkpoint_path in the state file")
+    name = names[0]
+    # TF writes absolute paths; a copied or moved folder still means its own files
+    candidates = [folder / Path(name).name, Path(name) if os.path.isabs(name) else folder / name]
+    for c in candidates:
+        if Path(str(c) + ".index").exists():
+            return str(c)
+    raise FormatError(f"{folder.name}/checkpoint: points at '{name}' but '{Path(name).name}.index' "
+                      f"is not in {folder}")
+
+
+def find_prefix(path: str | os.PathLike, strict: bool = True) -> str | None:
+    """The bundle prefix for a prefix, a ``.index`` or ``.data-*`` file, a folder
+    with a ``checkpoint`` state file, a SavedModel folder or its ``variables/``.
+
+    ``strict=False`` (sniffing) returns None instead of raising.
+    """
+    p = Path(path)
+    s = str(p)
+    try:
+        if p.is_dir():
+            if (p / "checkpoint").is_file():
+                return _state_file_prefix(p)
+            for cand in (p / "variables" / "variables", p / "variables"):
+                if Path(str(cand) + ".index").is_file():
+                    return str(cand)
+            if strict:
+                raise FormatError(f"{p}: folder has no 'checkpoint' state file, no "
+                                  f"saved_model variables/ and no variables.index")
+            return None
+        if s.endswith(".index") and p.is_file():
+            return s[: -len(".index")]
+        m = DATA_FILE_RE.match(s)
+        if m and p.is_file():
+            return m.group("prefix")
+        if Path(s + ".index").is_file():
+            return s
+    except FormatError:
+        if strict:
+            raise
+        return None
+    if strict:
+        raise FormatError(f"{p}: not a TensorFlow checkpoint (no {p.name}.index)")
+    return None
+
+
+def sniff_tf(head: bytes, path: Path) -> bool:
+    prefix = find_prefix(path, strict=False)
+    if prefix is None:
+        return False
+    index = Path(prefix + ".index")
+    return has_table_magic(index) or (index.is_file() and has_data_files(prefix))
+
+
+# --- HDF5 and Keras (the HDF5 file format specification; keras saving_lib) -------
+
+HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
+KERAS_WEIGHTS_MEMBER = "model.weights.h5"
+SUPERBLOCK_SEARCH_LIMIT = 1 << 30
+
+
+def superblock_offset(head: bytes, path: Path) -> int | None:
+    """Offset of the HDF5 signature: 0, or 512, 1024, 2048, ... after a user block."""
+    if head[:8] == HDF5_MAGIC:
+        return 0
+    if not path.is_file():
+        return None
+    size = path.stat().st_size
+    off = 512
+    with open(path, "rb") as f:
+        while off + 8 <= min(size, SUPERBLOCK_SEARCH_LIMIT):
+            if off + 8 <= len(head):
+                signature = head[off:off + 8]
+            else:
+                f.seek(off)
+                signature = f.read(8)
+            if signature == HDF5_MAGIC:
+                return off
+            off *= 2
+    return None
+
+
+def sniff_hdf5(head: bytes, path: Path) -> bool:
+    return path.is_file() and superblock_offset(head, path) is not None
+
+
+def keras_list_attr(obj, name: str) -> list[str] | None:
+    """``layer_names`` / ``weight_names``, joined back from Keras' chunks."""
+    import numpy
+
+    attrs = obj.attrs
+    if name in attrs:
+        parts = [attrs[name]]
+    elif f"{name}0" in attrs:
+        parts, k = [], 0
+        while f"{name}{k}" in attrs:
+            parts.append(attrs[f"{name}{k}"])
+            k += 1
+    else:
+        return None
+    out = []
+    for p in parts:
+        for n in numpy.asarray(p).reshape(-1).tolist():
+            out.append(n.decode("utf-8") if isinstance(n, bytes) else str(n))
+    return out
+
+
+def keras_layout(f) -> str | None:
+    """``keras2-weights``, ``keras2-model``, ``keras3`` or None for an h5py file."""
+    import h5py
+
+    if keras_list_attr(f, "layer_names") is not None:
+        return "keras2-weights"
+    mw = f.get("model_weights")
+    if isinstance(mw, h5py.Group) and keras_list_attr(mw, "layer_names") is not None:
+        return "keras2-model"
+    if isinstance(f.get("vars"), h5py.Group) or isinstance(f.get("optimizer/vars"), h5py.Group):
+        return "keras3"
+    for top in ("layers", "_layer_checkpoint_dependencies"):
+        g = f.get(top)
+        if isinstance(g, h5py.Group) and any(isinstance(g.get(f"{k}/vars"), h5py.Group) for k in g):
+            return "keras3"
+    return None
+
+
+def sniff_keras_h5(head: bytes, path: Path) -> bool:
+    if not path.is_file():
+        return False
+    if is_zip(head):
+        try:
+            return KERAS_WEIGHTS_MEMBER in read_members(FileHandle(path))
+        except FormatError:
+            return False
+    if superblock_offset(head, path) is None:
+        return False
+    try:
+        import h5py
+    except ImportError:
+        return False
+    try:
+        with h5py.File(path, "r") as f:
+            return keras_layout(f) is not None
+    except (OSError, ValueError, RuntimeError):
+        return False
+
+
+# --- ONNX (onnx/onnx.proto: ModelProto) ------------------------------------------
+
+# ModelProto field number -> wire type
+MODEL_FIELDS = {1: 0, 2: 2, 3: 2, 4: 2, 5: 0, 6: 2, 7: 2, 8: 2, 14: 2, 20: 2, 25: 2, 26: 2}
+
+
+def looks_like_onnx(head: bytes) -> bool:
+    """ModelProto serializations start with ir_version (field 1) and only hold
+    ModelProto fields with their proper wire types (checked as far as ``head``
+    goes: a field running past it ends the check)."""
+    if len(head) < 4 or head[0] != 0x08:
+        return False
+    pos, seen = 0, 0
+    try:
+        while pos < len(head):
+            key, pos = read_varint(head, pos, len(head))
+            num, wire = key >> 3, key & 7
+            if MODEL_FIELDS.get(num) != wire or (seen == 0) != (num == 1):
+                return False
+            value, pos = read_varint(head, pos, len(head))
+            seen += 1
+            if num == 1 and not 1 <= value <= 64:
+                return False
+            if wire == 2:
+                pos += value
+                if pos > len(head):     # runs past head (or past the file: read reports it)
+                    return True
+    except DecodeError:
+        return seen >= 2    # a varint cut by the end of head
+    return seen >= 2
+
+
+def sniff_onnx(head: bytes, path: Path) -> bool:
+    return path.is_file() and looks_like_onnx(head)

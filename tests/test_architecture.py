@@ -1,0 +1,244 @@
+"""The shape of the house: no import cycles, a target chosen from the table
+alone, a conversion importing only its two adapters, declared options checked,
+hooks that say which formats have them, the table agreeing with the adapters."""
+from __future__ import annotations
+
+import ast
+import inspect
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import ckptconv
+from ckptconv import registry
+from ckptconv.errors import EXIT_USAGE, UnsupportedError, UsageError
+from ckptconv.reports import Report
+from conftest import REPO, assert_one_line_error, run_cli
+
+# ckptconv/ is the package; adapters/ is installed as ckptconv.adapters
+PACKAGE_DIRS = {"ckptconv": REPO / "ckptconv", "ckptconv.adapters": REPO / "adapters"}
+
+
+def _modules() -> dict[str, Path]:
+    found = {}
+    for package, root in PACKAGE_DIRS.items():
+        for f in root.rglob("*.py"):
+            parts = list(f.relative_to(root).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            name = ".".join([package, *parts])
+            if package == "ckptconv" and parts[:1] == ["adapters"]:
+                continue
+            found[name] = f
+    return found
+
+
+def _imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
+    """Every ckptconv module ``name`` imports, at the top or inside functions."""
+    is_package = path.name == "__init__.py"
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = name.split(".")
+                base = base[: len(base) - node.level + (1 if is_package else 0)]
+                module = ".".join(base + ([node.module] if node.module else []))
+            else:
+                module = node.module or ""
+            targets = [module] + [f"{module}.{a.name}" for a in node.names]
+        else:
+            continue
+        for t in targets:
+            if t in modules and t != name:
+                out.add(t)
+    return out
+
+
+def test_no_import_cycles_among_ckptconv_modules():
+    modules = _modules()
+    assert "ckptconv.api" in modules and "ckptconv.adapters.sniffers" in modules
+    graph = {m: _imports(m, p, modules) for m, p in modules.items()}
+    # an import of a package module also runs its __init__: the package's own
+    # lazy __init__ (importlib by name) is not an edge of the graph
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(m):
+        state[m] = 1
+        stack.append(m)
+        for n in sorted(graph[m]):
+            if state.get(n) == 1:
+                cycle = stack[stack.index(n):] + [n]
+                pytest.fail("import cycle: " + " -> ".join(cycle))
+            if n not in state:
+                visit(n)
+        stack.pop()
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m)
+
+
+def test_nothing_below_the_api_imports_it():
+    modules = _modules()
+    users = [m for m, p in modules.items()
+             if "ckptconv.api" in _imports(m, p, modules) and m not in ("ckptconv.cli",)]
+    assert users == []
+
+
+def test_the_cli_imports_only_the_api_and_errors():
+    modules = _modules()
+    used = _imports("ckptconv.cli", modules["ckptconv.cli"], modules)
+    assert used <= {"ckptconv", "ckptconv.api", "ckptconv.errors"}, used
+
+
+def _imported_adapters(code: str) -> set[str]:
+    """The adapter modules a fresh interpreter imports running ``code``."""
+    probe = code + ("\nimport sys, json\nprint(json.dumps(sorted(m for m in sys.modules "
+                    "if m.startswith('ckptconv.adapters.'))))\n")
+    p = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                       cwd=REPO)
+    assert p.returncode == 0, p.stderr
+    found = set(json.loads(p.stdout.strip().splitlines()[-1]))
+    # byte-level helpers and the sniffers are not adapters
+    return found - {"ckptconv.adapters._io", "ckptconv.adapters.sniffers"}
+
+
+def test_choosing_a_target_and_listing_formats_import_no_adapter():
+    code = ("import ckptconv\nfrom ckptconv.registry import format_for_target\n"
+            "for t in ('x.safetensors', 'x.pt', 'x.onnx', 'x.h5', 'x.weights.h5', 'x.ckpt',"
+            " 'm.safetensors.index.json'):\n    format_for_target(t)\n"
+            "format_for_target('x.bin', 'onnx')\nckptconv.formats().to_dict()\n")
+    assert _imported_adapters(code) == set()
+
+
+@pytest.mark.parametrize("src_name, dst_name, expected", [
+    ("a.safetensors", "b.pt", {"safetensors_", "torch_pickle"}),
+    ("a.pt", "b.safetensors", {"torch_pickle", "safetensors_"}),
+])
+def test_a_conversion_imports_only_its_two_adapters(tmp_path, src_name, dst_name, expected):
+    src = tmp_path / src_name
+    ckptconv.save({"w": np.arange(6, dtype=np.float32)}, src)
+    dst = tmp_path / dst_name
+    code = f"import ckptconv\nckptconv.convert({str(src)!r}, {str(dst)!r})\n"
+    assert _imported_adapters(code) == {f"ckptconv.adapters.{m}" for m in expected}
+    assert np.array_equal(ckptconv.load(dst).tensors()["w"].numpy(), np.arange(6, dtype=np.float32))
+
+
+# --- declared options --------------------------------------------------------------------
+
+@pytest.fixture
+def st_file(tmp_path):
+    src = tmp_path / "a.safetensors"
+    ckptconv.save({"w": np.ones((2, 3), np.float32)}, src)
+    return src
+
+
+def test_a_writer_option_the_target_does_not_take_is_a_usage_error(tmp_path, st_file):
+    p = run_cli("convert", st_file, tmp_path / "b.pt", "--template", tmp_path / "x.onnx")
+    assert_one_line_error(p, EXIT_USAGE, "--template is not an option of the torch writer",
+                          "formats that take it: onnx")
+    assert not (tmp_path / "b.pt").exists()
+    p = run_cli("convert", st_file, tmp_path / "b.h5", "--shard-size", "1MB")
+    assert_one_line_error(p, EXIT_USAGE, "--shard-size is not an option of the hdf5 writer",
+                          "safetensors", "tf")
+    with pytest.raises(UsageError, match="--torch-compat is not an option of the safetensors "
+                                         "writer; formats that take it: torch"):
+        ckptconv.convert(st_file, tmp_path / "c.safetensors", torch_compat="2.0")
+    with pytest.raises(UsageError, match="--colour is not an option of the safetensors writer; "
+                                         "no format's writer takes it"):
+        ckptconv.save({"w": np.ones(2, np.float32)}, tmp_path / "d.safetensors", colour="red")
+
+
+def test_options_left_at_their_defaults_are_not_given(tmp_path, st_file):
+    # the CLI passes every flag; the ones not given (None/False) are not options
+    p = run_cli("convert", st_file, tmp_path / "b.pt", "--json")
+    assert p.returncode == 0, p.stderr
+    ckptconv.convert(st_file, tmp_path / "c.pt", template=None, shard_size=None,
+                     dedupe_tied=False, allow_globals=[])
+    assert set(ckptconv.load(tmp_path / "c.pt").tensors()) == {"w"}
+
+
+def test_a_reader_option_the_source_does_not_take_is_a_usage_error(st_file):
+    with pytest.raises(UsageError, match="--verify is not an option of the safetensors reader; "
+                                         "formats that take it: tf"):
+        ckptconv.load(st_file, verify=True)
+    with pytest.raises(UsageError, match="--allow-global is not an option of the safetensors "
+                                         "reader; formats that take it: torch"):
+        ckptconv.load(st_file, allow_globals=["collections.Counter"])
+    p = run_cli("inspect", st_file, "--allow-global", "collections.Counter")
+    assert_one_line_error(p, EXIT_USAGE, "--allow-global is not an option of the safetensors reader")
+    # empty or None: nothing was given
+    assert ckptconv.load(st_file, allow_globals=None, storage_options=None).format == "safetensors"
+
+
+def test_torch_reader_takes_allow_globals(tmp_path):
+    torch = pytest.importorskip("torch")
+    src = tmp_path / "m.pt"
+    torch.save({"w": torch.ones(2)}, src)
+    ck = ckptconv.load(src, allow_globals=["collections.Counter"])
+    assert set(ck.tensors()) == {"w"}
+
+
+# --- the table and the adapters agree ---------------------------------------------------
+
+@pytest.mark.parametrize("name", list(registry.FORMATS))
+def test_table_row_agrees_with_its_adapter(name):
+    info = registry.FORMATS[name]
+    try:
+        adapter = registry.get_adapter(name)
+    except ckptconv.MissingDependencyError:
+        pytest.skip(f"{name} adapter needs an extra")
+    assert adapter.name == name
+    assert tuple(adapter.extensions) == info.extensions
+    assert set(adapter.defined_hooks()) == set(info.hooks)
+    for method, declared in ((adapter.read, info.read_options),
+                             (adapter.write, info.write_options | {"force"})):
+        params = inspect.signature(method).parameters
+        named = {p for p, v in params.items()
+                 if v.kind is v.KEYWORD_ONLY or (v.kind is v.POSITIONAL_OR_KEYWORD and v.default
+                                                 is not v.empty)}
+        assert named <= declared, (method.__name__, named - declared)
+        if not any(v.kind is v.VAR_KEYWORD for v in params.values()):
+            assert declared <= named, (method.__name__, declared - named)
+
+
+def test_a_verb_on_a_format_without_the_hook_says_which_formats_have_it(st_file):
+    have = registry.formats_with_hook("sanitize")
+    with pytest.raises(UnsupportedError) as e:
+        registry.hook("safetensors", "sanitize", st_file)
+    msg = str(e.value)
+    assert msg.startswith("a.safetensors: ") and msg.endswith("this is safetensors")
+    assert ", ".join(have) in msg if have else "no format has sanitize" in msg
+
+
+# --- one facade, one Report -------------------------------------------------------------------
+
+def test_every_verb_is_an_api_function():
+    from ckptconv import api
+    from ckptconv.cli import VERBS
+
+    for verb, (function, _, _) in VERBS.items():
+        assert callable(getattr(api, function)), verb
+    for name in ("load", "save", "convert", "inspect", "diff", "check", "sanitize", "verify",
+                 "scan", "formats", "presets", "load_into", "load_state_dict"):
+        assert callable(getattr(api, name)), name
+        params = inspect.signature(getattr(api, name)).parameters
+        if name not in ("save", "formats", "presets"):   # the reading functions
+            assert "allow_globals" in params and "storage_options" in params, name
+
+
+def test_reports_share_one_base(st_file):
+    reports = [ckptconv.convert(st_file, st_file.with_name("b.pt")), ckptconv.inspect(st_file),
+               ckptconv.formats(), ckptconv.presets()]
+    for r in reports:
+        assert isinstance(r, Report)
+        assert json.dumps(r.to_dict(), default=str)
+        assert str(r) and r.exit_code == 0
