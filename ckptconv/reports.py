@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any
+from typing import Any, Sequence
 
 from .errors import EXIT_OK, error_line
 
-__all__ = ["Report", "error_line"]   # error_line: the one-line rendering of an error
+__all__ = ["Report", "error_line", "name_list"]   # error_line: the one-line rendering of an error
 
 
 class Report:
@@ -38,3 +38,9 @@ class Report:
 
     def __str__(self) -> str:
         return "\n".join(f"{k}: {v}" for k, v in self.to_dict().items())
+
+
+def name_list(names: Sequence[str], limit: int = 8) -> str:
+    """``a, b, c ... (+12)``: the first ``limit`` names of a long list, for report lines."""
+    more = f" ... (+{len(names) - limit})" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more

@@ -68,15 +68,31 @@ def _eq(a, b) -> bool:
         return a is b
 
 
-def _children(node) -> Iterator[tuple[Any, Any]]:
+def is_container(node) -> bool:
+    """Whether ``node`` has children in the tree: dicts, lists, tuples and the
+    records of objects built with ``__new__`` (``kind == "newobj"``). A record
+    of an allowlisted call (``torch.Size((2, 3))``) or a bare global is a leaf."""
+    return isinstance(node, (dict, list, tuple)) or (
+        isinstance(node, ObjectRecord) and node.kind == "newobj")
+
+
+def children(node) -> Iterator[tuple[Any, Any]]:
+    """(key, child) of a tree node, in order: the one walker of the canonical
+    tree (readers' trees, writers, mapping, select, load_into).
+
+    A ``newobj`` record's children are its state's entries when the state is a
+    dict (``rec.state["w"]`` has the path ``...rec.w``), else ``"__state__"``,
+    then ``"__args__"`` (the ``__new__`` arguments) when it has any. Leaves
+    (tensors, plain values, other records) have none.
+    """
     if isinstance(node, dict):
         yield from node.items()
     elif isinstance(node, (list, tuple)):
         yield from enumerate(node)
-    elif isinstance(node, ObjectRecord):
-        if node.kind == "newobj" and isinstance(node.state, dict):
+    elif isinstance(node, ObjectRecord) and node.kind == "newobj":
+        if isinstance(node.state, dict):
             yield from node.state.items()
-        elif node.kind == "newobj" and node.state is not None:
+        elif node.state is not None:
             yield "__state__", node.state
         if node.args:
             yield "__args__", node.args
@@ -88,11 +104,11 @@ def join_path(path: tuple) -> str:
 
 def iter_leaves(tree, path: tuple = ()) -> Iterator[tuple[tuple, Any]]:
     """Every leaf (tensor or plain value) with its path, depth first, in order."""
-    if isinstance(tree, (dict, list, tuple)) or (isinstance(tree, ObjectRecord) and tree.kind == "newobj"):
-        kids = list(_children(tree))
-        if not kids:
+    if is_container(tree):
+        items = list(children(tree))
+        if not items:
             yield path, tree
-        for k, v in kids:
+        for k, v in items:
             yield from iter_leaves(v, path + (k,))
     else:
         yield path, tree
@@ -118,7 +134,7 @@ def _collect_tensors(node, prefix: str | None, out: list) -> None:
     elif isinstance(node, (list, tuple)):
         items = enumerate(node)
     elif isinstance(node, ObjectRecord) and node.kind == "newobj":
-        items = _children(node)
+        items = children(node)
     else:
         return
     tensor = TensorRef
@@ -210,13 +226,13 @@ class Checkpoint:
         rest = tree_path
         while rest:
             found = False
-            for k, v in _children(node):
+            for k, v in children(node):
                 ks = str(k)
                 if rest == ks or rest.startswith(ks + "."):
                     node, rest, found = v, rest[len(ks) + 1:], True
                     break
             if not found:
-                tops = [str(k) for k, _ in _children(node)][:12]
+                tops = [str(k) for k, _ in children(node)][:12]
                 raise UsageError(f"--select '{tree_path}': no '{rest}' in the checkpoint; "
                                  f"subtrees here: {', '.join(tops) or '(none)'}")
         return Checkpoint(node, dict(self.metadata), self.format, self.path, dict(self.info))

@@ -244,3 +244,17 @@ def test_reports_share_one_base(st_file):
         assert isinstance(r, Report)
         assert json.dumps(r.to_dict(), default=str)
         assert str(r) and r.exit_code == 0
+
+
+# Modules still over the limit, each being split by its owner (issue 12). Remove
+# a name once its split lands: the test then holds the limit for it too.
+OVER_800_BEING_SPLIT = {"ckptconv.adapters.tf_bundle", "ckptconv.adapters.hdf5_",
+                        "ckptconv.adapters.onnx_", "ckptconv.unpickler"}
+
+
+def test_no_module_over_800_lines():
+    sizes = {m: len(p.read_text().splitlines()) for m, p in _modules().items()}
+    over = {m for m, n in sizes.items() if n > 800}
+    assert over <= OVER_800_BEING_SPLIT, {m: sizes[m] for m in over - OVER_800_BEING_SPLIT}
+    stale = {m for m in OVER_800_BEING_SPLIT if m in sizes and m not in over}
+    assert not stale, f"split landed: remove {stale} from OVER_800_BEING_SPLIT"
