@@ -230,6 +230,10 @@ def format_info(name: str) -> FormatInfo:
 def _infos_quietly():
     # built-ins first; plugins (an entry-point scan, ~10 ms) only if none claims the file
     yield from FORMATS.values()
+    yield from _plugin_infos_quietly()
+
+
+def _plugin_infos_quietly():
     for name in _entry_points():
         if name in FORMATS:
             continue
@@ -273,15 +277,22 @@ def format_for_target(path: str | os.PathLike, to: str | None = None) -> str:
     p = str(path).lower()
     if p.endswith(".index.json"):
         return "safetensors"
-    best = None
-    for name, info in FORMATS.items():
-        for ext in info.extensions:
-            if p.endswith(ext) and (best is None or len(ext) > best[1]):
-                best = (name, len(ext))
+    best = _longest_extension_match(p, FORMATS.values())
+    if best is None:   # the plugins' extensions (this loads them)
+        best = _longest_extension_match(p, _plugin_infos_quietly())
     if best is None:
         raise UsageError(f"{Path(path).name}: cannot tell the target format from the extension; "
                          f"use --to ({', '.join(available_formats())})")
-    return best[0]
+    return best
+
+
+def _longest_extension_match(path: str, infos) -> str | None:
+    best = None
+    for info in infos:
+        for ext in info.extensions:
+            if path.endswith(ext) and (best is None or len(ext) > best[1]):
+                best = (info.name, len(ext))
+    return best and best[0]
 
 
 # --- declared options and hooks ----------------------------------------------------
