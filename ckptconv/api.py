@@ -80,15 +80,6 @@ def cast_floats(ck: Checkpoint, dtype: str) -> Checkpoint:
     return ck.map_tensors(cast_if_float)
 
 
-def resolve_mapping(mapping):
-    """A Mapping from a Mapping, a preset name, a rules file, rules text or a list of those."""
-    if mapping is None:
-        return None
-    from .mapping import resolve_mapping as resolve
-
-    return resolve(mapping)
-
-
 def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str | None = None,
             mapping=None, select: str | None = None, force: bool = False,
             dtype: str | None = None, format: str | None = None, strict: bool = False,
@@ -111,7 +102,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str | None = Non
     if select:
         ck = ck.select(select)
     report = ConvertReport(str(src), source_format, str(dst), target_format)
-    m = resolve_mapping(mapping)
+    m = _mapping(mapping)
     if m is not None:
         ck = m.apply(ck, strict=strict)
         report.mapping = m.report.to_dict() if hasattr(m.report, "to_dict") else m.report
@@ -140,7 +131,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str | None = Non
 def inspect(path: str | os.PathLike, format: str | None = None, show_all: bool = False, *,
             allow_globals=None, storage_options: dict | None = None):
     """Format, tensors, dtypes, shapes, bytes, tree and metadata, from headers only."""
-    from .inspect_ import inspect_checkpoint
+    from .verbs.inspect import inspect_checkpoint
 
     ck = load(path, format=format, allow_globals=allow_globals, storage_options=storage_options)
     return inspect_checkpoint(ck, show_all=show_all)
@@ -156,7 +147,7 @@ def diff(a, b, mapping=None, suggest: bool = False, *, allow_globals=None,
         a, b = (x if isinstance(x, Checkpoint) else
                 load(x, allow_globals=allow_globals, storage_options=storage_options)
                 for x in (a, b))
-    return diff_checkpoints(a, b, mapping=resolve_mapping(mapping), suggest=suggest)
+    return diff_checkpoints(a, b, mapping=_mapping(mapping), suggest=suggest)
 
 
 def check(path: str | os.PathLike, *, allow_globals=None, storage_options: dict | None = None):
@@ -197,6 +188,15 @@ def scan(paths: str | os.PathLike | Iterable[str | os.PathLike], *, allow_global
                              storage_options=storage_options)
     return _call_passing(scan_paths, "scan", [list(paths)], allow_globals=allow_globals,
                          storage_options=storage_options)
+
+
+def _mapping(mapping):
+    """A Mapping from a Mapping, a preset name, a rules file, rules text or a list of those."""
+    if mapping is None:
+        return None
+    from .mapping import resolve_mapping
+
+    return resolve_mapping(mapping)
 
 
 def _format_verb(verb: str, path, fallback: str | None = None, **options):
@@ -266,7 +266,7 @@ def load_state_dict(path, device="cpu", *, allow_globals=None,
 
 def formats():
     """Every format: extensions, availability, reader/writer options, hooks."""
-    from .inspect_ import formats_report
+    from .verbs.formats import formats_report
 
     return formats_report()
 

@@ -24,7 +24,7 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(EXIT_USAGE)
 
 
-def _size(text: str) -> int:
+def _byte_size(text: str) -> int:
     t = text.strip().upper().replace(" ", "")
     units = {"KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40,
              "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "K": 10**3, "M": 10**6,
@@ -63,7 +63,7 @@ def _convert_arguments(c: argparse.ArgumentParser):
     c.add_argument("--strict", action="store_true", help="unmatched keys are an error")
     c.add_argument("--select", metavar="TREE.PATH", help="convert only this subtree")
     c.add_argument("--dtype", metavar="DTYPE", help="cast floating-point tensors (bf16, fp16, ...)")
-    c.add_argument("--shard-size", type=_size, metavar="SIZE", help="shard output (e.g. 5GB)")
+    c.add_argument("--shard-size", type=_byte_size, metavar="SIZE", help="shard output (e.g. 5GB)")
     c.add_argument("--dedupe-tied", action="store_true",
                    help="store tied tensors once (safetensors, onnx)")
     c.add_argument("--template", metavar="MODEL.onnx",

@@ -161,9 +161,6 @@ FORMATS: dict[str, FormatInfo] = _formats(
                write_options=frozenset({"template", "external_data", "dedupe_tied"})),
 )
 
-# name -> "module:Class" of the built-ins (kept for callers that list them)
-BUILTINS: dict[str, str] = {name: info.adapter for name, info in FORMATS.items()}
-
 _adapters: dict[str, Adapter] = {}
 _plugin_infos: dict[str, FormatInfo] = {}
 

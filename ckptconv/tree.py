@@ -260,21 +260,27 @@ class Checkpoint:
                 f"{sum(r.nbytes for r in t.values())} bytes>")
 
 
+def _copy_container(node, fn):
+    """A dict (of its own kind), list or tuple with each child replaced by
+    ``fn(child)``; any other node as it is."""
+    if isinstance(node, OrderedDict):
+        return OrderedDict((k, fn(v)) for k, v in node.items())
+    if isinstance(node, dict):
+        return {k: fn(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [fn(v) for v in node]
+    if isinstance(node, tuple):
+        return tuple(fn(v) for v in node)
+    return node
+
+
 def map_tree(tree, fn):
     """Copy ``tree`` with every tensor replaced by ``fn(tensor)``."""
     if isinstance(tree, TensorRef):
         return fn(tree)
-    if isinstance(tree, OrderedDict):
-        return OrderedDict((k, map_tree(v, fn)) for k, v in tree.items())
-    if isinstance(tree, dict):
-        return {k: map_tree(v, fn) for k, v in tree.items()}
-    if isinstance(tree, list):
-        return [map_tree(v, fn) for v in tree]
-    if isinstance(tree, tuple):
-        return tuple(map_tree(v, fn) for v in tree)
     if isinstance(tree, ObjectRecord):
         return ObjectRecord(tree.cls, map_tree(tree.state, fn), map_tree(tree.args, fn), tree.kind)
-    return tree
+    return _copy_container(tree, lambda v: map_tree(v, fn))
 
 
 def to_canonical(obj, _memo=None):
@@ -295,15 +301,7 @@ def to_canonical(obj, _memo=None):
         if id(obj) not in memo:
             memo[id(obj)] = (ArrayTensor(obj), obj)  # keep obj alive so its id stays unique
         return memo[id(obj)][0]
-    if isinstance(obj, OrderedDict):
-        return OrderedDict((k, to_canonical(v, memo)) for k, v in obj.items())
-    if isinstance(obj, dict):
-        return {k: to_canonical(v, memo) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [to_canonical(v, memo) for v in obj]
-    if isinstance(obj, tuple):
-        return tuple(to_canonical(v, memo) for v in obj)
-    return obj
+    return _copy_container(obj, lambda v: to_canonical(v, memo))
 
 
 # --- JSON encoding of the structure --------------------------------------------

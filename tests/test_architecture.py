@@ -258,3 +258,14 @@ def test_no_module_over_800_lines():
     assert over <= OVER_800_BEING_SPLIT, {m: sizes[m] for m in over - OVER_800_BEING_SPLIT}
     stale = {m for m in OVER_800_BEING_SPLIT if m in sizes and m not in over}
     assert not stale, f"split landed: remove {stale} from OVER_800_BEING_SPLIT"
+
+
+def test_every_package_is_in_pyproject():
+    """A wheel holds only the packages pyproject lists (and the presets as package data)."""
+    tomllib = pytest.importorskip("tomllib")
+    conf = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(conf["packages"])
+    found = {m for m, p in _modules().items() if p.name == "__init__.py"} | {"ckptconv"}
+    assert found <= listed, found - listed
+    assert conf["package-data"]["ckptconv.mapping"] == ["preset_rules/*.rules"]
+    assert list((REPO / "ckptconv" / "mapping" / "preset_rules").glob("*.rules"))

@@ -144,7 +144,7 @@ def samples(tmp_path_factory):
 
 def exercise(path: Path) -> None:
     """What a user does with a file: open it, read every tensor, inspect, verify."""
-    from ckptconv.inspect_ import inspect_checkpoint
+    from ckptconv.verbs.inspect import inspect_checkpoint
     from ckptconv.integrity import verify
 
     try:

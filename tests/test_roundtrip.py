@@ -10,9 +10,10 @@ import pytest
 
 import ckptconv
 from ckptconv.errors import MissingDependencyError
-from ckptconv.registry import BUILTINS, get_adapter
+from ckptconv.registry import FORMATS as TABLE
+from ckptconv.registry import get_adapter
 
-FORMATS = list(BUILTINS)
+FORMATS = list(TABLE)
 EXT = {"torch": "pt", "safetensors": "safetensors", "tf": "ckpt", "hdf5": "h5",
        "keras-h5": "weights.h5", "onnx": "onnx"}
 

@@ -106,6 +106,12 @@ class Transform:
             raise err(self.col, f"{self.name}: {what} must be integers, got {format_arg(values)}")
         return [int(v) for v in values]
 
+    def _one_dimension(self, err: ErrorAt) -> int:
+        """The one argument of ``concat(0)``, ``stack(0)``, ``unstack(0)``."""
+        if len(self.args) != 1 or self.kwargs:
+            raise err(self.col, f"{self.name} takes one dimension: {self.name}(0)")
+        return self._ints(err, self.args, "the dimension")[0]
+
     # static list-length bookkeeping (checked at parse time)
     def count(self, n: int, n_targets: int) -> int:
         return n
@@ -277,9 +283,7 @@ class Concat(Transform):
     elementwise = False
 
     def setup(self, err):
-        if len(self.args) != 1 or self.kwargs:
-            raise err(self.col, "concat takes one dimension: concat(0)")
-        (self.dim,) = self._ints(err, self.args, "the dimension")
+        self.dim = self._one_dimension(err)
         self.seen: set[tuple[int, ...]] = set()
 
     def count(self, n, n_targets):
@@ -307,9 +311,7 @@ class Stack(Transform):
     elementwise = False
 
     def setup(self, err):
-        if len(self.args) != 1 or self.kwargs:
-            raise err(self.col, "stack takes one dimension: stack(0)")
-        (self.dim,) = self._ints(err, self.args, "the dimension")
+        self.dim = self._one_dimension(err)
 
     def count(self, n, n_targets):
         return 1
@@ -336,9 +338,7 @@ class Unstack(Transform):
     elementwise = False
 
     def setup(self, err):
-        if len(self.args) != 1 or self.kwargs:
-            raise err(self.col, "unstack takes one dimension: unstack(0)")
-        (self.dim,) = self._ints(err, self.args, "the dimension")
+        self.dim = self._one_dimension(err)
 
     def count(self, n, n_targets):
         if n != 1:

@@ -1,14 +1,14 @@
-"""``inspect`` and ``formats`` reports: what a checkpoint holds, from headers only."""
+"""``inspect``: what a checkpoint holds (format, tensors, dtypes, shapes, bytes,
+tree values, metadata), from its headers only."""
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from .registry import available_formats, format_info
-from .reports import Report
-from .tensor import TensorRef, human_bytes
-from .tree import Checkpoint, ObjectRecord, iter_leaves, join_path
+from ..reports import Report
+from ..tensor import TensorRef, human_bytes
+from ..tree import Checkpoint, ObjectRecord, iter_leaves, join_path
 
 MAX_LISTED = 50
 
@@ -91,42 +91,3 @@ def inspect_checkpoint(ck: Checkpoint, show_all: bool = False) -> InspectReport:
         else:
             rep.values[name or "(root)"] = _describe_leaf(leaf)
     return rep
-
-
-@dataclass
-class FormatsReport(Report):
-    formats: list[dict]
-
-    def to_dict(self):
-        return {"formats": self.formats}
-
-    def __str__(self):
-        lines = []
-        for f in self.formats:
-            status = "ok" if f["available"] else f"needs: {f['missing']}"
-            lines.append(f"{f['name']:<12} {', '.join(f['extensions']) or '-':<34} {status}")
-        return "\n".join(lines)
-
-
-def formats_report() -> FormatsReport:
-    """Every format of the table and every plugin: extensions, whether its
-    optional modules are installed, the options it takes and its hooks. Reads
-    the table only: no built-in adapter is imported."""
-    import importlib.util
-
-    out = []
-    for name in available_formats():
-        try:
-            info = format_info(name)
-        except Exception as e:  # a broken plugin is listed, not fatal
-            out.append({"name": name, "extensions": [], "available": False, "missing": str(e),
-                        "builtin": False})
-            continue
-        missing = [f"{mod} (pip install 'ckptconv[{info.extra}]')" if info.extra else mod
-                   for mod in info.requires if importlib.util.find_spec(mod) is None]
-        out.append({"name": name, "extensions": list(info.extensions), "available": not missing,
-                    "missing": ", ".join(missing), "builtin": info.builtin,
-                    "description": info.description, "reads": info.reads, "writes": info.writes,
-                    "read_options": sorted(info.read_options),
-                    "write_options": sorted(info.write_options), "hooks": sorted(info.hooks)})
-    return FormatsReport(out)

@@ -1,0 +1,1 @@
+"""Verbs that build on the canonical form: one module per verb."""
