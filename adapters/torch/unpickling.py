@@ -30,6 +30,9 @@ from ckptconv.tree import ObjectRecord
 from ckptconv.unpickler import (Global, Pending, RestrictedUnpickler, is_dangerous, scan_globals,
                                 short_repr)
 
+from .known_globals import (DICT, ENUM, OMEGACONF_CONTAINERS, PARENT_KEY, PARENT_LINKED, PATH,
+                            RECORD, TYPE, inert_roles, py3_qualname)
+
 
 
 class _Storage:
@@ -220,6 +223,31 @@ ALLOWED_CALLS = frozenset(
 _ALLOWED_NAMES = ALLOWED_CALLS | {"torch.storage.UntypedStorage", "torch.storage.TypedStorage"}
 
 
+def _plain(v, depth: int = 0) -> bool:
+    """A plain value (what an Enum member's value is): numbers, strings, tuples of them."""
+    if v is None or isinstance(v, (bool, int, float, str, bytes)):
+        return True
+    return isinstance(v, tuple) and depth < 4 and len(v) <= 64 and \
+        all(_plain(x, depth + 1) for x in v)
+
+
+class DictRecord(dict, Pending):
+    """A known dict subclass being read (``defaultdict(list)``, Lightning's
+    ``AttributeDict``): collects its items (SETITEMS), then becomes an
+    ``ObjectRecord`` whose state holds them."""
+
+    def __init__(self, cls: str, kind: str, args: tuple):
+        super().__init__()
+        self.cls, self.kind, self.args = cls, kind, args
+
+    def build(self, state) -> None:
+        if state:  # instance attributes of a dict subclass: none in the known ones
+            raise FormatError(f"{self.cls}: BUILD with attributes {short_repr(state)}")
+
+    def value(self):
+        return ObjectRecord(self.cls, dict(self), self.args, self.kind)
+
+
 class TorchUnpickler(RestrictedUnpickler):
     """Torch's allowlist, interpreted: rebuild calls make lazy tensors.
 
@@ -230,8 +258,10 @@ class TorchUnpickler(RestrictedUnpickler):
 
     leaf_types = (StoredTensor, ArrayTensor)
 
-    def __init__(self, display: str, storage_source, big_endian: bool = False):
+    def __init__(self, display: str, storage_source, big_endian: bool = False,
+                 allow_globals=()):
         super().__init__(display)
+        self.inert = inert_roles(allow_globals)  # known framework globals, recorded inertly
         self.storage_source = storage_source  # (key, dtype, numel, untyped) -> ByteSource
         self.big_endian = big_endian
         self.storages: dict[str, _Storage] = {}
@@ -241,7 +271,7 @@ class TorchUnpickler(RestrictedUnpickler):
         self.result: Any = None  # set by check_pickle
 
     def allowed_global(self, qualname: str) -> bool:
-        return qualname in _ALLOWED_NAMES
+        return qualname in _ALLOWED_NAMES or py3_qualname(qualname) in self.inert
 
     def persistent_load(self, pid):
         if not (isinstance(pid, tuple) and len(pid) in (5, 6) and pid[0] == "storage"):
@@ -394,7 +424,54 @@ class TorchUnpickler(RestrictedUnpickler):
         if q == "torch.jit._pickle.restore_type_tag":
             self._nargs(q, args, 1, 2)
             return args[0]
+        role = self.inert.get(py3_qualname(q))
+        if role is not None and role != TYPE:
+            return self._inert_call(py3_qualname(q), role, args, opcode)
         return super().call(func, args, opcode)
+
+    def _inert_call(self, q: str, role: str, args: tuple, opcode: str):
+        """A known framework global called by the pickle: recorded with its
+        arguments, never called. Enums take one plain value, paths strings,
+        a defaultdict a known type (or None) as its factory."""
+        d = self.display
+        if role == ENUM and (len(args) != 1 or not _plain(args[0])):
+            raise FormatError(f"{d}: Enum {q} via {opcode} with {short_repr(args)} "
+                              "(an Enum member is rebuilt from one plain value)")
+        if role == PATH and not all(isinstance(a, str) for a in args):
+            raise FormatError(f"{d}: path {q} via {opcode} with {short_repr(args)} (not strings)")
+        if role == DICT:
+            factory = args[0] if args else None
+            if len(args) > 1 or not (factory is None or isinstance(factory, Global) and
+                                     self.inert.get(py3_qualname(factory.qualname)) == TYPE):
+                raise UnsafePickleError(f"{d}: {q} via {opcode} with {short_repr(args)} (only a "
+                                        "known type as its factory; refused, nothing was executed)")
+            return DictRecord(q, "reduce", args)
+        self.records.append(q)
+        return ObjectRecord(q, None, args, kind="reduce")
+
+    def new_object(self, cls: Global, args: tuple, kwargs: dict | None = None):
+        q = py3_qualname(cls.qualname)
+        role = self.inert.get(q)
+        if role == DICT:
+            if args or kwargs:
+                raise FormatError(f"{self.display}: {q} via NEWOBJ with arguments "
+                                  f"{short_repr(args)} (a dict subclass takes none)")
+            return DictRecord(q, "newobj", ())
+        if role is None or is_dangerous(q) and role != RECORD and role != "allowed":
+            return super().new_object(cls, args, kwargs)
+        self.records.append(q)  # a known record class, even in a module that can run code
+        extra = (("__kwargs__", kwargs),) if kwargs else ()
+        return ObjectRecord(q, None, tuple(args) + extra)
+
+    def build(self, obj, state):
+        # OmegaConf nodes point back at the container being built (a cycle):
+        # read as a marker, written back as a reference (see known_globals)
+        if isinstance(obj, ObjectRecord) and obj.cls in PARENT_LINKED and \
+                isinstance(state, dict) and isinstance(state.get(PARENT_KEY), ObjectRecord):
+            parent = state[PARENT_KEY]
+            if parent.cls in OMEGACONF_CONTAINERS and parent.state is None:
+                state = {**state, PARENT_KEY: ObjectRecord(parent.cls, kind="parent")}
+        return super().build(obj, state)
 
     def _check_recorded(self, q: str, args: tuple) -> None:
         """Recorded calls are kept as records and may be written back into a
@@ -425,6 +502,9 @@ class TorchUnpickler(RestrictedUnpickler):
         super().build_other(obj, state)
 
     def bare_global(self, g: Global):
+        q = py3_qualname(g.qualname)
+        if q in self.inert:
+            return ObjectRecord(q, kind="global")
         return super().bare_global(g)
 
     def _rebuild(self, q: str, args: tuple) -> TensorRef:

@@ -23,6 +23,7 @@ from ckptconv.tensor import StoredTensor, TensorRef, contiguous_strides
 from ckptconv.tree import Checkpoint, ObjectRecord, iter_tensors
 from ckptconv.ziputil import ZipWriter
 
+from .known_globals import DICT, KNOWN_GLOBALS, OMEGACONF_CONTAINERS, PARENT_KEY, PARENT_LINKED
 from .weights_only import DTYPE_MIN_TORCH
 
 
@@ -32,6 +33,10 @@ class _PickleWriter:
     def __init__(self):
         self.buf = io.BytesIO()
         self.w = self.buf.write
+        self.memo_size = 0
+        # OmegaConf containers being written, with their memo index: the
+        # "parent" markers inside them become references back (LONG_BINGET)
+        self.containers: list[int] = []
 
     def glob(self, qual: str) -> None:
         module, _, name = qual.rpartition(".")
@@ -142,6 +147,9 @@ class _PickleWriter:
         if r.kind == "global":
             self.glob(r.cls)
             return
+        if r.kind == "parent":  # written by the node that holds it (below)
+            raise UnsupportedError(f"a reference to the enclosing {r.cls} outside of an "
+                                   "OmegaConf node")
         self.glob(r.cls)
         if r.kind == "reduce":
             self.value(tuple(r.args), emit_tensor)
@@ -152,9 +160,34 @@ class _PickleWriter:
                 raise UnsupportedError(f"record {r.cls} was built with keyword arguments")
             self.value(args, emit_tensor)
             self.w(b"\x81")
-        if r.state is not None:
+        if KNOWN_GLOBALS.get(r.cls) == DICT:  # a dict subclass: its state is its items
+            if not isinstance(r.state, dict):
+                raise UnsupportedError(f"record {r.cls} without its items")
+            self._items(r.state, emit_tensor)
+            return
+        parent = self.containers[-1] if self.containers else None
+        container = r.cls in OMEGACONF_CONTAINERS
+        if container:
+            self.containers.append(self.memo_size)
+            self.w(b"r" + self.memo_size.to_bytes(4, "little"))  # LONG_BINPUT
+            self.memo_size += 1
+        if r.cls in PARENT_LINKED and isinstance(r.state, dict):
+            self.w(b"}(")
+            for k, x in r.state.items():
+                self.value(k, emit_tensor)
+                if k == PARENT_KEY and isinstance(x, ObjectRecord) and x.kind == "parent":
+                    if parent is None:
+                        raise UnsupportedError(f"{r.cls} refers to an enclosing {x.cls}, "
+                                               "but sits in none")
+                    self.w(b"j" + parent.to_bytes(4, "little"))  # LONG_BINGET
+                else:
+                    self.value(x, emit_tensor)
+            self.w(b"ub")
+        elif r.state is not None:
             self.value(r.state, emit_tensor)
             self.w(b"b")
+        if container:
+            self.containers.pop()
 
     def np_dtype(self, dt: np.dtype) -> None:
         self.glob("numpy.dtype")
