@@ -22,25 +22,28 @@ class TorchAdapter(Adapter):
     extensions = (".pt", ".pth", ".bin", ".ckpt.pt", ".tar")
     description = "PyTorch torch.save (zip and legacy), TorchScript weights"
 
-    def read(self, path: Path, **options) -> Checkpoint:
+    def read(self, path: Path, allow_globals=None, **options) -> Checkpoint:
+        """``allow_globals``: ``MODULE.NAME``s read as inert records in this run,
+        beyond the shipped list (``known_globals.py``)."""
+        allow = tuple(allow_globals or ())
         if path.name.endswith(".index.json"):
-            return self._read_sharded(path)
+            return self._read_sharded(path, allow)
         with open(path, "rb") as f:
             head = f.read(16)
         if head.startswith(b"PK"):
-            return read_zip_checkpoint(path)
+            return read_zip_checkpoint(path, allow)
         if head.startswith(LEGACY_HEAD):
-            return read_legacy_checkpoint(path)
+            return read_legacy_checkpoint(path, allow)
         if is_bare_pickle(head, path):
-            return read_bare_pickle(path)
+            return read_bare_pickle(path, allow)
         raise FormatError(f"{path.name}: not a torch checkpoint")
 
-    def _read_sharded(self, path: Path) -> Checkpoint:
+    def _read_sharded(self, path: Path, allow_globals: tuple) -> Checkpoint:
         """``pytorch_model.bin.index.json`` + ``pytorch_model-0000K-of-0000N.bin`` shards."""
         values: dict[str, Any] = {}  # non-tensor entries of the shards (HF shards have none)
 
         def read_shard(p: Path):
-            part = self.read(p)
+            part = self.read(p, allow_globals)
             for name, leaf in part.leaves():
                 if not isinstance(leaf, TensorRef):
                     values.setdefault(name, leaf)

@@ -23,8 +23,9 @@ from ckptconv.tensor import FileHandle, TensorRef
 from ckptconv.tree import Checkpoint, ObjectRecord
 from ckptconv.ziputil import member_root, read_member_bytes, read_members
 
+from .known_globals import ENUM, KNOWN_GLOBALS, py3_qualname
 from .weights_only import (DTYPE_MIN_TORCH, GLOBAL_MIN_TORCH, MATRIX, WEIGHTS_ONLY_DEFAULT,
-                           ZIP_MIN_TORCH, Version, fmt_version, parse_version, py3_name,
+                           ZIP_MIN_TORCH, Version, fmt_version, parse_version,
                            weights_only_allowlist, weights_only_opcodes)
 
 
@@ -87,7 +88,7 @@ class CheckReport:
     def blockers_for(self, version: str | Version) -> list[str]:
         v = parse_version(version)
         allow, ops = weights_only_allowlist(v), weights_only_opcodes(v)
-        out = [g for g in self.globals if py3_name(g) not in allow]
+        out = [g for g in self.globals if py3_qualname(g) not in allow]
         out += [f"opcode {o}" for o in self.opcodes if o not in ops]
         return out
 
@@ -278,6 +279,12 @@ _WHY = {
 def _blocker_reason(name: str, ck) -> str:
     if name in _WHY:
         return _WHY[name]
+    role = KNOWN_GLOBALS.get(name)
+    if role is not None:
+        what = {ENUM: "an Enum member"}.get(role, "a framework object" if role != "type"
+                                             else "a type named as a value")
+        return (f"{what} of {name.split('.')[0]} (ckptconv reads it as an inert record; "
+                "sanitize writes the plain value)")
     if name in ck.info.get("records", ()):
         return "a class instance (NEWOBJ) not in torch's allowlist"
     if name.startswith("opcode "):
@@ -310,7 +317,7 @@ def check_torch_file(path: str | os.PathLike, read: Callable[[Path], Checkpoint]
     report.zip_version = info.get("zip_version")
     streams = _pickle_streams(p, ck)
     report.opcodes = _opcodes(streams)
-    report.globals = sorted({py3_name(g) for g in info.get("pickle_globals", ())})
+    report.globals = sorted({py3_qualname(g) for g in info.get("pickle_globals", ())})
     if report.torch_format in ("zip", "torchscript"):
         members = _zip_members(p)
         prefix = f"{report.archive_root}/" if report.archive_root else ""

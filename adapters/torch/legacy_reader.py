@@ -39,7 +39,7 @@ def _scan_one_pickle(f: io.BufferedReader, display: str) -> int:
     raise FormatError(f"{display}: truncated pickle (no STOP opcode)")
 
 
-def read_legacy_checkpoint(path: Path) -> Checkpoint:
+def read_legacy_checkpoint(path: Path, allow_globals=()) -> Checkpoint:
     """The pre-1.6 format: magic, protocol, sys_info, main pickle, storage keys, raw storages."""
     handle = FileHandle(path)
     display = handle.display
@@ -86,7 +86,7 @@ def read_legacy_checkpoint(path: Path) -> Checkpoint:
                 pid = pid[:5]
             return super().persistent_load(pid)
 
-    _Probe(display, probe, big).load(main_bytes)
+    _Probe(display, probe, big, allow_globals).load(main_bytes)
     sources: dict[str, ByteSource] = {}
     offset = data_start
     order = "big" if big else "little"
@@ -108,14 +108,14 @@ def read_legacy_checkpoint(path: Path) -> Checkpoint:
             raise FormatError(f"{display}: storage '{key}' has no data")
         return sources[key]
 
-    up = TorchUnpickler(display, storage_source, big)
+    up = TorchUnpickler(display, storage_source, big, allow_globals)
     tree = up.load(main_bytes)
     info = checkpoint_info(up, "legacy")
     return Checkpoint(tree, {}, "torch", str(path), info)
 
 
 
-def read_bare_pickle(path: Path) -> Checkpoint:
+def read_bare_pickle(path: Path, allow_globals=()) -> Checkpoint:
     """A plain ``pickle.dump`` file (protocol 2+), e.g. a dict of numpy arrays.
 
     Not a torch format, but ``torch.load`` runs such a file's pickle (it reads
@@ -133,7 +133,7 @@ def read_bare_pickle(path: Path) -> Checkpoint:
         raise FormatError(f"{display}: a bare pickle cannot hold torch storages (persistent id "
                           f"'{key}'); is it part of a legacy checkpoint?")
 
-    up = TorchUnpickler(display, storage_source)
+    up = TorchUnpickler(display, storage_source, allow_globals=allow_globals)
     tree = to_canonical(up.load(handle.pread(0, handle.size, "pickle")))
     return Checkpoint(tree, {}, "torch", str(path), checkpoint_info(up, "pickle"))
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import numpy as np
 
@@ -20,6 +20,7 @@ from ckptconv.tensor import ArrayTensor, TensorRef
 from ckptconv.tree import Checkpoint, ObjectRecord
 
 from .check import check_torch_file
+from .known_globals import DICT, ENUM, KNOWN_GLOBALS, OMEGACONF_CONTAINERS, PARENT_LINKED, PATH
 from .weights_only import (DTYPE_MIN_TORCH, MATRIX, Version, fmt_version, parse_version,
                            weights_only_allowlist)
 from .writer import write_zip_checkpoint
@@ -187,6 +188,9 @@ class _Sanitizer:
         if r.cls == "torch.Size" and r.args:
             self.note(path, "torch.Size", "tuple")
             return tuple(self.value(r.args[0], path))
+        plain = self.framework_object(r, path)
+        if plain is not _NOT_KNOWN:
+            return plain
         out: dict = {"__class__": r.cls}
         if isinstance(r.state, dict) and all(isinstance(k, str) for k in r.state):
             for k, x in r.state.items():
@@ -197,6 +201,59 @@ class _Sanitizer:
             out["__args__"] = self.value(list(r.args), path + ("__args__",))
         self.note(path, r.cls, "dict with '__class__'")
         return out
+
+
+    def framework_object(self, r, path: tuple):
+        """A known framework object (known_globals) as the plain value it stands for:
+        an Enum member its value, a path its string, an OmegaConf config its
+        content, a dict subclass a dict; ``_NOT_KNOWN`` for anything else."""
+        role = KNOWN_GLOBALS.get(r.cls)
+        if r.kind == "parent":  # an OmegaConf back-reference whose container was kept as a record
+            self.note(path, f"reference to the enclosing {r.cls}", "None")
+            return None
+        if role == ENUM and r.kind == "reduce" and len(r.args) == 1:
+            self.note(path, f"Enum {r.cls}", f"its value {r.args[0]!r}")
+            return self.value(r.args[0], path, noted=True)
+        if role == PATH and r.kind == "reduce" and all(isinstance(a, str) for a in r.args):
+            pure = PureWindowsPath if "Windows" in r.cls else PurePosixPath
+            new = str(pure(*r.args))
+            self.note(path, r.cls, f"str {new!r}")
+            return new
+        if role == DICT and isinstance(r.state, dict):
+            self.note(path, r.cls, "dict")
+            return {self.key(k, path + (k,)): self.value(x, path + (k,))
+                    for k, x in r.state.items()}
+        if r.cls in PARENT_LINKED and isinstance(r.state, dict):
+            content = _omegaconf_content(r)
+            if content is not _NOT_KNOWN:
+                self.note(path, r.cls, type(content).__name__)
+                return self.value(content, path, noted=True)
+        return _NOT_KNOWN
+
+
+_NOT_KNOWN = object()
+
+
+def _omegaconf_content(node):
+    """The plain content of an OmegaConf DictConfig/ListConfig/value node record
+    (what ``OmegaConf.to_container`` returns, interpolations left as strings)."""
+    state = node.state
+    if node.cls not in OMEGACONF_CONTAINERS:
+        return state.get("_val", _NOT_KNOWN)
+    content = state.get("_content")
+    if isinstance(content, dict):
+        out = {}
+        for k, child in content.items():
+            out[k] = _omegaconf_content(child) if isinstance(child, ObjectRecord) and \
+                child.cls in PARENT_LINKED and isinstance(child.state, dict) else child
+            if out[k] is _NOT_KNOWN:
+                return _NOT_KNOWN
+        return out
+    if isinstance(content, list):
+        out = [_omegaconf_content(c) if isinstance(c, ObjectRecord) and c.cls in PARENT_LINKED
+               and isinstance(c.state, dict) else c for c in content]
+        return _NOT_KNOWN if any(x is _NOT_KNOWN for x in out) else out
+    return content  # None, or a string: "???" (missing) or an interpolation
 
 
 def sanitize_checkpoint(ck: Checkpoint, dst: str | os.PathLike, force: bool = False,

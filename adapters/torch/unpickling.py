@@ -562,7 +562,8 @@ class _AnySizeSource(ByteSource):
         raise FormatError("safety check: storage bytes are not read")
 
 
-def check_pickle(data: bytes, display: str, listing: list | None = None) -> TorchUnpickler:
+def check_pickle(data: bytes, display: str, listing: list | None = None,
+                 allow_globals=()) -> TorchUnpickler:
     """Interpret one pickle with torch's allowlist, only to judge it: storages
     are taken at their word, nothing is read behind them.
 
@@ -576,7 +577,7 @@ def check_pickle(data: bytes, display: str, listing: list | None = None) -> Torc
     def storage_source(key, dtype, numel, untyped):
         return _AnySizeSource(numel * (1 if untyped else dtype.itemsize))
 
-    up = TorchUnpickler(display, storage_source)
+    up = TorchUnpickler(display, storage_source, allow_globals=allow_globals)
     try:
         up.result = up.load(data)
     except UnsafePickleError:

@@ -99,15 +99,6 @@ def weights_only_opcodes(version: Version) -> frozenset[str]:
     return frozenset(ops)
 
 
-# torch's NAME_MAPPING/IMPORT_MAPPING (Python 2 spellings) as its unpickler applies them
-_PY2_MODULES = {"__builtin__": "builtins", "copy_reg": "copyreg"}
-
-
-def py3_name(qualname: str) -> str:
-    module, _, name = qualname.rpartition(".")
-    return f"{_PY2_MODULES.get(module, module)}.{name}"
-
-
 # --- what a file needs to load at all ---------------------------------------------
 
 ZIP_MIN_TORCH: Version = (1, 6)

@@ -21,21 +21,23 @@ from ckptconv.ziputil import Member, member_root, read_member_bytes, read_member
 from .unpickling import TorchUnpickler, check_pickle, checkpoint_info
 
 
-def read_zip_checkpoint(path: Path) -> Checkpoint:
+def read_zip_checkpoint(path: Path, allow_globals=()) -> Checkpoint:
     """A torch zip file (or TorchScript archive): the tree with lazy tensors."""
     handle = FileHandle(path)
-    tree, info = read_zip_archive(handle, read_members(handle))
+    tree, info = read_zip_archive(handle, read_members(handle), allow_globals)
     return Checkpoint(tree, {}, "torch", str(path), info)
 
 
-def read_torch_blob(handle: FileHandle, offset: int, length: int) -> tuple[Any, dict]:
+def read_torch_blob(handle: FileHandle, offset: int, length: int,
+                    allow_globals=()) -> tuple[Any, dict]:
     """One ``torch.save`` zip stored at ``offset`` (``length`` bytes) inside a
     bigger file, e.g. an item of a DCP ``.distcp`` file: ``(tree, info)``, its
     tensors lazy ranges of ``handle``'s file."""
-    return read_zip_archive(handle, read_members(handle, offset, length))
+    return read_zip_archive(handle, read_members(handle, offset, length), allow_globals)
 
 
-def read_zip_archive(handle: FileHandle, members: dict[str, Member]) -> tuple[Any, dict]:
+def read_zip_archive(handle: FileHandle, members: dict[str, Member],
+                     allow_globals=()) -> tuple[Any, dict]:
     """The tree of a torch zip archive whose members are ``members``, and its ``info``."""
     display = handle.display
     root = member_root(members, Path(display))
@@ -64,7 +66,7 @@ def read_zip_archive(handle: FileHandle, members: dict[str, Member]) -> tuple[An
             src.crc32 = m.crc  # lets a zip writer copy the storage without re-reading it
         return src
 
-    up = TorchUnpickler(f"{display}:{prefix}data.pkl", storage_source, big)
+    up = TorchUnpickler(f"{display}:{prefix}data.pkl", storage_source, big, allow_globals)
     data = read_member_bytes(handle, members[f"{prefix}data.pkl"], 1 << 31)
     tree = up.load(data)
     kind = "torchscript" if torchscript else "zip"
@@ -77,7 +79,8 @@ def read_zip_archive(handle: FileHandle, members: dict[str, Member]) -> tuple[An
     for name in extra:
         # torch.jit.load unpickles constants.pkl; a zip may carry other
         # pickles (another root's data.pkl): refuse any that could run code.
-        check_pickle(read_member_bytes(handle, members[name], 1 << 31), f"{display}:{name}")
+        check_pickle(read_member_bytes(handle, members[name], 1 << 31), f"{display}:{name}",
+                     allow_globals=allow_globals)
     info["extra_pickles"] = extra
     if torchscript:
         tree = _torchscript_weights(tree)
