@@ -36,8 +36,12 @@ class ObjectRecord:
 
     ``kind`` says how it was built: ``"newobj"`` (``cls.__new__(cls, *args)`` then
     ``__setstate__``/``__dict__`` update with ``state``), ``"reduce"`` (an
-    allowlisted call such as ``torch.Size((2, 3))``) or ``"global"`` (a bare
-    reference such as ``torch.float32``).
+    allowlisted call such as ``torch.Size((2, 3))``, an Enum member
+    ``IntervalStrategy("steps")``; a dict subclass such as ``defaultdict(list)``
+    keeps its items in ``state``), ``"global"`` (a bare reference such as
+    ``torch.float32``) or ``"parent"`` (an OmegaConf node's link back to the
+    container it sits in: the one place where a pickle's cycle is kept, as a
+    marker). The known framework classes: ``adapters/torch/known_globals.py``.
     """
 
     cls: str
@@ -56,6 +60,8 @@ class ObjectRecord:
     def __repr__(self):
         if self.kind == "global":
             return f"<{self.cls}>"
+        if self.kind == "parent":
+            return f"<the enclosing {self.cls}>"
         inner = ", ".join(repr(a) for a in self.args) if self.kind == "reduce" else repr(self.state)
         return f"<{self.cls}({inner})>"
 
@@ -69,27 +75,29 @@ def _eq(a, b) -> bool:
 
 
 def is_container(node) -> bool:
-    """Whether ``node`` has children in the tree: dicts, lists, tuples and the
-    records of objects built with ``__new__`` (``kind == "newobj"``). A record
-    of an allowlisted call (``torch.Size((2, 3))``) or a bare global is a leaf."""
+    """Whether ``node`` has children in the tree: dicts, lists, tuples, the
+    records of objects built with ``__new__`` (``kind == "newobj"``) and of
+    calls that got a state (a ``defaultdict``'s items). A record of a plain
+    call (``torch.Size((2, 3))``, an Enum member) or a bare global is a leaf."""
     return isinstance(node, (dict, list, tuple)) or (
-        isinstance(node, ObjectRecord) and node.kind == "newobj")
+        isinstance(node, ObjectRecord) and (
+            node.kind == "newobj" or (node.kind == "reduce" and node.state is not None)))
 
 
 def children(node) -> Iterator[tuple[Any, Any]]:
     """(key, child) of a tree node, in order: the one walker of the canonical
     tree (readers' trees, writers, mapping, select, load_into).
 
-    A ``newobj`` record's children are its state's entries when the state is a
+    A container record's children are its state's entries when the state is a
     dict (``rec.state["w"]`` has the path ``...rec.w``), else ``"__state__"``,
-    then ``"__args__"`` (the ``__new__`` arguments) when it has any. Leaves
+    then ``"__args__"`` (the ``__new__`` or call arguments) when it has any. Leaves
     (tensors, plain values, other records) have none.
     """
     if isinstance(node, dict):
         yield from node.items()
     elif isinstance(node, (list, tuple)):
         yield from enumerate(node)
-    elif isinstance(node, ObjectRecord) and node.kind == "newobj":
+    elif isinstance(node, ObjectRecord) and is_container(node):
         if isinstance(node.state, dict):
             yield from node.state.items()
         elif node.state is not None:
@@ -133,7 +141,7 @@ def _collect_tensors(node, prefix: str | None, out: list) -> None:
         items = node.items()
     elif isinstance(node, (list, tuple)):
         items = enumerate(node)
-    elif isinstance(node, ObjectRecord) and node.kind == "newobj":
+    elif isinstance(node, ObjectRecord) and is_container(node):
         items = children(node)
     else:
         return

@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterator
 from ckptconv._lazy import np
 
 from ckptconv.errors import EXIT_OK, EXIT_UNSAFE, FormatError, UnsafePickleError
+from ckptconv.reports import Report
 from ckptconv.tensor import FileHandle, TensorRef
 from ckptconv.tree import Checkpoint, ObjectRecord
 from ckptconv.ziputil import member_root, read_member_bytes, read_members
@@ -46,7 +47,7 @@ class Blocker:
 
 
 @dataclass
-class CheckReport:
+class CheckReport(Report):
     path: str
     format: str | None = None
     torch_format: str | None = None          # zip, legacy, torchscript

@@ -16,6 +16,7 @@ import numpy as np
 
 from ckptconv import dtypes as _dt
 from ckptconv.errors import FormatError, UnsupportedError
+from ckptconv.reports import Report
 from ckptconv.tensor import ArrayTensor, TensorRef
 from ckptconv.tree import Checkpoint, ObjectRecord
 
@@ -28,7 +29,7 @@ from .zip_reader import read_zip_checkpoint
 
 
 @dataclass
-class SanitizeReport:
+class SanitizeReport(Report):
     source: str
     target: str
     torch_compat: str | None

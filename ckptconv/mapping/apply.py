@@ -441,7 +441,7 @@ def _rebuild(tree, keep: set[str], outputs: list[tuple[str, TensorRef, str]]):
             if node and not kept:
                 return _REMOVED
             return kept if isinstance(node, list) else tuple(kept)
-        if isinstance(node, ObjectRecord) and node.kind == "newobj":
+        if isinstance(node, ObjectRecord) and is_container(node):
             if isinstance(node.state, dict):
                 state = build(node.state, path)
             elif node.state is not None:
