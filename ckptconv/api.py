@@ -238,30 +238,27 @@ def _call_passing(fn: Callable, verb: str, args: list, **options):
 
 def load_into(module, path, mapping=None, strict: bool = False, device=None, select=None, *,
               allow_globals=None, storage_options: dict | None = None):
-    """Load what fits of ``path`` into a torch module; report loaded/missing/unexpected/mismatched."""
-    from .partial import load_into as load_into_module
+    """Load what fits of ``path`` (a file or a ``Checkpoint``) into a torch module:
+    bytes straight into the parameters, modules' hooks run; returns a
+    ``LoadReport`` (loaded, missing, unexpected, mismatched)."""
+    from .verbs.load_into import load_into as load_into_module
 
     if not isinstance(path, Checkpoint):
         path = load(path, allow_globals=allow_globals, storage_options=storage_options)
-    return load_into_module(module, path, mapping=mapping, strict=strict, device=device,
-                            select=select)
+    return load_into_module(module, path, mapping=_mapping(mapping), strict=strict,
+                            device=device, select=select)
 
 
-def load_state_dict(path, device="cpu", *, allow_globals=None,
-                    storage_options: dict | None = None, **options):
-    """A dict of torch tensors from a checkpoint of any format."""
-    import importlib
+def load_state_dict(path, device="cpu", mmap: bool = True, select: str | None = None,
+                    mapping=None, *, allow_globals=None, storage_options: dict | None = None):
+    """``{name: torch.Tensor}`` of a checkpoint of any format (safetensors' ``load_file``
+    shape): tied tensors shared; ``mmap`` tensors view a private map of the file."""
+    from .verbs.load_state_dict import load_state_dict as load_state_dict_of
 
-    for module in ("ckptconv.verbs.load_into", "ckptconv.partial"):
-        try:
-            implementation = getattr(importlib.import_module(module), "load_state_dict")
-        except (ImportError, AttributeError):
-            continue
-        return implementation(path, device=device, allow_globals=allow_globals,
-                              storage_options=storage_options, **options)
-    from .errors import UnsupportedError
-
-    raise UnsupportedError("load_state_dict is not available in this version of ckptconv")
+    if not isinstance(path, Checkpoint):
+        path = load(path, allow_globals=allow_globals, storage_options=storage_options)
+    return load_state_dict_of(path, device=device, mmap=mmap, select=select,
+                              mapping=_mapping(mapping))
 
 
 def formats():

@@ -12,7 +12,7 @@ nn = torch.nn
 
 import ckptconv  # noqa: E402
 from ckptconv import Checkpoint, MappingError  # noqa: E402
-from ckptconv.partial import LoadReport  # noqa: E402
+from ckptconv.verbs.load_into import LoadReport  # noqa: E402
 
 
 # --- a GE2E speaker encoder (Real-Time-Voice-Cloning / Resemblyzer layout) ----------------

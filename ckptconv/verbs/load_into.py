@@ -21,18 +21,19 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any
 
-from .errors import MappingError
-from .tensor import TensorRef
-from .tree import Checkpoint, join_path
+from ..errors import MappingError
+from ..reports import Report
+from ..tensor import TensorRef
+from ..tree import Checkpoint, join_path
+from .torch_fill import Filler, TorchMaterializer
 
 PREFERRED = ("state_dict", "model", "model_state", "model_state_dict", "module", "net")
-BATCH_BYTES = 256 << 20  # tensors handed to load_state_dict at a time
+BATCH_BYTES = 64 << 20  # mapped tensors handed to load_state_dict at a time (hooked modules)
 
 
 @dataclass
-class LoadReport:
+class LoadReport(Report):
     loaded: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)       # in the module, not in the checkpoint
     unexpected: list[str] = field(default_factory=list)    # in the checkpoint, not in the module
@@ -160,21 +161,24 @@ def _display(ck: Checkpoint) -> str:
     return os.path.basename(str(ck.path)) if ck.path else "checkpoint"
 
 
-def load_into(module, path, mapping=None, strict: bool = False, device=None,
+def load_into(module, ck: Checkpoint, mapping=None, strict: bool = False, device=None,
               select: str | None = None) -> LoadReport:
-    """Load every tensor of ``path`` (a file or a ``Checkpoint``) whose name and
-    shape fit ``module``; report the rest. ``strict`` raises (and loads nothing)
-    unless everything fits."""
+    """Load every tensor of ``ck`` whose name and shape fit ``module``; report the
+    rest. ``strict`` raises (and loads nothing) unless everything fits.
+
+    The bytes go from the file into the parameters' own memory (``torch_fill``)
+    for every parameter and buffer whose module loads the plain way; then
+    ``module.load_state_dict`` runs with those very tensors, so that modules'
+    hooks run and see the values (``copy_`` of a tensor onto its own memory
+    returns at once). Tensors of modules with their own loading code (a
+    ``_load_from_state_dict`` override, a load pre-hook) are handed to
+    ``load_state_dict`` as views of the mapped file, ``BATCH_BYTES`` at a time.
+    """
     import torch
 
-    from .mapping import resolve_mapping
-    from .registry import read_checkpoint as load
-
-    ck = path if isinstance(path, Checkpoint) else load(path)
-    m = resolve_mapping(mapping)
     state = module.state_dict()
     expected = {k: tuple(v.shape) for k, v in state.items()}
-    best, notes = find_weights(ck, expected, m, select)
+    best, notes = find_weights(ck, expected, mapping, select)
     tensors = best.tensors
     report = LoadReport(source_subtree=best.label, notes=notes)
     for name in expected:
@@ -195,20 +199,64 @@ def load_into(module, path, mapping=None, strict: bool = False, device=None,
                                      ("mismatched", report.mismatched)) if v))
     if device is not None:
         module.to(device)
-    batch: dict[str, Any] = {}
+        state = module.state_dict()
+    plain = plain_loading_names(module, state)
+    direct = [n for n in report.loaded if n in plain]
+    with torch.no_grad(), Filler() as filler:
+        for name in direct:
+            filler.fill(state[name], tensors[name])
+    batch = {name: state[name] for name in direct}
     size = 0
+    materialize = TorchMaterializer(mmap=True)
     for name in report.loaded:
-        ref = tensors[name]
-        batch[name] = ref.torch()
-        size += ref.nbytes
+        if name in plain:
+            continue
+        batch[name] = materialize(tensors[name])
+        size += tensors[name].nbytes
         if size >= BATCH_BYTES:
             _load_batch(module, batch)
-            batch, size = {}, 0
+            batch, size, materialize = {}, 0, TorchMaterializer(mmap=True)
     if batch:
         _load_batch(module, batch)
     if device is not None:
         report.notes.append(f"module moved to {torch.device(device)}")
     return report
+
+
+# Loaders that only copy the tensor of each name into the parameter or buffer
+# of that name (``_NormBase`` adds a missing ``num_batches_tracked`` first).
+def _plain_loaders():
+    import torch
+
+    return {torch.nn.Module._load_from_state_dict,
+            torch.nn.modules.batchnorm._NormBase._load_from_state_dict}
+
+
+def plain_loading_names(module, state: dict) -> set[str]:
+    """Names of ``state`` that ``load_state_dict`` would only ``copy_`` into the
+    tensor ``state`` holds: dense tensors of modules with the plain loader and no
+    load pre-hook on them or on a module above them."""
+    import torch
+
+    plain = _plain_loaders()
+    owners: dict[str, bool] = {}
+
+    def walk(m, prefix: str, ok: bool) -> None:
+        ok = ok and not m._load_state_dict_pre_hooks and \
+            type(m)._load_from_state_dict in plain
+        owners[prefix] = ok
+        for name, child in m._modules.items():
+            if child is not None:
+                walk(child, f"{prefix}{name}.", ok)
+
+    walk(module, "", True)
+    out = set()
+    for name, t in state.items():
+        prefix = name[:name.rfind(".") + 1]
+        if owners.get(prefix) and type(t) is torch.Tensor and t.layout == torch.strided \
+                and not t.is_meta:
+            out.add(name)
+    return out
 
 
 def _load_batch(module, batch: dict) -> None:
