@@ -18,7 +18,8 @@ from typing import Any, Callable, Iterable
 
 from .errors import CkptconvError, UsageError
 from .registry import (check_options, detect_format, format_for_target, format_info,
-                       given_options, hook, option_flag, read_checkpoint, write_checkpoint)
+                       formats_with_hook, given_options, hook, option_flag, read_checkpoint,
+                       write_checkpoint)
 from .reports import Report
 from .tree import Checkpoint
 
@@ -134,7 +135,10 @@ def inspect(path: str | os.PathLike, format: str | None = None, show_all: bool =
     from .verbs.inspect import inspect_checkpoint
 
     ck = load(path, format=format, allow_globals=allow_globals, storage_options=storage_options)
-    return inspect_checkpoint(ck, show_all=show_all)
+    report = inspect_checkpoint(ck, show_all=show_all)
+    if "layout" in format_info(ck.format).hooks:     # the format's own lines (its layout hook)
+        report.layout = dict(hook(ck.format, "layout")(ck))
+    return report
 
 
 def diff(a, b, mapping=None, suggest: bool = False, *, allow_globals=None,
@@ -158,15 +162,30 @@ def check(path: str | os.PathLike, *, allow_globals=None, storage_options: dict 
 
 
 def sanitize(src: str | os.PathLike, dst: str | os.PathLike, force: bool = False,
-             torch_compat: str | None = None, *, allow_globals=None,
+             torch_compat: str | None = None, *, to: str | None = None, allow_globals=None,
              storage_options: dict | None = None):
-    """Rewrite ``src`` (any format) as a torch file that ``torch.load(weights_only=True)``
-    loads: the ``sanitize`` hook of the target format, torch."""
+    """Rewrite ``src`` (any format) so that the target format's own safe loader
+    loads it (torch: ``torch.load(weights_only=True)``): the target format's
+    ``sanitize`` hook. The target is ``to``, else from ``dst``'s extension, else
+    the one format that has the hook."""
     src_p, dst_p = Path(src), Path(dst)
     if src_p.exists() and dst_p.exists() and src_p.resolve() == dst_p.resolve():
         raise UsageError(f"{dst_p}: source and target are the same file")
+    target = _sanitize_target(dst_p, to)
+    sanitize_into = hook(target, "sanitize", dst_p)
+    options = check_options(target, "write", {"torch_compat": torch_compat})
     ck = load(src_p, allow_globals=allow_globals, storage_options=storage_options)
-    return hook("torch", "sanitize")(ck, dst_p, force=force, torch_compat=torch_compat)
+    return sanitize_into(ck, dst_p, force=force, **options)
+
+
+def _sanitize_target(dst: Path, to: str | None) -> str:
+    try:
+        return format_for_target(dst, to)
+    except UsageError:
+        have = formats_with_hook("sanitize")
+        if to is None and len(have) == 1:     # an extension that tells nothing (``clean``)
+            return have[0]
+        raise
 
 
 def verify(path: str | os.PathLike, manifest: bool = False, *, allow_globals=None,

@@ -269,3 +269,16 @@ def test_every_package_is_in_pyproject():
     assert found <= listed, found - listed
     assert conf["package-data"]["ckptconv.mapping"] == ["preset_rules/*.rules"]
     assert list((REPO / "ckptconv" / "mapping" / "preset_rules").glob("*.rules"))
+
+
+def test_sanitize_target_comes_from_the_formats_with_the_hook(tmp_path, st_file):
+    pytest.importorskip("torch")
+    assert registry.formats_with_hook("sanitize") == ["torch"]
+    report = ckptconv.sanitize(st_file, tmp_path / "clean")     # no telling extension
+    assert report.tensors == 1 and registry.detect_format(tmp_path / "clean") == "torch"
+    with pytest.raises(UnsupportedError, match="x.safetensors: sanitize is for torch files; "
+                                               "this is safetensors"):
+        ckptconv.sanitize(st_file, tmp_path / "x.safetensors")
+    with pytest.raises(UsageError, match="--torch-compat is not an option of the safetensors"):
+        # an option the chosen target's writer does not take (a format named by --to)
+        registry.check_options("safetensors", "write", {"torch_compat": "1.13"})

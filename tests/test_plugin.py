@@ -48,7 +48,7 @@ def test_installed_plugin_is_listed_with_its_options_and_hooks(plugin_env):
     row = found["json-weights"]
     assert row["available"] and not row["builtin"]
     assert row["extensions"] == [".weights.json"]
-    assert row["write_options"] == ["indent"] and row["hooks"] == ["verify"]
+    assert row["write_options"] == ["indent"] and row["hooks"] == ["layout", "verify"]
     assert "json-weights" not in {f["name"] for f in ckptconv.formats().formats}  # not installed here
 
 
@@ -69,7 +69,12 @@ def test_conversion_through_the_installed_plugin(tmp_path, plugin_env):
     for k, v in arrays.items():
         assert got[k].numpy().dtype == v.dtype and np.array_equal(got[k].numpy(), v)
     p = run_cli("inspect", out, "--json", env=plugin_env)
-    assert p.returncode == 0 and json.loads(p.stdout)["format"] == "json-weights", p.stderr
+    assert p.returncode == 0, p.stderr
+    report = json.loads(p.stdout)
+    assert report["format"] == "json-weights" and report["tensor_count"] == 2
+    assert report["layout"] == {"storage": "values inline in JSON (no byte offsets)"}
+    p = run_cli("inspect", out, env=plugin_env)
+    assert "storage: values inline in JSON (no byte offsets)" in p.stdout
 
 
 def test_plugin_declared_options_and_hooks(tmp_path, plugin_env):

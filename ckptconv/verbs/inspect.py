@@ -30,6 +30,7 @@ class InspectReport(Report):
     metadata: dict[str, str] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
     show_all: bool = False
+    layout: dict[str, Any] = field(default_factory=dict)   # from the format's layout hook
 
     @property
     def total_bytes(self) -> int:
@@ -44,7 +45,8 @@ class InspectReport(Report):
                 "tensor_count": len(self.tensors) - len(self.tied),
                 "names": len(self.tensors), "total_bytes": self.total_bytes,
                 "dtypes": self.dtype_summary(), "tensors": self.tensors, "tied": self.tied,
-                "values": self.values, "metadata": self.metadata, "info": self.info}
+                "values": self.values, "metadata": self.metadata, "info": self.info,
+                **({"layout": self.layout} if self.layout else {})}
 
     def __str__(self) -> str:
         unique = len(self.tensors) - len(self.tied)
@@ -55,6 +57,7 @@ class InspectReport(Report):
         for k, v in self.info.items():
             if isinstance(v, (str, int, float)):
                 lines.append(f"{k}: {v}")
+        lines += [f"{k}: {v}" for k, v in self.layout.items()]
         listed = self.tensors if self.show_all else self.tensors[:MAX_LISTED]
         if listed:
             lines.append("tensors:")

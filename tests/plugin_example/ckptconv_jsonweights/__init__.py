@@ -82,6 +82,11 @@ class JsonWeightsAdapter(Adapter):
         return report
 
 
+    # a hook: lines of its own in `ckptconv inspect x.weights.json`
+    def layout(self, ckpt: Checkpoint) -> dict:
+        return {"storage": "values inline in JSON (no byte offsets)"}
+
+
 def _load(path: Path) -> dict:
     try:
         return json.loads(Path(path).read_text())
