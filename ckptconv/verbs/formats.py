@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..registry import available_formats, format_info
+from ..registry import available_formats, format_info, option_flag
 from ..reports import Report
 
 
@@ -19,7 +19,13 @@ class FormatsReport(Report):
         lines = []
         for f in self.formats:
             status = "ok" if f["available"] else f"needs: {f['missing']}"
-            lines.append(f"{f['name']:<12} {', '.join(f['extensions']) or '-':<34} {status}")
+            lines.append(f"{f['name']:<12} {', '.join(f['extensions']) or '-':<38} {status}")
+            extras = [f"{what}: {', '.join(show(x) for x in f[key])}" for what, key, show in (
+                ("reads with", "read_options", option_flag),
+                ("writes with", "write_options", option_flag),
+                ("verbs", "hooks", str)) if f.get(key)]
+            if extras:
+                lines.append(" " * 13 + "; ".join(extras))
         return "\n".join(lines)
 
 
