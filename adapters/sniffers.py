@@ -316,3 +316,20 @@ def looks_like_onnx(head: bytes) -> bool:
 
 def sniff_onnx(head: bytes, path: Path) -> bool:
     return path.is_file() and looks_like_onnx(head)
+
+
+# --- NumPy (numpy/lib/format.py) ----------------------------------------------------
+
+NPY_MAGIC = b"\x93NUMPY"
+
+
+def sniff_npy(head: bytes, path: Path) -> bool:
+    return head.startswith(NPY_MAGIC)
+
+
+def sniff_npz(head: bytes, path: Path) -> bool:
+    """A zip whose first member is a ``.npy`` (np.savez writes nothing else)."""
+    if not is_zip(head):
+        return False
+    name_length = int.from_bytes(head[26:28], "little")
+    return 30 + name_length <= len(head) and head[30:30 + name_length].endswith(b".npy")

@@ -159,6 +159,12 @@ FORMATS: dict[str, FormatInfo] = _formats(
                extra="onnx", requires=("onnx",),
                description="ONNX (initializers, Constant nodes, subgraphs, external data)",
                write_options=frozenset({"template", "external_data", "dedupe_tied"})),
+    FormatInfo("npy", (".npy",),
+               "ckptconv.adapters.numpy_:NpyAdapter", _sniffer("sniff_npy"),
+               description="NumPy .npy (one array; np.save)"),
+    FormatInfo("npz", (".npz",),
+               "ckptconv.adapters.numpy_:NpzAdapter", _sniffer("sniff_npz"),
+               description="NumPy .npz (zip of .npy; np.savez, np.savez_compressed)"),
 )
 
 _adapters: dict[str, Adapter] = {}
