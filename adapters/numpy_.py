@@ -309,8 +309,9 @@ class _ArrayCall(Pending):
             if not isinstance(data, list) or len(data) != numel:
                 raise FormatError(f"{d}: object array of {numel} elements with "
                                   f"{short_repr(data)} as data")
-            # elements are values the unpickler built; nested lists keep the layout
-            self.result = data[0] if not shape else _nested(data, shape, order)
+            # elements are values the unpickler built, listed in C order whatever the
+            # fortran flag (numpy's _getlist_pkl walks the array logically)
+            self.result = data[0] if not shape else _nested(data, shape)
         else:
             if not isinstance(data, (bytes, bytearray)) or len(data) != numel * dtype.itemsize:
                 raise FormatError(f"{d}: numpy array data do not fit {dtype}{list(shape)}")
@@ -323,10 +324,11 @@ class _ArrayCall(Pending):
         return self.result
 
 
-def _nested(flat: list, shape: tuple[int, ...], order: str) -> list:
+def _nested(flat: list, shape: tuple[int, ...]) -> list:
     holder = np.empty(len(flat), dtype=object)
-    holder[:] = flat if flat else holder
-    return holder.reshape(shape, order=order).tolist()
+    for i, v in enumerate(flat):  # (assigning a list would let numpy look into the values)
+        holder[i] = v
+    return holder.reshape(shape).tolist()
 
 
 class NumpyPickleReader(RestrictedUnpickler):
