@@ -141,9 +141,10 @@ def inspect(path: str | os.PathLike, format: str | None = None, show_all: bool =
     return report
 
 
-def diff(a, b, mapping=None, suggest: bool = False, *, allow_globals=None,
-         storage_options: dict | None = None):
-    """Compare two checkpoints (paths or Checkpoints): keys, shapes, dtypes, values.
+def diff(a, b, mapping=None, suggest: bool = False, tensors: bool = True, values: bool = True,
+         *, allow_globals=None, storage_options: dict | None = None):
+    """Compare two checkpoints (paths or Checkpoints): keys, shapes, dtypes, values of the
+    tensors (``tensors``), and the non-tensor values and metadata path by path (``values``).
     ``mapping`` is applied to ``a``; ``suggest`` adds DSL rules mapping A onto B."""
     from .diff import diff as diff_checkpoints
 
@@ -151,7 +152,8 @@ def diff(a, b, mapping=None, suggest: bool = False, *, allow_globals=None,
         a, b = (x if isinstance(x, Checkpoint) else
                 load(x, allow_globals=allow_globals, storage_options=storage_options)
                 for x in (a, b))
-    return diff_checkpoints(a, b, mapping=_mapping(mapping), suggest=suggest)
+    return diff_checkpoints(a, b, mapping=_mapping(mapping), suggest=suggest,
+                            tensors=tensors, values=values)
 
 
 def check(path: str | os.PathLike, *, allow_globals=None, storage_options: dict | None = None):

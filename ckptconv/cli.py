@@ -102,8 +102,13 @@ def _diff_arguments(d: argparse.ArgumentParser):
     d.add_argument("--map", action="append", metavar="RULES_FILE|PRESET",
                    help="rules applied to A before comparing")
     d.add_argument("--suggest", action="store_true", help="print DSL rules that map A onto B")
+    only = d.add_mutually_exclusive_group()
+    only.add_argument("--values-only", action="store_true",
+                      help="only non-tensor values (epoch, hyper-parameters, constants) and metadata")
+    only.add_argument("--tensors-only", action="store_true", help="only tensors")
     _reading(d)
     return lambda a: ([a.a, a.b], dict(mapping=a.map, suggest=a.suggest,
+                                       tensors=not a.values_only, values=not a.tensors_only,
                                        allow_globals=a.allow_globals))
 
 

@@ -39,9 +39,10 @@ from typing import Iterator
 import numpy as np
 
 from . import dtypes as _dt
-from .errors import CkptconvError
+from .errors import CkptconvError, UsageError
 from .tensor import CHUNK_BYTES, TensorRef
-from .tree import Checkpoint
+from .tree import Checkpoint, join_path
+from .tree import _children as children
 
 HASH_LIMIT = 64 << 20          # hash tensors up to this size for value matching
 HASH_BUDGET = 2 << 30          # and at most this much in all
@@ -137,18 +138,50 @@ class DiffReport:
     mapping: dict | None = None
     suggestion: str | None = None
     exit_code: int = 0
+    # non-tensor leaves and metadata: {"path", "a", "b"}; a side that lacks it is absent
+    values: list[dict] | None = None
+    metadata: list[dict] | None = None
+    values_compared: int = 0
+    tensors_compared: bool = True
 
     def to_dict(self) -> dict:
-        d = {k: getattr(self, k) for k in (
-            "a", "b", "only_a", "only_b", "shape_mismatch", "dtype_mismatch", "value_diffs",
-            "identical", "compared", "mapping")}
+        keys = ["a", "b"]
+        if self.tensors_compared:
+            keys += ["only_a", "only_b", "shape_mismatch", "dtype_mismatch", "value_diffs",
+                     "identical", "compared"]
+        if self.values is not None:
+            keys += ["values", "metadata", "values_compared"]
+        d = {k: getattr(self, k) for k in keys + ["mapping"]}
         if self.suggestion is not None:
             d["suggestion"] = self.suggestion
         return d
 
     def summary_lines(self) -> list[str]:
-        lines = [f"A: {self.a}", f"B: {self.b}",
-                 f"{self.compared} shared tensors compared: {self.identical} identical, "
+        lines = [f"A: {self.a}", f"B: {self.b}"]
+        if self.tensors_compared:
+            lines += self._tensor_lines()
+        if self.values is not None:
+            lines += self._value_lines()
+        return lines
+
+    def _value_lines(self) -> list[str]:
+        changed = sum("a" in e and "b" in e for e in self.values)
+        only_a = sum("b" not in e for e in self.values)
+        lines = [f"{self.values_compared} non-tensor values compared: {changed} differ, "
+                 f"{only_a} only in A, {len(self.values) - changed - only_a} only in B; "
+                 f"{len(self.metadata)} metadata differences"]
+        for kind, entries in (("value", self.values), ("metadata", self.metadata)):
+            for e in entries:
+                if "a" in e and "b" in e:
+                    lines.append(f"{kind}: {e['path']}: {_show(e['a'])} -> {_show(e['b'])}")
+                else:
+                    side = "A" if "a" in e else "B"
+                    lines.append(f"only in {side} ({kind}): {e['path']} = "
+                                 f"{_show(e[side.lower()])}")
+        return lines
+
+    def _tensor_lines(self) -> list[str]:
+        lines = [f"{self.compared} shared tensors compared: {self.identical} identical, "
                  f"{len(self.value_diffs)} differ in value, {len(self.shape_mismatch)} in shape, "
                  f"{len(self.dtype_mismatch)} in dtype; {len(self.only_a)} only in A, "
                  f"{len(self.only_b)} only in B"]
@@ -161,7 +194,10 @@ class DiffReport:
         for m in self.dtype_mismatch:
             lines.append(f"dtype: {m['name']}: {m['a']} vs {m['b']}")
         for v in self.value_diffs:
-            lines.append(f"value: {v['name']}: max abs {v['max_abs']:.6g}, max rel {v['max_rel']:.6g}")
+            line = f"value: {v['name']}: max abs {v['max_abs']:.6g}, max rel {v['max_rel']:.6g}"
+            if "a_values" in v:  # a small tensor (a normalisation mean/std): its values
+                line += f" ({_show(v['a_values'])} -> {_show(v['b_values'])})"
+            lines.append(line)
         return lines
 
     def __str__(self) -> str:
@@ -180,8 +216,15 @@ def _open(x) -> tuple[Checkpoint, str]:
     return load(x), str(x)
 
 
-def diff(path_a, path_b, mapping=None, suggest: bool = False) -> DiffReport:
-    """Compare two checkpoints (paths or Checkpoints); ``mapping`` is applied to A."""
+def diff(path_a, path_b, mapping=None, suggest: bool = False, tensors: bool = True,
+         values: bool = True) -> DiffReport:
+    """Compare two checkpoints (paths or Checkpoints); ``mapping`` is applied to A.
+
+    ``tensors``: names, shapes, dtypes and values of the tensors; ``values``: the
+    non-tensor leaves (epoch, hyper-parameters, constants) and metadata, path by path.
+    """
+    if not (tensors or values):
+        raise UsageError("diff: compare tensors, values or both (not neither)")
     ck_a, name_a = _open(path_a)
     ck_b, name_b = _open(path_b)
     report = DiffReport(name_a, name_b)
@@ -191,7 +234,17 @@ def diff(path_a, path_b, mapping=None, suggest: bool = False) -> DiffReport:
         mapping = resolve_mapping(mapping)
         ck_a = mapping.apply(ck_a)
         report.mapping = mapping.report.to_dict()
-    ta, tb = ck_a.tensors(), ck_b.tensors()
+    if values:
+        _diff_values(ck_a, ck_b, report)
+    report.tensors_compared = tensors
+    if tensors:
+        _diff_tensors(ck_a.tensors(), ck_b.tensors(), report)
+    if suggest:
+        report.suggestion = suggest_rules(ck_a.tensors(), ck_b.tensors()).text
+    return report
+
+
+def _diff_tensors(ta: dict[str, TensorRef], tb: dict[str, TensorRef], report: DiffReport) -> None:
     report.only_a = [n for n in ta if n not in tb]
     report.only_b = [n for n in tb if n not in ta]
     for n, ra in ta.items():
@@ -215,10 +268,89 @@ def diff(path_a, path_b, mapping=None, suggest: bool = False) -> DiffReport:
         if v.identical:
             report.identical += 1
         elif v.max_abs or ra.dtype == rb.dtype:
-            report.value_diffs.append({"name": n, "max_abs": v.max_abs, "max_rel": v.max_rel})
-    if suggest:
-        report.suggestion = suggest_rules(ta, tb).text
-    return report
+            entry = {"name": n, "max_abs": v.max_abs, "max_rel": v.max_rel}
+            if ra.numel <= SMALL_TENSOR:
+                entry["a_values"] = _plain(ra.numpy().tolist())
+                entry["b_values"] = _plain(rb.numpy().tolist())
+            report.value_diffs.append(entry)
+
+
+# --- non-tensor values -------------------------------------------------------------------
+
+SMALL_TENSOR = 16       # differing tensors this small show their values (mean/std, class weights)
+SHORT_LIST = 64         # a list of this many scalars or fewer is one value (mean = [0.485, ...])
+_SCALARS = (bool, int, float, complex, str, bytes, type(None))
+
+
+def value_leaves(tree, path: tuple = ()) -> Iterator[tuple[str, object]]:
+    """(dotted path, value) for every non-tensor leaf; short lists of scalars are one leaf."""
+    if isinstance(tree, TensorRef):
+        return
+    if isinstance(tree, (list, tuple)) and 0 < len(tree) <= SHORT_LIST and \
+            all(isinstance(x, _SCALARS) or _is_np_scalar(x) for x in tree):
+        yield join_path(path), tree
+        return
+    kids = list(children(tree))
+    if not kids:  # a scalar, an inert record, an empty container
+        yield join_path(path), tree
+        return
+    for k, v in kids:
+        yield from value_leaves(v, path + (k,))
+
+
+def _is_np_scalar(x) -> bool:
+    return type(x).__module__ == "numpy" and hasattr(x, "item") and getattr(x, "ndim", 1) == 0
+
+
+def _plain(x):
+    """A JSON-able form of a leaf value, keeping its type visible."""
+    if _is_np_scalar(x):
+        x = x.item()
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    if isinstance(x, float) and not math.isfinite(x):
+        return repr(x)
+    if x is None or isinstance(x, (bool, int, float, str)):
+        return x
+    return repr(x)
+
+
+def _same_value(a, b) -> bool:
+    if _is_np_scalar(a) or _is_np_scalar(b):
+        a, b = (v.item() if _is_np_scalar(v) else v for v in (a, b))
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(map(_same_value, a, b))
+    if type(a) is not type(b):
+        return False  # 3 vs 3.0, True vs 1: a change of type is a difference
+    if isinstance(a, float) and math.isnan(a) and math.isnan(b):
+        return True
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 - values that cannot compare are shown as their reprs
+        return repr(a) == repr(b)
+
+
+def _diff_entries(va: dict, vb: dict, report_to: list[dict]) -> int:
+    for path in list(va) + [p for p in vb if p not in va]:
+        if path not in vb:
+            report_to.append({"path": path, "a": _plain(va[path])})
+        elif path not in va:
+            report_to.append({"path": path, "b": _plain(vb[path])})
+        elif not _same_value(va[path], vb[path]):
+            report_to.append({"path": path, "a": _plain(va[path]), "b": _plain(vb[path])})
+    return len(set(va) | set(vb))
+
+
+def _diff_values(ck_a: Checkpoint, ck_b: Checkpoint, report: DiffReport) -> None:
+    report.values, report.metadata = [], []
+    va, vb = dict(value_leaves(ck_a.tree)), dict(value_leaves(ck_b.tree))
+    report.values_compared = _diff_entries(va, vb, report.values)
+    _diff_entries(dict(ck_a.metadata), dict(ck_b.metadata), report.metadata)
+
+
+def _show(x) -> str:
+    text = repr(x) if isinstance(x, str) else str(x)
+    return text if len(text) <= 120 else text[:117] + "..."
 
 
 # --- suggestions -----------------------------------------------------------------------------

@@ -200,3 +200,77 @@ def test_suggest_maps_a_model_onto_its_drifted_variant(tmp_path):
     r = cli("convert", pa, out, "--map", rules)
     assert r.returncode == 0, r.stderr
     assert set(ckptconv.load(out).tensors()) == set(b.state_dict()) - {"pre_head.weight", "pre_head.bias"}
+
+
+# --- non-tensor values: epoch, hyper-parameters, preprocessing constants, metadata ---------
+
+@pytest.fixture(scope="module")
+def runs_pair(tmp_path_factory):
+    """Two torch checkpoints of one run, as training scripts save them: model and
+    optimizer state, epoch, loss, hyper-parameters and normalisation constants."""
+    torch = pytest.importorskip("torch")
+    d = tmp_path_factory.mktemp("drift")
+    net = torch.nn.Linear(3, 2)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+
+    def save(path, epoch, loss, lr, mean, std, extra):
+        torch.save({"epoch": epoch, "model_state_dict": net.state_dict(),
+                    "optimizer_state_dict": opt.state_dict(), "loss": loss,
+                    "hparams": {"lr": lr, "batch_size": 32, "augment": True},
+                    "normalize": {"mean": mean, "std": torch.tensor(std)}, **extra}, path)
+
+    save(d / "a.pth", 3, 0.5, 0.1, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225], {"note": "warmup"})
+    save(d / "b.pth", 7, torch.tensor(0.25), 0.1, [0.5, 0.5, 0.5], [0.229, 0.224, 0.2],
+         {"best": 0.9})
+    return d / "a.pth", d / "b.pth"
+
+
+def test_diff_reports_values_path_by_path(runs_pair):
+    pa, pb = runs_pair
+    r = diff(pa, pb)
+    by_path = {e["path"]: e for e in r.values}
+    assert by_path["epoch"] == {"path": "epoch", "a": 3, "b": 7}
+    assert by_path["normalize.mean"] == {"path": "normalize.mean", "a": [0.485, 0.456, 0.406],
+                                         "b": [0.5, 0.5, 0.5]}
+    assert by_path["note"] == {"path": "note", "a": "warmup"}
+    assert by_path["best"] == {"path": "best", "b": 0.9}
+    assert "loss" in by_path and by_path["loss"]["a"] == 0.5   # a float became a tensor
+    assert "hparams.lr" not in by_path and "hparams.batch_size" not in by_path
+    # the std tensor is small: its values ride along with the tensor difference
+    (std,) = [v for v in r.value_diffs if v["name"] == "normalize.std"]
+    assert std["a_values"] == pytest.approx([0.229, 0.224, 0.225])
+    assert std["b_values"] == pytest.approx([0.229, 0.224, 0.2])
+    text = str(r)
+    assert "value: epoch: 3 -> 7" in text
+    assert "value: normalize.mean: [0.485, 0.456, 0.406] -> [0.5, 0.5, 0.5]" in text
+    assert "only in A (value): note = 'warmup'" in text and "only in B (value): best = 0.9" in text
+    assert r.identical >= 2  # weight and bias are the same tensors
+
+
+def test_diff_metadata_and_types(tmp_path):
+    a = {"w": np.ones(2, np.float32)}
+    ckptconv.save(Checkpoint.from_state_dict(a, {"step": "100", "arch": "resnet"}), tmp_path / "a.safetensors")
+    ckptconv.save(Checkpoint.from_state_dict(a, {"step": "200"}), tmp_path / "b.safetensors")
+    r = diff(tmp_path / "a.safetensors", tmp_path / "b.safetensors")
+    assert r.metadata == [{"path": "step", "a": "100", "b": "200"}, {"path": "arch", "a": "resnet"}]
+    assert r.values == [] and r.identical == 1
+    assert "metadata: step: '100' -> '200'" in str(r)
+    ta = Checkpoint({"e": 3, "f": float("nan"), "g": True})
+    tb = Checkpoint({"e": 3.0, "f": float("nan"), "g": 1})
+    assert [e["path"] for e in diff(ta, tb).values] == ["e", "g"]  # type changes; NaN == NaN
+
+
+def test_cli_values_only_and_tensors_only(runs_pair):
+    pa, pb = runs_pair
+    r = cli("diff", pa, pb, "--values-only", "--json")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert "value_diffs" not in d and "only_a" not in d
+    assert {"path": "epoch", "a": 3, "b": 7} in d["values"]
+    r = cli("diff", pa, pb, "--tensors-only", "--json")
+    d = json.loads(r.stdout)
+    assert "values" not in d and any(v["name"] == "normalize.std" for v in d["value_diffs"])
+    r = cli("diff", pa, pb, "--values-only")
+    assert "shared tensors compared" not in r.stdout and "value: epoch: 3 -> 7" in r.stdout
+    r = cli("diff", pa, pb, "--values-only", "--tensors-only")
+    assert r.returncode == 2
