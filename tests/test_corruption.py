@@ -81,6 +81,14 @@ def _torchscript(d: Path):
     return target, [target]
 
 
+def _numpy_file(name: str, write):
+    def build(d: Path) -> tuple[Path, list[Path]]:
+        target = d / name
+        write(target)
+        return target, [target]
+    return build
+
+
 BUILDERS = {
     "torch": _save("torch", "model.pt"),
     "torch-legacy": _torch_legacy,
@@ -91,6 +99,8 @@ BUILDERS = {
     "hdf5": _save("hdf5", "model.h5"),
     "keras-h5": _save("keras-h5", "model.weights.h5"),
     "onnx": _save("onnx", "model.onnx"),
+    "npy": _numpy_file("w.npy", lambda p: np.save(p, SAMPLE["w"])),
+    "npz": _numpy_file("model.npz", lambda p: np.savez_compressed(p, **SAMPLE)),
 }
 _NEEDS_TORCH = {"torch-legacy", "torchscript"}
 

@@ -313,3 +313,16 @@ def test_property_np_save_roundtrip(dtype, shape, fortran, big):
         same(back, a.astype(a.dtype.newbyteorder("<")))
         if not big:
             assert q.read_bytes() == raw
+
+
+@pytest.mark.parametrize("fmt,ext", [("torch", "pt"), ("safetensors", "safetensors"), ("tf", "ckpt"),
+                                     ("hdf5", "h5"), ("onnx", "onnx"), ("npz", "npz")])
+def test_np_saved_array_converts_both_ways(tmp_path, fmt, ext):
+    a = sample("float32", (4, 3))
+    np.save(tmp_path / "a.npy", a)
+    try:
+        ckptconv.convert(tmp_path / "a.npy", tmp_path / f"a.{ext}", to=fmt)
+    except ckptconv.MissingDependencyError:
+        pytest.skip(f"{fmt} needs an optional dependency")
+    ckptconv.convert(tmp_path / f"a.{ext}", tmp_path / "back.npy")
+    assert (tmp_path / "back.npy").read_bytes() == (tmp_path / "a.npy").read_bytes()

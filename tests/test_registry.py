@@ -13,7 +13,7 @@ from ckptconv.registry import detect_format, format_for_target
 from conftest import assert_one_line_error, run_cli
 
 PLUGIN = '''
-"""A third-party adapter: numpy .npz archives (read only)."""
+"""A third-party adapter: text files of named float rows (read only)."""
 from pathlib import Path
 
 import numpy as np
@@ -23,17 +23,18 @@ from ckptconv.tensor import ArrayTensor
 from ckptconv.tree import Checkpoint
 
 
-class NpzAdapter(Adapter):
-    name = "npz"
-    extensions = (".npz",)
+class RowsAdapter(Adapter):
+    name = "rows"
+    extensions = (".rows",)
     can_write = False
 
     def sniff(self, head, path):
-        return path.suffix == ".npz" and head[:2] == b"PK"
+        return head.startswith(b"#rows\\n")
 
     def read(self, path, **options):
-        with np.load(path, allow_pickle=False) as z:
-            return Checkpoint({k: ArrayTensor(z[k]) for k in z.files})
+        lines = path.read_text().splitlines()[1:]
+        return Checkpoint({name: ArrayTensor(np.array([float(v) for v in vals], np.float32))
+                           for name, *vals in (line.split(",") for line in lines)})
 '''
 
 
@@ -41,29 +42,29 @@ class NpzAdapter(Adapter):
 def plugin_env(tmp_path):
     site = tmp_path / "site"
     site.mkdir()
-    (site / "npz_plugin.py").write_text(PLUGIN)
-    dist = site / "npz_plugin-0.1.dist-info"
+    (site / "rows_plugin.py").write_text(PLUGIN)
+    dist = site / "rows_plugin-0.1.dist-info"
     dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: npz-plugin\nVersion: 0.1\n")
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: rows-plugin\nVersion: 0.1\n")
     (dist / "entry_points.txt").write_text(textwrap.dedent("""\
         [ckptconv.adapters]
-        npz = npz_plugin:NpzAdapter
+        rows = rows_plugin:RowsAdapter
         broken = not_a_module_anywhere:Nothing
         """))
     return {"PYTHONPATH": str(site)}
 
 
 def test_entry_point_adapter_is_used_and_a_broken_one_only_warns(tmp_path, plugin_env):
-    arrays = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(3, np.int64)}
-    npz = tmp_path / "weights.npz"
-    np.savez(npz, **arrays)
+    arrays = {"w": np.arange(6, dtype=np.float32), "b": np.ones(3, np.float32)}
+    rows = tmp_path / "weights.rows"
+    rows.write_text("#rows\n" + "".join(f"{k},{','.join(map(str, v))}\n" for k, v in arrays.items()))
     p = run_cli("formats", "--json", env=plugin_env)
     assert p.returncode == 0, p.stderr
     names = {f["name"]: f for f in json.loads(p.stdout)["formats"]}
-    assert names["npz"]["available"] and not names["npz"]["builtin"]
+    assert names["rows"]["available"] and not names["rows"]["builtin"]
     assert not names["broken"]["available"]
     out = tmp_path / "weights.safetensors"
-    p = run_cli("convert", npz, out, env=plugin_env)
+    p = run_cli("convert", rows, out, env=plugin_env)
     assert p.returncode == 0, p.stderr
     got = ckptconv.load(out).tensors()
     for k, v in arrays.items():
