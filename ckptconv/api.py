@@ -258,12 +258,18 @@ def _call_passing(fn: Callable, verb: str, args: list, **options):
 # --- verbs on many checkpoints, on models, and listings ----------------------------------------
 
 def load_into(module, path, mapping=None, strict: bool = False, device=None, select=None, *,
-              allow_globals=None, storage_options: dict | None = None):
+              pick: str | None = None, allow_globals=None, storage_options: dict | None = None):
     """Load what fits of ``path`` (a file or a ``Checkpoint``) into a torch module:
     bytes straight into the parameters, modules' hooks run; returns a
-    ``LoadReport`` (loaded, missing, unexpected, mismatched)."""
+    ``LoadReport`` (loaded, missing, unexpected, mismatched). ``pick="latest"`` /
+    ``"best:loss"`` / ``"best:acc:max"``: ``path`` is a run's folder, and the
+    checkpoint ``ckptconv pick`` chooses is loaded."""
     from .verbs.load_into import load_into as load_into_module
 
+    if pick is not None:
+        from .verbs.runs import resolve_pick
+
+        path = resolve_pick(path, pick)
     if not isinstance(path, Checkpoint):
         path = load(path, allow_globals=allow_globals, storage_options=storage_options)
     return load_into_module(module, path, mapping=_mapping(mapping), strict=strict,
@@ -294,3 +300,28 @@ def presets(name: str | None = None):
     from .mapping import presets_report
 
     return presets_report(name)
+
+
+# --- verbs on a run of checkpoints -----------------------------------------------------------
+
+def ls(paths, sort: str = "time"):
+    """The checkpoints of a run (folders, files, globs): time, epoch, step, loss, status."""
+    from .verbs.runs import ls as list_run
+
+    return list_run(paths, sort=sort)
+
+
+def pick(path, latest: bool = True, best: str | None = None, maximize: bool = False) -> str:
+    """The path of the newest intact checkpoint at ``path``, or the best by ``best``."""
+    from .verbs.runs import pick as pick_checkpoint
+
+    return pick_checkpoint(path, latest=latest, best=best, maximize=maximize)
+
+
+def prune(path, keep_last: int = 3, keep_best: str | None = None, maximize: bool = False,
+          dry_run: bool = False):
+    """Remove the intact checkpoints of a run beyond the newest ``keep_last`` and the best."""
+    from .verbs.runs import prune as prune_run
+
+    return prune_run(path, keep_last=keep_last, keep_best=keep_best, maximize=maximize,
+                     dry_run=dry_run)

@@ -151,6 +151,33 @@ def _presets_arguments(pr: argparse.ArgumentParser):
     return lambda a: ([a.name], {})
 
 
+def _ls_arguments(ls: argparse.ArgumentParser):
+    ls.add_argument("paths", nargs="+", metavar="PATH", help="folders, files or globs")
+    ls.add_argument("--sort", default="time", metavar="KEY",
+                    help="time (default), path, size, epoch, step, loss or a metric")
+    return lambda a: ([a.paths], dict(sort=a.sort))
+
+
+def _pick_arguments(pk: argparse.ArgumentParser):
+    pk.add_argument("path", help="the run's folder (or a glob)")
+    how = pk.add_mutually_exclusive_group(required=True)
+    how.add_argument("--latest", action="store_true", help="the newest intact checkpoint")
+    how.add_argument("--best", metavar="KEY", help="the lowest KEY (loss, val_loss, ...)")
+    pk.add_argument("--max", action="store_true", help="with --best: the highest value wins")
+    return lambda a: ([a.path], dict(latest=a.latest, best=a.best, maximize=a.max))
+
+
+def _prune_arguments(pn: argparse.ArgumentParser):
+    pn.add_argument("path", help="the run's folder (or a glob)")
+    pn.add_argument("--keep-last", type=int, required=True, metavar="N",
+                    help="keep the N newest intact checkpoints")
+    pn.add_argument("--keep-best", metavar="KEY", help="also keep the best by KEY (lowest)")
+    pn.add_argument("--max", action="store_true", help="with --keep-best: the highest wins")
+    pn.add_argument("--dry-run", action="store_true", help="print what would go, remove nothing")
+    return lambda a: ([a.path], dict(keep_last=a.keep_last, keep_best=a.keep_best,
+                                     maximize=a.max, dry_run=a.dry_run))
+
+
 # verb -> (name of the api function, argument builder, help); the CLI is this table.
 VERBS: dict[str, tuple[str, Callable, str]] = {
     "convert": ("convert", _convert_arguments,
@@ -166,6 +193,11 @@ VERBS: dict[str, tuple[str, Callable, str]] = {
     "scan": ("scan", _scan_arguments, "pickle safety report; never executes anything"),
     "formats": ("formats", _formats_arguments, "list formats"),
     "presets": ("presets", _presets_arguments, "list mapping presets, or print one"),
+    "ls": ("ls", _ls_arguments, "list the checkpoints of a run: time, epoch, step, loss, status"),
+    "pick": ("pick", _pick_arguments,
+             "print the path of the newest intact checkpoint, or the best by a metric"),
+    "prune": ("prune", _prune_arguments,
+              "remove a run's checkpoints but the newest N (and the best)"),
 }
 
 
@@ -193,6 +225,8 @@ def _emit(report: Any, as_json: bool) -> None:
     if as_json:
         data = report.to_dict() if hasattr(report, "to_dict") else report
         print(json.dumps(data, indent=2, default=str))
+    elif hasattr(report, "print_table"):  # a table: rich on a terminal, plain columns otherwise
+        report.print_table(sys.stdout)
     else:
         print(str(report))
 

@@ -41,8 +41,8 @@ import numpy as np
 from . import dtypes as _dt
 from .errors import CkptconvError, UsageError
 from .tensor import CHUNK_BYTES, TensorRef
-from .tree import Checkpoint, join_path
-from .tree import _children as children
+from .reports import Report
+from .tree import Checkpoint, children, join_path
 
 HASH_LIMIT = 64 << 20          # hash tensors up to this size for value matching
 HASH_BUDGET = 2 << 30          # and at most this much in all
@@ -125,7 +125,7 @@ def compare_values(a: TensorRef, b: TensorRef, chunk_elements: int | None = None
 # --- the report ------------------------------------------------------------------------
 
 @dataclass
-class DiffReport:
+class DiffReport(Report):
     a: str
     b: str
     only_a: list[str] = field(default_factory=list)
