@@ -125,8 +125,9 @@ def find_checkpoints(paths) -> list[Entry]:
     """The entries of the runs at ``paths`` (folders, files or globs), not yet examined.
 
     A folder named here is a run when it holds checkpoint folders (``checkpoint-N/``),
-    else one checkpoint when it is one (a format claims it, or it holds model
-    weights), else a run of the files in it.
+    else one checkpoint when a format claims it or it is a Trainer checkpoint (model
+    weights and ``trainer_state.json``), else a run of the files in it. A folder
+    inside is one checkpoint when a format claims it or it holds model weights.
     """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
@@ -136,7 +137,7 @@ def find_checkpoints(paths) -> list[Entry]:
             entries += _entries_of_files([p], named=True)
             continue
         inner = [e for e in map(_folder_entry, _subfolders(p)) if e is not None]
-        whole = None if inner else _folder_entry(p)
+        whole = None if inner else _folder_entry(p, needs_state=True)
         entries += [whole] if whole else inner + _entries_of_files(
             sorted(f for f in p.iterdir() if f.is_file() and not f.is_symlink()), named=False)
     seen: set[str] = set()
@@ -147,8 +148,9 @@ def _subfolders(folder: Path) -> list[Path]:
     return sorted(f for f in folder.iterdir() if f.is_dir() and not f.is_symlink())
 
 
-def _folder_entry(folder: Path) -> Entry | None:
-    """A folder that is one checkpoint: claimed by a format, or holding model weights."""
+def _folder_entry(folder: Path, needs_state: bool = False) -> Entry | None:
+    """A folder that is one checkpoint: claimed by a format, or holding model weights
+    (and, with ``needs_state``, a ``trainer_state.json``)."""
     from ..registry import detect_format
 
     files = sorted(str(f) for f in folder.rglob("*") if f.is_file())
@@ -157,6 +159,8 @@ def _folder_entry(folder: Path) -> Entry | None:
         return Entry(str(folder), files, fmt, load_path=str(folder))
     except CkptconvError:
         pass
+    if needs_state and not (folder / "trainer_state.json").is_file():
+        return None
     for name in WEIGHT_FILES:
         if (folder / name).is_file():
             return Entry(str(folder), files, load_path=str(folder / name))
@@ -189,6 +193,7 @@ def _entries_of_files(files: list[Path], named: bool) -> list[Entry]:
             taken.update(data + [f])
             prefix = str(f)[:-6]
             entries.append(Entry(prefix, [str(f)] + [str(d) for d in data], load_path=prefix))
+    entries += _orphan_shards([f for f in files if f not in taken], taken)
     for f in files:
         if f in taken:
             continue
@@ -199,6 +204,26 @@ def _entries_of_files(files: list[Path], named: bool) -> list[Entry]:
                 entries.append(Entry(str(f), [str(f)], status=CORRUPT, reason=_line(e)))
             continue
         entries.append(Entry(str(f), [str(f)], fmt, load_path=str(f)))
+    return entries
+
+
+_SHARD = re.compile(r"^(.*)-(\d{5})-of-(\d{5})(\.[^/]+)$")
+
+
+def _orphan_shards(files: list[Path], taken: set[Path]) -> list[Entry]:
+    """Shards (``NAME-0000K-of-0000N.EXT``) whose index is gone: one entry per set,
+    never loadable alone, so never picked nor removed."""
+    groups: dict[tuple, list[Path]] = {}
+    for f in files:
+        m = _SHARD.match(f.name)
+        if m:
+            groups.setdefault((m.group(1), m.group(3), m.group(4)), []).append(f)
+    entries = []
+    for (stem, total, ext), shards in groups.items():
+        taken.update(shards)
+        entries.append(Entry(str(shards[0].parent / f"{stem}-*-of-{total}{ext}"),
+                             [str(s) for s in shards], status=CORRUPT,
+                             reason=f"{len(shards)} of {int(total)} shards without their index"))
     return entries
 
 
@@ -556,8 +581,9 @@ class RunReport(Report):
         headers = [c.replace("_", " ") for c in _COLUMNS]
         return plain_table(headers, self.rows())
 
-    def print_table(self, stream) -> None:
-        """A rich table on a terminal; plain columns otherwise or without rich."""
+    def print_table(self, stream, width: int | None = None) -> None:
+        """A rich table on a terminal (``width``: its columns, else the terminal's);
+        plain columns otherwise or without rich."""
         try:
             if not stream.isatty():
                 raise ImportError
@@ -568,12 +594,13 @@ class RunReport(Report):
             return
         table = Table(box=None, header_style="bold")
         for c in _COLUMNS:
-            table.add_column(c.replace("_", " "), overflow="fold")
+            table.add_column(c.replace("_", " "), overflow="fold", no_wrap=c not in (
+                "path", "metrics"))
         colour = {OK: "green", CORRUPT: "red", UNSAFE: "bold red"}
         for e, row in zip(self.entries, self.rows()):
             row[-1] = f"[{colour[e.status]}]{row[-1]}[/]"
             table.add_row(*row)
-        Console(file=stream).print(table)
+        Console(file=stream, width=width).print(table)
 
 
 def _fmt(v) -> str:
