@@ -249,7 +249,7 @@ def name_time(name: str) -> datetime | None:
 
 def examine(entry: Entry) -> Entry:
     """Fill in ``entry`` from its name, its headers and a quick verify."""
-    from .. import api
+    from ..registry import read_checkpoint
 
     paths = [Path(f) for f in entry.files]
     entry.size = sum(p.stat().st_size for p in paths if p.exists())
@@ -265,7 +265,7 @@ def examine(entry: Entry) -> Entry:
     if entry.status != OK or entry.load_path is None:
         return entry
     try:
-        ck = api.load(entry.load_path)
+        ck = read_checkpoint(entry.load_path)
         entry.format = entry.format or ck.format
         tensors = ck.unique_tensors()
         entry.tensors = len(tensors)
@@ -288,20 +288,22 @@ def _quick_verify(tensors: dict[str, TensorRef]) -> None:
 
 
 def _torch_checks(entry: Entry) -> None:
-    """Minimum torch and weights_only (``check``), unsafe content anywhere (``scan``)."""
-    from .. import api
+    """Minimum torch and weights_only (the format's ``check`` hook), unsafe content
+    anywhere in the file (``scan``)."""
+    from ..registry import format_info, hook
+    from ..safety import scan
 
-    if entry.format != "torch" or Path(entry.load_path).is_dir():
+    if "check" not in format_info(entry.format).hooks or Path(entry.load_path).is_dir():
         return
-    report = api.check(entry.load_path)
+    report = hook(entry.format, "check", entry.load_path)(Path(entry.load_path))
     if getattr(report, "unsafe", None):
         raise UnsafePickleError(report.unsafe)
     entry.min_torch = report.min_torch
     entry.weights_only = report.weights_only
     if not entry.load_path.endswith(".index.json"):
-        scan = api.scan(entry.load_path)
-        if scan.verdict == UNSAFE:
-            raise UnsafePickleError("; ".join(scan.reasons) or "scan: unsafe")
+        verdict = scan(entry.load_path)
+        if verdict.verdict == UNSAFE:
+            raise UnsafePickleError("; ".join(verdict.reasons) or "scan: unsafe")
 
 
 def _number(v) -> float | int | None:
