@@ -302,3 +302,18 @@ def test_hf_trainer_folders(hf_run, tmp_path):
     report = ckptconv.prune(d, keep_last=1, keep_best="eval_loss")
     assert [os.path.basename(r["path"]) for r in report.removed] == ["checkpoint-500"]
     assert sorted(p.name for p in d.iterdir()) == ["checkpoint-1000", "checkpoint-1500", "runs"]
+
+
+def test_prune_never_follows_an_index_out_of_its_folder(tmp_path):
+    run, elsewhere = tmp_path / "run", tmp_path / "elsewhere"
+    run.mkdir()
+    elsewhere.mkdir()
+    ckptconv.save({"w": np.ones(4, np.float32)}, elsewhere / "precious.safetensors")
+    (run / "evil.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"w": "../elsewhere/precious.safetensors"}}))
+    for i in range(2):
+        ckptconv.save({"w": np.ones(4, np.float32)}, run / f"m_2026010{i + 1}_000000.safetensors")
+    report = ckptconv.prune(run, keep_last=1)
+    assert [os.path.basename(r["path"]) for r in report.removed] == ["m_20260101_000000.safetensors"]
+    assert (elsewhere / "precious.safetensors").exists()
+    assert report.left[0]["status"] == "corrupt" and "beside the index" in report.left[0]["reason"]

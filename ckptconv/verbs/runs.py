@@ -168,12 +168,17 @@ def _folder_entry(folder: Path, needs_state: bool = False) -> Entry | None:
 
 
 def _index_members(index: Path) -> list[Path] | None:
-    """The shard files of a ``*.index.json`` (None when it is no shard index)."""
+    """The shard files of a ``*.index.json`` (None when it is no shard index).
+    A shard named outside the index's folder makes it corrupt: prune must not
+    reach files elsewhere through it."""
     try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return sorted({index.parent / str(v) for v in weight_map.values()})
+        names = {str(v) for v in json.loads(index.read_text())["weight_map"].values()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
+    for name in names:
+        if not name or "/" in name or "\\" in name or name in (".", ".."):
+            raise FormatError(f"{index.name}: shard '{name}' is not a file beside the index")
+    return sorted(index.parent / n for n in names)
 
 
 def _entries_of_files(files: list[Path], named: bool) -> list[Entry]:
@@ -183,7 +188,12 @@ def _entries_of_files(files: list[Path], named: bool) -> list[Entry]:
     entries = []
     for f in files:     # sets first: their parts are not entries of their own
         if f.name.endswith(".index.json"):
-            shards = _index_members(f)
+            try:
+                shards = _index_members(f)
+            except FormatError as e:
+                taken.add(f)
+                entries.append(Entry(str(f), [str(f)], status=CORRUPT, reason=_line(e)))
+                continue
             if shards is not None:
                 taken.update(shards + [f])
                 entries.append(Entry(str(f), [str(f)] + [str(s) for s in shards if s.exists()],
