@@ -45,7 +45,7 @@ from ckptconv.tensor import (ByteSource, FileHandle, FileSource, StoredTensor, T
 from ckptconv.tree import (Checkpoint, iter_tensors, to_canonical, tree_from_metadata,
                            tree_to_metadata)
 from ckptconv.unpickler import Global, Pending, RestrictedUnpickler, short_repr
-from ckptconv.ziputil import ZipWriter, read_members
+from ckptconv.ziputil import ZipWriter, read_member_bytes, read_members
 
 from .sniffers import NPY_MAGIC as MAGIC
 ALIGN = 64                    # numpy's ARRAY_ALIGN: data start at a multiple of 64
@@ -400,11 +400,14 @@ def read_npz(path: Path) -> Checkpoint:
             raise FormatError(f"{handle.display}: zip member '{name}' uses compression "
                               f"{m.compress_type} (np.savez writes stored or deflated members)")
         display = f"{handle.display}:{name}"
-        reader = _member_source(handle, m, 0, m.size)
-        header = parse_npy_header(reader.read, m.size, display)
+        read = _member_source(handle, m, 0, m.size).read
+        header = parse_npy_header(read, m.size, display)
+        if is_object_descr(header.descr):  # a pickle, read whole (bounded, zip-bomb checked)
+            whole = read_member_bytes(handle, m, MAX_PICKLE)
+            read = lambda offset, n: whole[offset:offset + n]  # noqa: E731
         key = name[:-4]
         value = _read_array(header, lambda n: _member_source(handle, m, header.data_offset, n),
-                            reader.read, m.size, display, notes)
+                            read, m.size, display, notes)
         if key == SIDE_MEMBER and isinstance(value, str):
             side = value
         else:

@@ -158,6 +158,11 @@ def test_object_array_of_a_dict(tmp_path):
     objs[:] = [[1, "a"], [None, 2.5]]
     np.save(tmp_path / "o.npy", np.asfortranarray(objs))
     assert ckptconv.load(tmp_path / "o.npy").tree == {"arr_0": [[1, "a"], [None, 2.5]]}
+    # np.savez_compressed of a dict: a deflated object member
+    np.savez_compressed(tmp_path / "d.npz", w=w, meta={"epoch": 4, "classes": ["cat", "dog"]})
+    ck = ckptconv.load(tmp_path / "d.npz")
+    assert ck.tree["meta"] == {"epoch": 4, "classes": ["cat", "dog"]}
+    same(ck.tensors()["w"].numpy(), w)
 
 
 def test_unsafe_object_array_refused(tmp_path):
