@@ -146,7 +146,7 @@ def diff(a, b, mapping=None, suggest: bool = False, tensors: bool = True, values
     """Compare two checkpoints (paths or Checkpoints): keys, shapes, dtypes, values of the
     tensors (``tensors``), and the non-tensor values and metadata path by path (``values``).
     ``mapping`` is applied to ``a``; ``suggest`` adds DSL rules mapping A onto B."""
-    from .diff import diff as diff_checkpoints
+    from .verbs.diff import diff as diff_checkpoints
 
     if given_options({"allow_globals": allow_globals, "storage_options": storage_options}):
         a, b = (x if isinstance(x, Checkpoint) else

@@ -284,9 +284,6 @@ def test_sanitize_target_comes_from_the_formats_with_the_hook(tmp_path, st_file)
         registry.check_options("safetensors", "write", {"torch_compat": "1.13"})
 
 
-@pytest.mark.xfail(strict=True, reason="ckptconv/diff.py (runs) shadows the API function "
-                   "ckptconv.diff once imported; moving it to ckptconv/verbs/diff.py fixes it: "
-                   "then delete this mark")
 def test_api_names_stay_functions_after_use(st_file):
     for _ in range(2):
         assert ckptconv.diff(st_file, st_file).identical == 1

@@ -11,7 +11,7 @@ import pytest
 
 import ckptconv
 from ckptconv import Checkpoint
-from ckptconv.diff import compare_values, diff, name_similarity, suggest_rules
+from ckptconv.verbs.diff import compare_values, diff, name_similarity, suggest_rules
 from ckptconv.mapping import Mapping
 from ckptconv.tensor import ArrayTensor
 

@@ -38,11 +38,11 @@ from typing import Iterator
 
 import numpy as np
 
-from . import dtypes as _dt
-from .errors import CkptconvError, UsageError
-from .tensor import CHUNK_BYTES, TensorRef
-from .reports import Report
-from .tree import Checkpoint, children, join_path
+from .. import dtypes as _dt
+from ..errors import CkptconvError, UsageError
+from ..tensor import CHUNK_BYTES, TensorRef
+from ..reports import Report
+from ..tree import Checkpoint, children, join_path
 
 HASH_LIMIT = 64 << 20          # hash tensors up to this size for value matching
 HASH_BUDGET = 2 << 30          # and at most this much in all
@@ -211,7 +211,7 @@ class DiffReport(Report):
 def _open(x) -> tuple[Checkpoint, str]:
     if isinstance(x, Checkpoint):
         return x, str(x.path or "<checkpoint>")
-    from .registry import read_checkpoint as load
+    from ..registry import read_checkpoint as load
 
     return load(x), str(x)
 
@@ -229,7 +229,7 @@ def diff(path_a, path_b, mapping=None, suggest: bool = False, tensors: bool = Tr
     ck_b, name_b = _open(path_b)
     report = DiffReport(name_a, name_b)
     if mapping is not None:
-        from .mapping import resolve_mapping
+        from ..mapping import resolve_mapping
 
         mapping = resolve_mapping(mapping)
         ck_a = mapping.apply(ck_a)
@@ -632,7 +632,7 @@ def _merge_leaves(rules: list[str]) -> list[str]:
 
 
 def _verify(text: str, pairs: list[_Pair], ta, tb) -> bool:
-    from .mapping import Mapping
+    from ..mapping import Mapping
 
     try:
         m = Mapping.parse(text, "<suggested>")
