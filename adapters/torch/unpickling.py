@@ -73,7 +73,8 @@ def _storage_dtype(g: Any, display: str) -> tuple[_dt.DType | None, bool]:
     return found
 
 
-def _torch_dtype(g, display: str) -> _dt.DType:
+def torch_dtype(g, display: str) -> _dt.DType:
+    """The dtype a pickled ``torch.float32``-style global names."""
     qual = g.qualname if isinstance(g, Global) else getattr(g, "cls", None)
     if not isinstance(qual, str) or not qual.startswith("torch.") or qual.count(".") != 1:
         raise FormatError(f"{display}: tensor dtype {short_repr(g)} is not a torch dtype")
@@ -86,7 +87,8 @@ def _torch_dtype(g, display: str) -> _dt.DType:
 MAX_RANK = 64  # numpy's limit; torch's is the same order
 
 
-def _ints(v, what: str, display: str) -> tuple[int, ...]:
+def int_tuple(v, what: str, display: str) -> tuple[int, ...]:
+    """A tensor shape or stride from a pickle: a tuple (or torch.Size) of at most MAX_RANK ints."""
     if type(v) is tuple and len(v) <= MAX_RANK and all(type(x) is int for x in v):
         return v  # the common case, checked cheaply (``type(x) is int`` excludes bool)
     if isinstance(v, ObjectRecord) and v.cls == "torch.Size" and v.args:
@@ -98,7 +100,8 @@ def _ints(v, what: str, display: str) -> tuple[int, ...]:
     return tuple(v)
 
 
-def _nonneg_int(v, what: str, display: str) -> int:
+def nonneg_int(v, what: str, display: str) -> int:
+    """An offset or size from a pickle: a non-negative int (not a bool)."""
     if type(v) is int and v >= 0:
         return v
     if not isinstance(v, int) or isinstance(v, bool) or v < 0:
@@ -106,7 +109,8 @@ def _nonneg_int(v, what: str, display: str) -> int:
     return v
 
 
-def _flag(v, what: str, display: str) -> bool:
+def pickle_flag(v, what: str, display: str) -> bool:
+    """A flag from a pickle (requires_grad...): a bool, or the ints 0 and 1."""
     if not isinstance(v, (bool, int)) or isinstance(v, int) and v not in (0, 1):
         raise FormatError(f"{display}: {what} {short_repr(v)} is not a bool")
     return bool(v)
@@ -150,10 +154,10 @@ class _NdarrayPending(Pending):
             # a list here is the element list of an object array: pickled objects
             raise UnsafePickleError(f"{d}: numpy array data is a {type(data).__name__}, not bytes "
                                     "(refused, nothing was executed)")
-        shape = _ints(shape, "shape", d)
+        shape = int_tuple(shape, "shape", d)
         if any(s < 0 for s in shape):
             raise FormatError(f"{d}: numpy array shape {shape} has a negative dimension")
-        fortran = _flag(fortran, "numpy array order flag", d)
+        fortran = pickle_flag(fortran, "numpy array order flag", d)
         if math.prod(shape) * dtype.itemsize != len(data):
             raise FormatError(f"{d}: numpy array data has {len(data)} bytes for "
                               f"shape {shape} of {dtype}")
@@ -283,7 +287,7 @@ class TorchUnpickler(RestrictedUnpickler):
         if not isinstance(key, str) or not isinstance(location, str) or len(location) > 64:
             raise FormatError(f"{d}: malformed storage id {short_repr(pid)}")
         if type(numel) is not int or numel < 0:
-            numel = _nonneg_int(numel, f"storage '{key}' size", d)
+            numel = nonneg_int(numel, f"storage '{key}' size", d)
         self.locations.add(location)
         st = self.storages.get(key)
         if st is None:
@@ -294,8 +298,8 @@ class TorchUnpickler(RestrictedUnpickler):
             if not isinstance(view, tuple) or len(view) != 3 or not isinstance(view[0], str):
                 raise FormatError(f"{d}: malformed storage view {short_repr(view)}")
             view_key = view[0]
-            offset = _nonneg_int(view[1], "storage view offset", d)
-            size = _nonneg_int(view[2], "storage view size", d)
+            offset = nonneg_int(view[1], "storage view offset", d)
+            size = nonneg_int(view[2], "storage view size", d)
             itemsize = (dtype or _dt.get("uint8")).itemsize
             if (offset + size) * itemsize > st.source.nbytes:
                 raise FormatError(f"{d}: storage view {short_repr(view)} outside its storage")
@@ -325,7 +329,7 @@ class TorchUnpickler(RestrictedUnpickler):
             if not isinstance(args[2], dict):
                 raise FormatError(f"{d}: {q} backward hooks are a {type(args[2]).__name__}")
             t = args[0]
-            t.is_parameter, t.requires_grad = True, _flag(args[1], "requires_grad", d)
+            t.is_parameter, t.requires_grad = True, pickle_flag(args[1], "requires_grad", d)
             return t
         if q in _FROM_TYPE_REBUILDS:
             # (func, new_type, args, state): func may only be a tensor rebuild,
@@ -349,12 +353,12 @@ class TorchUnpickler(RestrictedUnpickler):
             arr = _resolve(args[0])
             if not isinstance(arr, np.ndarray) or not isinstance(args[2], str):
                 raise FormatError(f"{d}: bad {q} arguments")
-            dtype = _torch_dtype(args[1], d)
+            dtype = torch_dtype(args[1], d)
             if dtype.numpy is None or dtype.numpy.itemsize != arr.dtype.itemsize:
                 raise FormatError(f"{d}: {q}: numpy data of {arr.dtype} for a {dtype.name} tensor")
             if not arr.dtype.isnative:
                 arr = arr.astype(arr.dtype.newbyteorder("="))
-            return ArrayTensor(arr.view(dtype.numpy), dtype, _flag(args[3], "requires_grad", d))
+            return ArrayTensor(arr.view(dtype.numpy), dtype, pickle_flag(args[3], "requires_grad", d))
         if q in _UNSUPPORTED_TENSORS:
             raise FormatError(f"{d}: holds {_UNSUPPORTED_TENSORS[q]} ({q}), which ckptconv "
                               "does not convert yet")
@@ -492,7 +496,7 @@ class TorchUnpickler(RestrictedUnpickler):
         elif q in ("torch.finfo", "torch.iinfo"):
             ok = len(args) == 1 and isinstance(args[0], Global)
             if ok:
-                _torch_dtype(args[0], d)
+                torch_dtype(args[0], d)
         if not ok:
             raise FormatError(f"{d}: {q} with arguments {short_repr(args)} (not what torch writes)")
 
@@ -513,7 +517,7 @@ class TorchUnpickler(RestrictedUnpickler):
             # (storage, offset, size, stride, requires_grad, backward_hooks, dtype[, metadata])
             self._nargs(q, args, 7, 8)
             storage, offset, size, stride, rg, hooks = args[:6]
-            dtype = _torch_dtype(args[6], d)
+            dtype = torch_dtype(args[6], d)
         elif q.endswith("_v2"):
             # (storage, offset, size, stride, requires_grad, backward_hooks[, metadata])
             self._nargs(q, args, 4, 7)
@@ -534,11 +538,11 @@ class TorchUnpickler(RestrictedUnpickler):
                 raise FormatError(f"{d}: untyped storage '{storage.key}' without a tensor dtype")
             dtype = storage.dtype
         if type(offset) is not int or offset < 0:
-            offset = _nonneg_int(offset, "tensor storage offset", d)
+            offset = nonneg_int(offset, "tensor storage offset", d)
         if rg is not False and rg is not True:
-            rg = _flag(rg, "requires_grad", d)
-        size = _ints(size, "size", d)
-        stride = _ints(stride, "stride", d)
+            rg = pickle_flag(rg, "requires_grad", d)
+        size = int_tuple(size, "size", d)
+        stride = int_tuple(stride, "stride", d)
         key = (id(storage.source), dtype.name, offset, size, stride, rg)
         ref = self.tensor_cache.get(key)
         if ref is None:

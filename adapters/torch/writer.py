@@ -27,7 +27,7 @@ from .known_globals import DICT, KNOWN_GLOBALS, OMEGACONF_CONTAINERS, PARENT_KEY
 from .weights_only import DTYPE_MIN_TORCH
 
 
-class _PickleWriter:
+class PickleWriter:
     """Emits protocol-2 opcodes that torch's weights-only loader accepts (1.13+)."""
 
     def __init__(self):
@@ -262,7 +262,7 @@ def write_zip_checkpoint(ckpt: Checkpoint, path: Path, force: bool = False,
                          torch_compat: str | None = None) -> dict:
     _check_compat(ckpt, torch_compat)
     storages, placement = _plan_storages(ckpt)
-    pw = _PickleWriter()
+    pw = PickleWriter()
     pw.w(b"\x80\x02")
 
     def emit_tensor(ref: TensorRef) -> None:
