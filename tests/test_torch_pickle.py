@@ -332,3 +332,13 @@ def test_torch_blob_at_an_offset_reads_lazily(tmp_path):
     assert torch.equal(tree["w"].torch(), torch.arange(12, dtype=torch.float32).reshape(3, 4))
     with pytest.raises(ckptconv.FormatError, match="items.bin"):
         read_torch_blob(FileHandle(path), 1000, len(blob) - 40)  # cut through the end record
+
+
+def test_bytes_and_bytearray_keep_their_types(tmp_path):
+    src = tmp_path / "b.pt"
+    torch.save({"a": bytearray(b"\x00\xffx"), "b": b"\x01\x80"}, src)
+    out = tmp_path / "copy.pt"
+    ckptconv.convert(src, out)
+    got = torch.load(out, weights_only=True)
+    assert got == {"a": bytearray(b"\x00\xffx"), "b": b"\x01\x80"}
+    assert type(got["a"]) is bytearray and type(got["b"]) is bytes

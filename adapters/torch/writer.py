@@ -84,13 +84,15 @@ class PickleWriter:
             w(b"G" + struct.pack(">d", float(v)))
         elif isinstance(v, str):
             self.str_(v)
-        elif isinstance(v, (bytes, bytearray)):
+        elif isinstance(v, bytes):  # protocol 2 spells bytes as _codecs.encode(latin1 str)
             self.glob("_codecs.encode")
-            self.str_(bytes(v).decode("latin1"))
+            self.str_(v.decode("latin1"))
             self.str_("latin1")
             w(b"\x86R")
-            if isinstance(v, bytearray):
-                pass
+        elif isinstance(v, bytearray):
+            self.glob("builtins.bytearray")
+            self.value(bytes(v), emit_tensor)
+            w(b"\x85R")
         elif isinstance(v, complex):
             self.glob("builtins.complex")
             self.value((v.real, v.imag), emit_tensor)
