@@ -290,3 +290,24 @@ def test_check_names_framework_blockers_and_sanitize_makes_plain_values(
                                          "opt": {"betas": [0.9, 0.99], "path": "${name}"}}
     assert clean["hparams_type"] == "omegaconf.dictconfig.DictConfig"
     _assert_same_values(clean["state_dict"], torch_load(lightning_ckpt)["state_dict"])
+
+
+@pytest.mark.parametrize("to,ext", [("tf", "ckpt"), ("hdf5", "h5"), ("onnx", "onnx"),
+                                    ("safetensors", "safetensors")])
+def test_framework_objects_travel_through_every_format(lightning_ckpt, hf_checkpoint, to, ext,
+                                                       tmp_path):
+    """The records ride in each format's tree metadata and come back as the objects."""
+    if to in ("hdf5", "onnx"):
+        pytest.importorskip("h5py" if to == "hdf5" else "onnx")
+    want = torch_load(lightning_ckpt)
+    mid, back = tmp_path / f"mid.{ext}", tmp_path / "back.pt"
+    ckptconv.convert(lightning_ckpt, mid, to=to)
+    ckptconv.convert(mid, back, to="torch")
+    got = torch_load(back)
+    assert {k: repr(v) for k, v in got.items()} == {k: repr(v) for k, v in want.items()}
+    assert got["hyper_parameters"].opt.path == "tiny"
+    if to != "onnx":  # an ONNX file needs tensors; training_args.bin has none
+        args = hf_checkpoint / "training_args.bin"
+        ckptconv.convert(args, tmp_path / f"args.{ext}", to=to)
+        ckptconv.convert(tmp_path / f"args.{ext}", tmp_path / "args.pt", to="torch")
+        assert torch_load(tmp_path / "args.pt").to_dict() == torch_load(args).to_dict()
