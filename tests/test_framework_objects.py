@@ -259,6 +259,11 @@ def test_known_enum_with_other_arguments_is_refused(tmp_path):
            b"X\x01\x00\x00\x00aX\x01\x00\x00\x00b\x86Rs.")
     path.write_bytes(two)
     assert_one_line_error(run_cli("inspect", path), 1, "IntervalStrategy")
+    # a known dataclass is read only as pickle builds it (NEWOBJ), never as a call
+    call = (b"\x80\x02}X\x01\x00\x00\x00actransformers.training_args\nTrainingArguments\n"
+            b"X\x01\x00\x00\x00o\x85Rs.")
+    path.write_bytes(call)
+    assert_one_line_error(run_cli("inspect", path), 3, "TrainingArguments", "REDUCE")
 
 
 def test_check_names_framework_blockers_and_sanitize_makes_plain_values(

@@ -18,7 +18,9 @@ Each name has a role, which says which pickle constructions of it are read:
 - ``ENUM``: ``cls(value)`` by ``REDUCE`` with one plain value (how
   ``enum.Enum.__reduce_ex__`` pickles a member) -> record of kind "reduce";
 - ``RECORD``: ``cls.__new__(cls)`` by ``NEWOBJ`` then ``BUILD`` (dataclasses,
-  config objects) -> record of kind "newobj";
+  config objects) -> record of kind "newobj"; a ``REDUCE`` call of one is
+  refused (``torch.load`` of it would run ``__init__``, which these pickles
+  never do);
 - ``DICT``: a dict subclass, by ``NEWOBJ`` (or ``REDUCE`` with a factory for
   ``defaultdict``) then ``SETITEMS`` -> record whose state holds the items;
 - ``PATH``: ``cls(*parts)`` by ``REDUCE`` with strings (``pathlib``);

@@ -438,6 +438,9 @@ class TorchUnpickler(RestrictedUnpickler):
         arguments, never called. Enums take one plain value, paths strings,
         a defaultdict a known type (or None) as its factory."""
         d = self.display
+        if role == RECORD:  # pickled by NEWOBJ; a call would run its __init__ on torch.load
+            raise UnsafePickleError(f"{d}: pickle calls {q} via {opcode} (a known class, but "
+                                    "only its NEWOBJ form is recorded; nothing was executed)")
         if role == ENUM and (len(args) != 1 or not _plain(args[0])):
             raise FormatError(f"{d}: Enum {q} via {opcode} with {short_repr(args)} "
                               "(an Enum member is rebuilt from one plain value)")
