@@ -226,3 +226,35 @@ def test_sanitize_namespace_values(tmp_path):
         assert got["args"] == {"__class__": "argparse.Namespace", "lr": 0.5, "name": "x"}
         assert got["step"] == 7 and type(got["step"]) is int
         assert torch.equal(got["w"], torch.ones(2))
+
+
+def test_sanitized_framework_objects_load_weights_only(tmp_path):
+    """Framework objects read as inert records (an Enum member, a path, builtin
+    types as values, a defaultdict, an OmegaConf-like parent link) sanitize to
+    plain values this torch's weights-only loader reads; no framework installed."""
+    from ckptconv.tree import ObjectRecord
+
+    list_type = ObjectRecord("builtins.list", kind="global")
+    tree = {"strategy": ObjectRecord("transformers.trainer_utils.IntervalStrategy", None,
+                                     ("steps",), "reduce"),
+            "out": ObjectRecord("pathlib.PosixPath", None, ("runs", "exp1"), "reduce"),
+            "types": [list_type, ObjectRecord("builtins.dict", kind="global")],
+            "cache": ObjectRecord("collections.defaultdict", {"a": [1, 2]}, (list_type,), "reduce"),
+            "stage": ObjectRecord("deepspeed.runtime.zero.config.ZeroStageEnum", None, (3,),
+                                  "reduce"),
+            "w": ArrayTensor(np.arange(3, dtype=np.float32))}
+    src, out = tmp_path / "records.pt", tmp_path / "clean.pt"
+    ckptconv.save(Checkpoint(tree), src)
+    assert {b.name for b in check(src).blockers} >= {
+        "transformers.trainer_utils.IntervalStrategy", "pathlib.PosixPath", "builtins.list",
+        "collections.defaultdict", "deepspeed.runtime.zero.config.ZeroStageEnum"}
+    compat = "1.13" if THIS_V < (2, 0) else None
+    sanitize(src, out, torch_compat=compat)
+    after = check(out)
+    assert after.weights_only and not after.blockers
+    if not HAS_WEIGHTS_ONLY:
+        return
+    got = torch_load(out, weights_only=True)
+    assert got["strategy"] == "steps" and got["out"] == "runs/exp1" and got["stage"] == 3
+    assert got["types"] == ["builtins.list", "builtins.dict"] and got["cache"] == {"a": [1, 2]}
+    assert got["w"].tolist() == [0.0, 1.0, 2.0]
