@@ -18,8 +18,8 @@ names. A file can carry pickles in more places than its ``data.pkl``, so
   HDF5 file with a pickle in its user block is a pickle too.
 
 Each pickle gets a raw listing of the names it mentions
-(``ckptconv.unpickler.scan_globals``) and a real interpretation with torch's
-allowlist (``ckptconv.adapters.torch.check_pickle``), which decides:
+(``ckptconv.pickle.scan_globals``) and a real interpretation with torch's
+allowlist (``ckptconv.adapters.torch_pickle.check_pickle``), which decides:
 *safe* (only allowlisted calls; other classes kept as inert records, listed),
 *unsafe* (the first refused callable, named) or *unreadable* (malformed).
 Exit codes: 0 all safe, 3 anything unsafe, 1 anything unreadable.
@@ -155,8 +155,8 @@ class ScanSummary:
 
 def check_pickle_bytes(data: bytes, display: str, where: str) -> tuple[PickleReport, Any]:
     """Raw listing + interpretation of one pickle; (report, value or None)."""
-    from .adapters.torch import check_pickle
-    from .unpickler import scan_globals
+    from .adapters.torch_pickle import check_pickle
+    from .pickle import scan_globals
 
     listing = scan_globals(data, display)
     names = sorted({n for op, n in listing if op != "ERROR"})
@@ -177,7 +177,7 @@ def _line(e: BaseException) -> str:
 def _pickle_end(buf, start: int) -> tuple[int, bool]:
     """(offset just past the STOP of the pickle at ``start``, True), or
     (an offset at or past where parsing failed, False)."""
-    from .unpickler import iter_opcodes
+    from .pickle import iter_opcodes
 
     if isinstance(buf, bytes) and start == 0:  # the common case: the fast tokenizer, no copy
         try:
@@ -494,7 +494,7 @@ def scan(path: str | os.PathLike) -> ScanReport:
 
 
 def _scan_file(rep: ScanReport, p: Path, buf, display: str) -> None:
-    from .adapters.torch import LEGACY_HEAD
+    from .adapters.torch_pickle import _LEGACY_HEAD
     from .ziputil import is_zip
 
     head = bytes(buf[:512])
@@ -514,7 +514,7 @@ def _scan_file(rep: ScanReport, p: Path, buf, display: str) -> None:
         if not rep.pickles and not rep.reasons:
             rep.kind = "numpy .npy (no pickle)"
         return
-    if head.startswith(LEGACY_HEAD):
+    if head.startswith(_LEGACY_HEAD):
         _scan_legacy(rep, buf, display)
         return
     fmt = _known_format(p)
@@ -538,9 +538,9 @@ def _scan_file(rep: ScanReport, p: Path, buf, display: str) -> None:
         # starts like a pickle but does not parse to its end: unsafe if the
         # part that parses names something dangerous (pickle.load would have
         # run it before failing), else just not a pickle
-        from .unpickler import is_dangerous, scan_globals
+        from .pickle import is_dangerous, scan_globals
 
-        bad = [n for op, n in scan_globals(_View(buf), display)
+        bad = [n for op, n in scan_globals(bytes(buf[:_MAX_PARTIAL]), display)
                if op in ("GLOBAL", "INST", "STACK_GLOBAL") and is_dangerous(n)]
         if bad:
             rep.kind = "malformed pickle"
@@ -562,7 +562,7 @@ def _known_format(p: Path) -> str | None:
 
 
 def _is_legacy_magic(value) -> bool:
-    from .adapters.torch import LEGACY_MAGIC
+    from .adapters.torch_pickle import LEGACY_MAGIC
 
     return isinstance(value, int) and not isinstance(value, bool) and value == LEGACY_MAGIC
 

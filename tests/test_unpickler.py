@@ -84,8 +84,8 @@ def both(make, data: bytes):
 
 def _engine_load(up: RestrictedUnpickler, data: bytes, engine: str):
     if engine == "fast":
-        return up.load(data)                 # bytes: the fused loop
-    return up.load(io.BytesIO(data))         # a stream: every opcode through _step
+        return up.load(data, whole=False)    # bytes: the first pickle, whatever follows
+    return up.load(io.BytesIO(data))         # a stream: its first pickle, read into memory
 
 
 plain_values = st.recursive(

@@ -1,0 +1,185 @@
+"""Pickle opcodes as bytes: decode one opcode and its argument, walk a
+pickle's opcodes, and list the names a pickle mentions.
+
+The same opcode stream ``pickletools.genops`` gives, several times faster for
+the opcodes torch pickles are made of, bounds-checked against the end the
+caller gives (the end of the data, or of the current frame). ``GLOBAL`` and
+``INST`` names are decoded as CPython's ``pickle._Unpickler`` decodes them
+(UTF-8 and ASCII lines, no escapes), not as ``pickletools`` shows them.
+
+Ground truth: CPython ``Lib/pickle.py`` (``_Unpickler.load_*``) and
+``Lib/pickletools.py`` (opcode table, argument formats).
+"""
+from __future__ import annotations
+
+import io
+import pickletools
+import struct
+from typing import Any
+
+# Opcodes whose argument is simply pushed.
+_PUSH_ARG = frozenset((
+    "INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4", "FLOAT", "BINFLOAT",
+    "UNICODE", "SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "STRING", "BINSTRING",
+    "SHORT_BINSTRING", "BINBYTES", "SHORT_BINBYTES", "BINBYTES8"))
+
+# How the fast tokenizer reads each opcode's argument; anything not listed
+# here goes through pickletools' own reader for that opcode.
+_NAMES: list[str | None] = [None] * 256
+_KIND: list[str] = [""] * 256
+for _op in pickletools.opcodes:
+    _NAMES[ord(_op.code)] = _op.name
+    _KIND[ord(_op.code)] = "none" if _op.arg is None else "reader"
+for _name, _kind in (("BININT1", "u1"), ("BINGET", "u1"), ("BINPUT", "u1"), ("PROTO", "u1"),
+                     ("EXT1", "u1"), ("BININT2", "u2"), ("EXT2", "u2"), ("BININT", "s4"),
+                     ("EXT4", "s4"), ("LONG_BINGET", "u4"), ("LONG_BINPUT", "u4"),
+                     ("BINFLOAT", "f8"), ("SHORT_BINUNICODE", "str1"), ("BINUNICODE", "str4"),
+                     ("SHORT_BINBYTES", "bytes1"), ("BINBYTES", "bytes4"), ("LONG1", "long1"),
+                     ("GLOBAL", "names utf-8"), ("INST", "names ascii")):
+    _KIND[ord(pickletools.opcodes[[o.name for o in pickletools.opcodes].index(_name)].code)] = _kind
+_CODE2OP = {ord(o.code): o for o in pickletools.opcodes}
+
+
+_unpack_double = struct.Struct(">d").unpack_from
+
+
+def decode_opcode(buf: bytes, pos: int, n: int) -> tuple[str, Any, int]:
+    """(opcode name, argument, position after it) of the opcode at ``pos``;
+    arguments are bounds-checked (``ValueError`` names the offset)."""
+    code = buf[pos]
+    start = pos
+    pos += 1
+    name = _NAMES[code]
+    if name is None:
+        raise ValueError(f"unknown opcode {code:#04x} at offset {start}")
+    kind = _KIND[code]
+    if kind == "none":
+        return name, None, pos
+    if kind == "u1" or kind == "str1" or kind == "bytes1" or kind == "long1":
+        if pos >= n:
+            raise ValueError(f"truncated {name} at offset {start}")
+        arg = buf[pos]
+        pos += 1
+        if kind != "u1":
+            end = pos + arg
+            if end > n:
+                raise ValueError(f"{name} at offset {start} needs {arg} bytes past the end")
+            raw = buf[pos:end]
+            pos = end
+            if kind == "str1":
+                arg = raw.decode("utf-8", "surrogatepass")
+            elif kind == "bytes1":
+                arg = bytes(raw)
+            else:
+                arg = int.from_bytes(raw, "little", signed=True)
+    elif kind == "u2":
+        if pos + 2 > n:
+            raise ValueError(f"truncated {name} at offset {start}")
+        arg = buf[pos] | (buf[pos + 1] << 8)
+        pos += 2
+    elif kind in ("s4", "u4", "str4", "bytes4"):
+        if pos + 4 > n:
+            raise ValueError(f"truncated {name} at offset {start}")
+        arg = int.from_bytes(buf[pos:pos + 4], "little", signed=(kind == "s4"))
+        pos += 4
+        if kind in ("str4", "bytes4"):
+            end = pos + arg
+            if end > n:
+                raise ValueError(f"{name} at offset {start} needs {arg} bytes past the end")
+            raw = buf[pos:end]
+            pos = end
+            arg = raw.decode("utf-8", "surrogatepass") if kind == "str4" else bytes(raw)
+    elif kind == "f8":
+        if pos + 8 > n:
+            raise ValueError(f"truncated {name} at offset {start}")
+        arg = _unpack_double(buf, pos)[0]
+        pos += 8
+    elif kind.startswith("names"):
+        # CPython: ``readline()[:-1].decode("utf-8")`` twice (INST: "ascii"),
+        # no escapes undone (pickletools' own reader undoes them)
+        encoding = kind[6:]
+        module, pos = _line(buf, pos, n, name, start)
+        gname, pos = _line(buf, pos, n, name, start)
+        arg = f"{module.decode(encoding)} {gname.decode(encoding)}"
+    else:  # rare opcodes: pickletools' reader knows their text formats
+        stream = io.BytesIO(buf)
+        stream.seek(pos)
+        arg = _CODE2OP[code].arg.reader(stream)
+        pos = stream.tell()
+        if pos > n:
+            raise ValueError(f"{name} at offset {start} runs past offset {n}")
+    return name, arg, pos
+
+
+def _line(buf: bytes, pos: int, n: int, name: str, start: int) -> tuple[bytes, int]:
+    end = buf.find(b"\n", pos, n)
+    if end < 0:
+        raise ValueError(f"{name} at offset {start}: no newline before offset {n}")
+    return buf[pos:end], end + 1
+
+
+def iter_opcodes(buf: bytes):
+    """(opcode name, argument, position) for each opcode of an in-memory pickle.
+
+    The same stream ``pickletools.genops`` gives, several times faster for
+    the opcodes torch pickles are made of; arguments are bounds-checked.
+    """
+    n = len(buf)
+    pos = 0
+    while pos < n:
+        start = pos
+        name, arg, pos = decode_opcode(buf, pos, n)
+        yield name, arg, start
+        if name == "STOP":
+            return
+
+
+def scan_globals(data, display: str = "pickle") -> list[tuple[str, str]]:
+    """Every (opcode, module.name) a pickle names, without interpreting it.
+
+    ``data``: the pickle's bytes (the listing ends at its first STOP). STACK_GLOBAL takes its two names from
+    the stack; a small symbolic stack follows strings through the memo
+    (``GET``) so obfuscated names are still listed. Also lists EXT codes and
+    persistent ids. A raw listing for reports; decisions come from
+    interpreting the pickle.
+    """
+    found: list[tuple[str, str]] = []
+    sym: list[Any] = []          # strings where known, None for anything else
+    memo: dict[int, Any] = {}
+    ops = iter_opcodes(bytes(data))
+    try:
+        for name, arg, _ in ops:
+            if name in ("GLOBAL", "INST"):
+                module, _, gname = str(arg).partition(" ")
+                found.append((name, f"{module}.{gname}"))
+                sym.append(None)
+            elif name == "STACK_GLOBAL":
+                gname = sym.pop() if sym else None
+                module = sym.pop() if sym else None
+                if isinstance(module, str) and isinstance(gname, str):
+                    found.append((name, f"{module}.{gname}"))
+                else:
+                    found.append((name, "<computed name>"))
+                sym.append(None)
+            elif name in ("EXT1", "EXT2", "EXT4"):
+                found.append((name, f"<copyreg extension {arg}>"))
+                sym.append(None)
+            elif name in ("PERSID", "BINPERSID"):
+                found.append((name, "<persistent id>"))
+            elif name in ("PUT", "BINPUT", "LONG_BINPUT"):
+                memo[int(arg)] = sym[-1] if sym else None
+            elif name == "MEMOIZE":
+                memo[len(memo)] = sym[-1] if sym else None
+            elif name in ("GET", "BINGET", "LONG_BINGET"):
+                sym.append(memo.get(int(arg)))
+            elif isinstance(arg, str) and name in _PUSH_ARG:
+                sym.append(arg)
+            elif name == "POP" and sym:
+                sym.pop()
+            elif name not in ("PROTO", "FRAME", "STOP", "MARK"):
+                sym.append(None)
+            if len(sym) > 64:   # only the top matters
+                del sym[:32]
+    except Exception as e:  # noqa: BLE001 - a report, not a reader
+        found.append(("ERROR", f"{type(e).__name__}: {' '.join(str(e).split())[:160]}"))
+    return found
