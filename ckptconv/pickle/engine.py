@@ -51,7 +51,7 @@ from typing import Any
 from ..errors import FormatError, UnsafePickleError
 from ..tree import ObjectRecord
 from .names import Global, is_dangerous, short_repr
-from .opcodes import _PUSH_ARG, decode_opcode, scan_globals
+from .opcodes import _PUSH_ARG, NameAtEnd, decode_opcode, scan_globals
 
 # Nesting deeper than this is refused: the tree walkers after us recurse
 # (two or three Python frames a level), and real checkpoints nest < 30 deep.
@@ -208,6 +208,8 @@ class RestrictedUnpickler:
                 self._judge_after_stop(buf, end)
             return self.finish(root)
         except _DECODE_ERRORS as e:
+            if isinstance(e, NameAtEnd):   # refused as unsafe where the name is
+                self._global(e.module, e.name, e.opcode)
             raise FormatError(f"{self.display}: corrupt or truncated pickle ({type(e).__name__}: "
                               f"{' '.join(str(e).split())[:160]})") from e
         finally:

@@ -98,8 +98,12 @@ def decode_opcode(buf: bytes, pos: int, n: int) -> tuple[str, Any, int]:
         # CPython: ``readline()[:-1].decode("utf-8")`` twice (INST: "ascii"),
         # no escapes undone (pickletools' own reader undoes them)
         encoding = kind[6:]
-        module, pos = _line(buf, pos, n, name, start)
-        gname, pos = _line(buf, pos, n, name, start)
+        module, pos, whole = _line(buf, pos, n)
+        gname, pos, whole_name = _line(buf, pos, n) if whole else (b"", pos, False)
+        if not (whole and whole_name):
+            # CPython reading a file still looks the name up: the last line,
+            # without its newline, loses its last character (``[:-1]``)
+            raise NameAtEnd(name, start, module.decode(encoding), gname.decode(encoding), n)
         arg = f"{module.decode(encoding)} {gname.decode(encoding)}"
     else:  # rare opcodes: pickletools' reader knows their text formats
         stream = io.BytesIO(buf)
@@ -111,11 +115,24 @@ def decode_opcode(buf: bytes, pos: int, n: int) -> tuple[str, Any, int]:
     return name, arg, pos
 
 
-def _line(buf: bytes, pos: int, n: int, name: str, start: int) -> tuple[bytes, int]:
+def _line(buf: bytes, pos: int, n: int) -> tuple[bytes, int, bool]:
+    """(the line at ``pos`` without its newline, the offset after it, whether
+    it had one); a line cut off at ``n`` as ``readline()[:-1]`` leaves it."""
     end = buf.find(b"\n", pos, n)
     if end < 0:
-        raise ValueError(f"{name} at offset {start}: no newline before offset {n}")
-    return buf[pos:end], end + 1
+        return buf[pos:n][:-1], n, False
+    return buf[pos:end], end + 1, True
+
+
+class NameAtEnd(ValueError):
+    """A GLOBAL/INST whose lines run to the end of the data: malformed, but
+    CPython reading a file looks up ``qualname`` before it fails."""
+
+    def __init__(self, opcode: str, offset: int, module: str, name: str, end: int):
+        self.opcode, self.module, self.name = opcode, module, name
+        self.qualname = f"{module}.{name}"
+        super().__init__(f"{opcode} at offset {offset}: no newline before offset {end} "
+                         f"(CPython would still look up {self.qualname!r})")
 
 
 def iter_opcodes(buf: bytes):
@@ -181,5 +198,7 @@ def scan_globals(data, display: str = "pickle") -> list[tuple[str, str]]:
             if len(sym) > 64:   # only the top matters
                 del sym[:32]
     except Exception as e:  # noqa: BLE001 - a report, not a reader
+        if isinstance(e, NameAtEnd):
+            found.append((e.opcode, e.qualname))
         found.append(("ERROR", f"{type(e).__name__}: {' '.join(str(e).split())[:160]}"))
     return found
