@@ -1,31 +1,43 @@
-"""``ckptconv scan``: which files would run code when unpickled, and why,
-without executing anything.
+"""``ckptconv scan``: which files would run code when loaded, and why,
+without executing anything. Three verdicts: *safe* (every byte a loader
+would deserialize was judged and holds no code), *unsafe* (exit 3, the
+first reason named) and *unscanned* (exit 1: bytes we could not judge, with
+the reason; never reported safe).
 
 ``torch.load`` without ``weights_only`` and ``pickle.load`` run whatever a pickle
 names. A file can carry pickles in more places than its ``data.pkl``, so
 ``scan`` looks at every one of them:
 
-- zip archives (torch zip, TorchScript, ``.npz``, anything zipped): every
-  member whose name ends in ``.pkl`` (``data.pkl`` of every root,
-  ``constants.pkl``, extra pickles) or ``.debug_pkl``, and object-dtype
-  ``.npy`` members;
+- zip archives (torch zip, TorchScript, ``.npz``, ``.keras``, anything zipped):
+  every member is sniffed by its content, whatever its name (a pickle named
+  ``data.txt`` is a pickle); pickles are judged whole, data after their STOP
+  included; object-dtype ``.npy`` members go through the restricted
+  unpickler; encrypted members, other compressions and archives inside the
+  archive are *unscanned*; a torch zip's raw storages are data;
 - torch legacy files (magic number pickle, protocol, sys_info, main pickle,
   storage keys) and the older legacy *tar* layout (``sys_info``, ``pickle``,
   and the pickles between the raw bytes of ``storages`` and ``tensors``);
 - numpy ``.npy`` files of object dtype (their data is a pickle);
-- bare pickles, and any other file that *starts* with a pickle: torch.load
+- bare pickles of any protocol (0 and 1 are text), data after the STOP
+  included, and any other file that *starts* with a pickle: torch.load
   unpickles the first bytes of every file that is not a zip or a tar, so an
-  HDF5 file with a pickle in its user block is a pickle too.
+  HDF5 file with a pickle in its user block is a pickle too;
+- code that runs on load outside pickles, through the format's scan hook:
+  Keras Lambda layers and functions in a model config, TensorFlow SavedModel
+  graphs with Python or file/system ops, ONNX custom-op domains.
+
+Archives we cannot open (7z, rar, gzip, ...) and binary files of no format
+we know are *unscanned*.
 
 Each pickle gets a raw listing of the names it mentions
 (``ckptconv.pickle.scan_globals``) and a real interpretation with torch's
-allowlist (``ckptconv.adapters.torch_pickle.check_pickle``), which decides:
-*safe* (only allowlisted calls; other classes kept as inert records, listed),
-*unsafe* (the first refused callable, named) or *unreadable* (malformed).
-Exit codes: 0 all safe, 3 anything unsafe, 1 anything unreadable.
+allowlist (``check_pickle``), which decides: *safe* (only allowlisted
+calls; other classes kept as inert records, listed), *unsafe* (the first
+refused callable, named) or *unscanned* (malformed: the reason).
 
 Sources of truth: ``torch/serialization.py`` (``_load``, ``_legacy_load`` and
-its tar branch ``legacy_load``), numpy ``lib/format.py`` (``.npy`` header).
+its tar branch ``legacy_load``), numpy ``lib/format.py`` (``.npy`` header),
+APPNOTE.TXT (zip general purpose flags: bit 0 = encrypted).
 """
 from __future__ import annotations
 
@@ -43,7 +55,7 @@ from typing import Any, Iterable
 from .errors import (EXIT_BAD_INPUT, EXIT_OK, EXIT_UNSAFE, CkptconvError, FormatError,
                      UnsafePickleError)
 
-SAFE, UNSAFE, UNREADABLE = "safe", "unsafe", "unreadable"
+SAFE, UNSAFE, UNSCANNED = "safe", "unsafe", "unscanned"
 _NPY_MAGIC = b"\x93NUMPY"
 _PICKLE_SUFFIXES = (".pkl", ".debug_pkl")
 _MAX_PICKLES = 10_000          # concatenated pickles in one file or member
@@ -88,15 +100,20 @@ class ScanReport:
         self.pickles.append(pr)
         if pr.verdict == UNSAFE:
             self.verdict = UNSAFE
-        elif pr.verdict == UNREADABLE and self.verdict == SAFE:
-            self.verdict = UNREADABLE
+        elif pr.verdict == UNSCANNED and self.verdict == SAFE:
+            self.verdict = UNSCANNED
         if pr.reason and pr.verdict != SAFE:
             self.reasons.append(pr.reason)
 
     def fail(self, reason: str) -> None:
-        """The file itself could not be read through (not one pickle's fault)."""
+        """Bytes we could not judge (the file, a member): never safe."""
         if self.verdict == SAFE:
-            self.verdict = UNREADABLE
+            self.verdict = UNSCANNED
+        self.reasons.append(reason)
+
+    def refuse(self, reason: str) -> None:
+        """Code that would run on load, found outside a pickle."""
+        self.verdict = UNSAFE
         self.reasons.append(reason)
 
     def to_dict(self) -> dict:
@@ -125,7 +142,7 @@ class ScanSummary:
 
     @property
     def counts(self) -> dict[str, int]:
-        out = {SAFE: 0, UNSAFE: 0, UNREADABLE: 0}
+        out = {SAFE: 0, UNSAFE: 0, UNSCANNED: 0}
         for f in self.files:
             out[f.verdict] = out.get(f.verdict, 0) + 1
         return out
@@ -135,7 +152,7 @@ class ScanSummary:
         c = self.counts
         if c[UNSAFE]:
             return EXIT_UNSAFE
-        if c[UNREADABLE]:
+        if c[UNSCANNED]:
             return EXIT_BAD_INPUT
         return EXIT_OK
 
@@ -147,7 +164,7 @@ class ScanSummary:
         c = self.counts
         lines = [str(f) for f in self.files]
         lines.append(f"{len(self.files)} file{'s' if len(self.files) != 1 else ''}: "
-                     f"{c[SAFE]} safe, {c[UNSAFE]} unsafe, {c[UNREADABLE]} unreadable")
+                     f"{c[SAFE]} safe, {c[UNSAFE]} unsafe, {c[UNSCANNED]} unscanned")
         return "\n".join(lines)
 
 
@@ -165,7 +182,7 @@ def check_pickle_bytes(data: bytes, display: str, where: str) -> tuple[PickleRep
     except UnsafePickleError as e:
         return PickleReport(where, UNSAFE, _line(e), names), None
     except FormatError as e:
-        return PickleReport(where, UNREADABLE, _line(e), names), None
+        return PickleReport(where, UNSCANNED, _line(e), names), None
     return PickleReport(where, SAFE, None, names, sorted(up.calls_seen),
                         sorted(set(up.records))), up.result
 
@@ -225,30 +242,25 @@ class _View(io.RawIOBase):
 
 
 def _scan_pickle_run(rep: ScanReport, buf, start: int, display: str, label: str,
-                     limit: int | None = None, strict: bool = True) -> tuple[int, list]:
-    """Pickles one after another from ``start`` (up to ``limit`` of them).
-
-    ``strict``: a pickle that does not parse is reported (unreadable, or
-    unsafe if it names dangerous callables); otherwise the run just ends
-    there (bare pickle files may be followed by anything). Returns the
-    offset after the last pickle and the decoded values (None where refused).
-    """
+                     limit: int | None = None) -> tuple[int, list]:
+    """Pickles one after another from ``start`` (up to ``limit`` of them), as
+    formats made of pickles in a row hold them (torch legacy files). A pickle
+    that does not parse is reported (unscanned, or unsafe if it names
+    dangerous callables). Returns the offset after the last pickle and the
+    decoded values (None where refused)."""
     values: list = []
     pos = start
     count = 0
     while pos < len(buf) and count < (limit or _MAX_PICKLES):
         end, complete = _pickle_end(buf, pos)
         where = f"{label} #{count + 1} at offset {pos}" if label else f"pickle at offset {pos}"
-        if not complete:
-            if strict or count == 0:
-                # judge the part that parses: pickle.load would run it before failing
-                pr, _ = check_pickle_bytes(bytes(buf[pos:end]), display, where)
-                if pr.verdict == SAFE:  # parses alone but not here: still malformed
-                    pr.verdict, pr.reason = UNREADABLE, f"{display}: pickle at offset {pos} is malformed"
-                rep.add(pr)
-                return pos, values
-            break
         pr, value = check_pickle_bytes(bytes(buf[pos:end]), display, where)
+        if not complete:
+            # judge the part that parses: pickle.load would run it before failing
+            if pr.verdict == SAFE:  # parses alone but not here: still malformed
+                pr.verdict, pr.reason = UNSCANNED, f"{display}: pickle at offset {pos} is malformed"
+            rep.add(pr)
+            return pos, values
         rep.add(pr)
         values.append(value)
         count += 1
@@ -262,25 +274,84 @@ def _scan_pickle_run(rep: ScanReport, buf, start: int, display: str, label: str,
 
 def _scan_zip(rep: ScanReport, path: Path) -> None:
     from .tensor import FileHandle
-    from .ziputil import read_member_bytes, read_members
+    from .ziputil import is_zip, read_member_bytes, read_members
 
     handle = FileHandle(path)
     members = read_members(handle)
     names = list(members)
-    rep.kind = "torch zip" if any(n.endswith("data.pkl") for n in names) else "zip archive"
+    # torch zips: <root>/data.pkl, raw storages in <root>/data/ (never unpickled)
+    roots = [n[:-len("data.pkl")] for n in names if n == "data.pkl" or n.endswith("/data.pkl")]
+    rep.kind = "torch zip" if roots else "zip archive"
     if any(n.endswith("constants.pkl") or "/code/" in n for n in names):
         rep.kind = "TorchScript archive"
     for name in names:
         m = members[name]
         display = f"{handle.display}:{name}"
-        if name.endswith(_PICKLE_SUFFIXES):
+        if m.flags & 1:
+            rep.fail(f"{display}: zip member is encrypted; not scanned")
+            continue
+        if any(name.startswith(f"{r}data/") for r in roots) or name.endswith("/") and not m.size:
+            continue
+        if m.compress_type not in (0, 8):
+            rep.fail(f"{display}: zip member compressed with method {m.compress_type}; not scanned")
+            continue
+        head = _member_head(handle, m)
+        if name.endswith(_PICKLE_SUFFIXES) or looks_like_pickle(head):
             data = read_member_bytes(handle, m, _MAX_MEMBER)
-            _scan_pickle_run(rep, data, 0, display, name, limit=1)
-        elif name.endswith(".npy") and _is_object_npy(_member_head(handle, m), display):
-            data = read_member_bytes(handle, m, _MAX_MEMBER)
-            _scan_npy(rep, data, display, name)
-    if not rep.pickles:
+            rep.add(check_pickle_bytes(data, display, name)[0])
+        elif head.startswith(_NPY_MAGIC):
+            if _is_object_npy(head, display):
+                _scan_npy(rep, read_member_bytes(handle, m, _MAX_MEMBER), display, name)
+        elif is_zip(head) or archive_kind(head) or _is_tar(head):
+            kind = archive_kind(head) or ("tar" if _is_tar(head) else "zip")
+            rep.fail(f"{display}: a {kind} archive inside the archive; not scanned")
+    if not rep.pickles and rep.verdict == SAFE:
         rep.notes.append("no pickle members")
+
+
+# Archives and compressed streams ckptconv cannot look inside: what they hold
+# is not judged (a pickle in a .7z is still a pickle once extracted).
+_ARCHIVES = ((b"7z\xbc\xaf\x27\x1c", "7z"), (b"Rar!\x1a\x07", "rar"), (b"\x1f\x8b", "gzip"),
+             (b"BZh", "bzip2"), (b"\xfd7zXZ\x00", "xz"), (b"\x28\xb5\x2f\xfd", "zstd"),
+             (b"\x04\x22\x4d\x18", "lz4"), (b"MSCF", "cab"), (b"!<arch>\n", "ar"),
+             (b"\x60\xea", "arj"), (b"LZIP", "lzip"))
+
+
+def archive_kind(head: bytes) -> str | None:
+    """The kind of archive or compressed stream ``head`` starts, if any we cannot open."""
+    for magic, kind in _ARCHIVES:
+        if head.startswith(magic):
+            return kind
+    return None
+
+
+_SNIFF = 1 << 16
+
+
+def looks_like_pickle(head: bytes) -> bool:
+    """Whether bytes start a pickle: PROTO 2-5 and an opcode next, or a
+    protocol 0/1 pickle (text) that parses to its STOP within ``head``."""
+    from .pickle import iter_opcodes
+
+    if len(head) >= 3 and head[0] == 0x80:
+        return head[1] <= 5 and head[2:3] in _PICKLE_OPCODES
+    if head[:1] not in _PICKLE_OPCODES:
+        return False
+    try:
+        return any(name == "STOP" for name, _, _ in iter_opcodes(head[:_SNIFF]))
+    except Exception:  # noqa: BLE001 - sniffing: what does not parse is not a pickle
+        return False
+
+
+def _is_text(head: bytes) -> bool:
+    """UTF-8 text without NULs (JSON, YAML, README...): no loader unpickles it."""
+    if b"\0" in head:
+        return False
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return e.start >= len(head) - 3  # a character cut off at the end of the head
+    return True
 
 
 def _member_head(handle, m, n: int = 1 << 16) -> bytes:
@@ -358,7 +429,7 @@ def _scan_npy(rep: ScanReport, buf, display: str, where: str) -> None:
     descr = header.get("descr")
     # object arrays are written as a pickle of the array after the header
     if _npy_is_object(descr):
-        _scan_pickle_run(rep, buf, data_start, display, f"{where} (object array)", limit=1)
+        rep.add(check_pickle_bytes(bytes(buf[data_start:]), display, f"{where} (object array)")[0])
     elif rep.kind == "numpy .npy":
         rep.notes.append(f"plain {descr} array, no pickle")
 
@@ -392,9 +463,8 @@ def _scan_tar(rep: ScanReport, path: Path, display: str) -> None:
                 _scan_tar_records(rep, data, mdisplay, _tar_storage_skip(_dt, ObjectRecord))
             elif m.name == "tensors":
                 _scan_tar_records(rep, data, mdisplay, _tar_tensor_skip)
-            elif m.name in _TAR_PICKLE_MEMBERS or data[:1] == b"\x80":
-                _scan_pickle_run(rep, data, 0, mdisplay, m.name, limit=1,
-                                 strict=m.name in _TAR_PICKLE_MEMBERS)
+            elif m.name in _TAR_PICKLE_MEMBERS or looks_like_pickle(data[:_SNIFF]):
+                rep.add(check_pickle_bytes(data, mdisplay, m.name)[0])
 
 
 def _tar_storage_skip(_dt, ObjectRecord):
@@ -497,59 +567,101 @@ def _scan_file(rep: ScanReport, p: Path, buf, display: str) -> None:
     from .adapters.torch_pickle import _LEGACY_HEAD
     from .ziputil import is_zip
 
-    head = bytes(buf[:512])
+    head = bytes(buf[:_SNIFF])
     if not head:
         rep.kind = "empty file"
         rep.notes.append("0 bytes, no pickle")
         return
+    fmt = _known_format(p)
     if is_zip(head) or head[:4] == b"PK\x05\x06":
         _scan_zip(rep, p)
-        return
-    if _is_tar(head):
+    elif _is_tar(head):
         _scan_tar(rep, p, display)
-        return
-    if head.startswith(_NPY_MAGIC):
+    elif head.startswith(_NPY_MAGIC):
         rep.kind = "numpy .npy"
         _scan_npy(rep, buf, display, display)
         if not rep.pickles and not rep.reasons:
             rep.kind = "numpy .npy (no pickle)"
-        return
-    if head.startswith(_LEGACY_HEAD):
+    elif head.startswith(_LEGACY_HEAD):
+        _scan_legacy(rep, buf, display)
+    elif archive_kind(head):
+        rep.kind = f"{archive_kind(head)} archive"
+        rep.fail(f"{display}: a {archive_kind(head)} archive: ckptconv cannot look inside it; "
+                 "not scanned")
+    elif looks_like_pickle(head) or (head[:1] in _PICKLE_OPCODES and _pickle_end(buf, 0)[1]):
+        _scan_bare_pickle(rep, buf, display, fmt)
+    elif head[:1] in _PICKLE_OPCODES and fmt is None and _malformed_pickle_names(rep, buf, display):
+        pass
+    elif fmt is not None:
+        rep.kind = f"{fmt}, no pickles"
+    elif _is_text(head):
+        rep.kind = "text, no pickle"
+    else:
+        rep.kind = "unknown"
+        rep.fail(f"{display}: not a format ckptconv judges (first bytes {head[:8]!r}); not scanned")
+    if fmt is not None and rep.verdict != UNSAFE:
+        _scan_format(rep, p, fmt)
+
+
+def _scan_bare_pickle(rep: ScanReport, buf, display: str, fmt: str | None) -> None:
+    """A file that starts with a pickle. Alone (a bare pickle), it is judged
+    whole: data after its STOP too. In front of another format (an HDF5
+    user block), the pickle is what torch.load runs; the rest is that format."""
+    end, complete = _pickle_end(buf, 0)
+    rep.kind = "pickle" if fmt in (None, "torch") else f"{fmt} file that starts with a pickle"
+    whole = fmt in (None, "torch") or not complete
+    pr, value = check_pickle_bytes(bytes(buf if whole else buf[:end]), display, "pickle at offset 0")
+    if pr.verdict == UNSCANNED and value is None and complete and _is_legacy_magic_at_start(buf):
+        rep.kind = "torch legacy"
         _scan_legacy(rep, buf, display)
         return
-    fmt = _known_format(p)
-    if head[:1] == b"\x80" and len(head) > 1 and head[1] <= 5 and fmt in (None, "torch"):
-        # a pickle (PROTO opcode first): however malformed, judge it as one
-        rep.kind = "pickle"
-        end, values = _scan_pickle_run(rep, buf, 0, display, "pickle", strict=False)
-        if values and _is_legacy_magic(values[0]):
-            rep.pickles.clear()
-            rep.reasons.clear()
-            rep.verdict = SAFE
-            _scan_legacy(rep, buf, display)
-        return
-    if head[:1] in _PICKLE_OPCODES and _pickle_end(buf, 0)[1]:
-        # a complete pickle at the start of a file that may also be something
-        # else (e.g. an HDF5 user block): torch.load would unpickle it
-        rep.kind = "pickle" if fmt is None else f"{fmt} file that starts with a pickle"
-        _scan_pickle_run(rep, buf, 0, display, "pickle", strict=False)
-        return
-    if head[:1] in _PICKLE_OPCODES and fmt is None:
-        # starts like a pickle but does not parse to its end: unsafe if the
-        # part that parses names something dangerous (pickle.load would have
-        # run it before failing), else just not a pickle
-        from .pickle import is_dangerous, scan_globals
+    rep.add(pr)
 
-        bad = [n for op, n in scan_globals(bytes(buf[:_MAX_PARTIAL]), display)
-               if op in ("GLOBAL", "INST", "STACK_GLOBAL") and is_dangerous(n)]
-        if bad:
-            rep.kind = "malformed pickle"
-            rep.add(PickleReport("pickle at offset 0", UNSAFE,
-                                 f"{display}: starts with a malformed pickle that names {bad[0]} "
-                                 "(pickle.load would run it before failing; nothing was executed)",
-                                 sorted(set(bad))))
-            return
-    rep.kind = "no pickles" if fmt is None else f"{fmt}, no pickles"
+
+def _malformed_pickle_names(rep: ScanReport, buf, display: str) -> bool:
+    """Starts like a pickle but does not parse to its end: unsafe if the part
+    that parses names something dangerous (pickle.load would have run it
+    before failing), else not a pickle."""
+    from .pickle import is_dangerous, scan_globals
+
+    bad = [n for op, n in scan_globals(bytes(buf[:_MAX_PARTIAL]), display)
+           if op in ("GLOBAL", "INST", "STACK_GLOBAL") and is_dangerous(n)]
+    if not bad:
+        return False
+    rep.kind = "malformed pickle"
+    rep.add(PickleReport("pickle at offset 0", UNSAFE,
+                         f"{display}: starts with a malformed pickle that names {bad[0]} "
+                         "(pickle.load would run it before failing; nothing was executed)",
+                         sorted(set(bad))))
+    return True
+
+
+# Code that runs on load outside pickles: format -> "module:function(path) -> reasons"
+_FORMAT_SCANS = {
+    "keras-h5": "ckptconv.adapters.keras_scan:code_on_load",
+    "hdf5": "ckptconv.adapters.keras_scan:code_on_load",
+    "tf": "ckptconv.adapters.tf_scan:code_on_load",
+    "onnx": "ckptconv.adapters.onnx_scan:code_on_load",
+}
+
+
+def _scan_format(rep: ScanReport, p: Path, fmt: str) -> None:
+    import importlib
+
+    target = _FORMAT_SCANS.get(fmt)
+    if target is None:
+        return
+    module, _, func = target.partition(":")
+    try:
+        reasons = getattr(importlib.import_module(module), func)(p)
+    except CkptconvError as e:
+        rep.fail(_line(e))
+        return
+    except ImportError as e:
+        rep.fail(f"{p.name}: judging {fmt} content needs {e.name}; not scanned")
+        return
+    for reason in reasons:
+        rep.refuse(reason)
 
 
 def _known_format(p: Path) -> str | None:
@@ -561,10 +673,16 @@ def _known_format(p: Path) -> str | None:
         return None
 
 
-def _is_legacy_magic(value) -> bool:
+def _is_legacy_magic_at_start(buf) -> bool:
+    """A torch legacy file written with another pickle protocol: its first
+    pickle is the magic number, data after it is the rest of the format."""
     from .adapters.torch_pickle import LEGACY_MAGIC
 
-    return isinstance(value, int) and not isinstance(value, bool) and value == LEGACY_MAGIC
+    end, complete = _pickle_end(buf, 0)
+    if not complete:
+        return False
+    pr, value = check_pickle_bytes(bytes(buf[:end]), "magic", "magic")
+    return type(value) is int and value == LEGACY_MAGIC
 
 
 # --- many files -------------------------------------------------------------------------

@@ -44,6 +44,7 @@ class Member:
     size: int
     crc: int
     compress_type: int
+    flags: int = 0          # general purpose bit flag (bit 0: encrypted)
 
 
 def _find_eocd(handle: FileHandle, start: int, size: int, name: str) -> tuple[int, int, int]:
@@ -135,7 +136,7 @@ def read_members(handle: FileHandle, start: int = 0, size: int | None = None) ->
                 f"{name}: truncated zip archive (member '{mname}' needs "
                 f"{human_bytes(csize)} at offset {start + data_start}, file ends at "
                 f"{start + size})")
-        members[mname] = Member(mname, start + data_start, csize, usize, crc, method)
+        members[mname] = Member(mname, start + data_start, csize, usize, crc, method, flags)
     return members
 
 

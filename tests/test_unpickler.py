@@ -204,8 +204,9 @@ def _recording(base):
             self.reached = reached
 
         def find_class(self, module, name):
-            self.reached.append(f"{module}.{name}")
-            raise _Reached(f"{module}.{name}")
+            # no name (a module line cut off at the end): only the module is imported
+            self.reached.append(f"{module}.{name}" if name else module)
+            raise _Reached(module)
 
         def persistent_load(self, pid):
             raise _Reached("persistent id")

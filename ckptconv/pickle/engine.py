@@ -175,8 +175,9 @@ class RestrictedUnpickler:
                                 f"{type(obj).__name__} (only records and known types allowed)")
 
     def bare_global(self, g: Global):
-        """A Global left in the result as a value (e.g. a dtype argument)."""
-        if is_dangerous(g.qualname):
+        """A Global left in the result as a value (e.g. a dtype argument): an
+        inert record, also for an allowlisted name (named, never called)."""
+        if is_dangerous(g.qualname) and not self.allowed_global(g.qualname):
             raise UnsafePickleError(f"{self.display}: pickle references {g.qualname} "
                                     "(a callable that can run code; nothing was executed)")
         return ObjectRecord(g.qualname, kind="global")
@@ -208,8 +209,12 @@ class RestrictedUnpickler:
                 self._judge_after_stop(buf, end)
             return self.finish(root)
         except _DECODE_ERRORS as e:
-            if isinstance(e, NameAtEnd):   # refused as unsafe where the name is
-                self._global(e.module, e.name, e.opcode)
+            if isinstance(e, NameAtEnd) and is_dangerous(e.qualname) and \
+                    not self.allowed_global(e.qualname):
+                raise UnsafePickleError(f"{self.display}: pickle names {e.qualname} via "
+                                        f"{e.opcode} on its last line (CPython reading a file "
+                                        "looks it up before failing; refused, nothing was "
+                                        "executed)") from None
             raise FormatError(f"{self.display}: corrupt or truncated pickle ({type(e).__name__}: "
                               f"{' '.join(str(e).split())[:160]})") from e
         finally:

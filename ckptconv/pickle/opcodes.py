@@ -130,7 +130,8 @@ class NameAtEnd(ValueError):
 
     def __init__(self, opcode: str, offset: int, module: str, name: str, end: int):
         self.opcode, self.module, self.name = opcode, module, name
-        self.qualname = f"{module}.{name}"
+        # no name line at all: only the module is imported
+        self.qualname = f"{module}.{name}" if name else module
         super().__init__(f"{opcode} at offset {offset}: no newline before offset {end} "
                          f"(CPython would still look up {self.qualname!r})")
 
