@@ -41,7 +41,7 @@ def is_bare_pickle(head: bytes, path: Path | None = None) -> bool:
                 and head[8:9] != b"{")
     if not head or head[:1].decode("latin1") not in PICKLE_OPCODES or path is None:
         return False
-    from ckptconv.unpickler import iter_opcodes
+    from ckptconv.pickle import iter_opcodes
 
     with open(path, "rb") as f:
         prefix = f.read(TEXT_PICKLE_SNIFF)

@@ -172,7 +172,7 @@ class ScanSummary:
 
 def check_pickle_bytes(data: bytes, display: str, where: str) -> tuple[PickleReport, Any]:
     """Raw listing + interpretation of one pickle; (report, value or None)."""
-    from .adapters.torch_pickle import check_pickle
+    from .adapters.torch import check_pickle
     from .pickle import scan_globals
 
     listing = scan_globals(data, display)
@@ -564,7 +564,7 @@ def scan(path: str | os.PathLike) -> ScanReport:
 
 
 def _scan_file(rep: ScanReport, p: Path, buf, display: str) -> None:
-    from .adapters.torch_pickle import _LEGACY_HEAD
+    from .adapters.torch import LEGACY_HEAD
     from .ziputil import is_zip
 
     head = bytes(buf[:_SNIFF])
@@ -582,7 +582,7 @@ def _scan_file(rep: ScanReport, p: Path, buf, display: str) -> None:
         _scan_npy(rep, buf, display, display)
         if not rep.pickles and not rep.reasons:
             rep.kind = "numpy .npy (no pickle)"
-    elif head.startswith(_LEGACY_HEAD):
+    elif head.startswith(LEGACY_HEAD):
         _scan_legacy(rep, buf, display)
     elif archive_kind(head):
         rep.kind = f"{archive_kind(head)} archive"
@@ -676,7 +676,7 @@ def _known_format(p: Path) -> str | None:
 def _is_legacy_magic_at_start(buf) -> bool:
     """A torch legacy file written with another pickle protocol: its first
     pickle is the magic number, data after it is the rest of the format."""
-    from .adapters.torch_pickle import LEGACY_MAGIC
+    from .adapters.torch import LEGACY_MAGIC
 
     end, complete = _pickle_end(buf, 0)
     if not complete:

@@ -450,7 +450,7 @@ def test_zip_tricks(tmp_path):
 def test_raw_listing_follows_names_through_the_memo(tmp_path):
     """scan's raw listing (scan_globals) names what STACK_GLOBAL really loads,
     even when both strings come from memo slots, and lists EXT codes."""
-    from ckptconv.unpickler import scan_globals
+    from ckptconv.pickle import scan_globals
 
     names = scan_globals(BY_NAME["memo_obfuscated_stack_global"].data)
     assert ("STACK_GLOBAL", "posix.system") in names

@@ -22,7 +22,7 @@ from ckptconv.adapters.torch import TorchUnpickler
 from ckptconv.errors import CkptconvError, UnsafePickleError
 from ckptconv.tensor import BufferSource, TensorRef
 from ckptconv.tree import ObjectRecord
-from ckptconv.unpickler import RestrictedUnpickler
+from ckptconv.pickle import RestrictedUnpickler
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import given, settings  # noqa: E402
@@ -182,7 +182,7 @@ import os  # noqa: E402
 import struct  # noqa: E402
 import subprocess  # noqa: E402
 
-from ckptconv.adapters.torch_pickle import check_pickle  # noqa: E402
+from ckptconv.adapters.torch import check_pickle  # noqa: E402
 from ckptconv.errors import FormatError  # noqa: E402
 from ckptconv.pickle import is_dangerous  # noqa: E402
 

@@ -18,7 +18,7 @@ from ckptconv import dtypes as _dt
 from ckptconv.errors import FormatError
 from ckptconv.tensor import ArrayTensor, BufferSource, ByteSource, FileHandle, FileSource
 from ckptconv.tree import Checkpoint
-from ckptconv.unpickler import RestrictedUnpickler
+from ckptconv.pickle import RestrictedUnpickler
 
 from ..sniffers import LEGACY_HEAD, LEGACY_MAGIC, is_bare_pickle  # noqa: F401 (re-exported)
 from .unpickling import TorchUnpickler, checkpoint_info

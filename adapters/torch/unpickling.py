@@ -27,7 +27,7 @@ from ckptconv import dtypes as _dt
 from ckptconv.errors import FormatError, UnsafePickleError
 from ckptconv.tensor import ArrayTensor, ByteSource, StoredTensor, TensorRef
 from ckptconv.tree import ObjectRecord
-from ckptconv.unpickler import (Global, Pending, RestrictedUnpickler, is_dangerous, scan_globals,
+from ckptconv.pickle import (Global, Pending, RestrictedUnpickler, is_dangerous, scan_globals,
                                 short_repr)
 
 from .known_globals import (DICT, ENUM, OMEGACONF_CONTAINERS, PARENT_KEY, PARENT_LINKED, PATH,
