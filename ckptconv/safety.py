@@ -572,7 +572,9 @@ def _scan_file(rep: ScanReport, p: Path, buf, display: str) -> None:
         rep.kind = "empty file"
         rep.notes.append("0 bytes, no pickle")
         return
-    fmt = _known_format(p)
+    # a SavedModel's files are found by their names, as TensorFlow finds them
+    fmt = _SAVED_MODEL_FILES.get(p.name) if (p.parent / "saved_model.pb").is_file() else None
+    fmt = fmt or _known_format(p)
     if is_zip(head) or head[:4] == b"PK\x05\x06":
         _scan_zip(rep, p)
     elif _is_tar(head):
@@ -635,6 +637,10 @@ def _malformed_pickle_names(rep: ScanReport, buf, display: str) -> bool:
                          sorted(set(bad))))
     return True
 
+
+# Files of a SavedModel folder (next to saved_model.pb) and who judges them
+_SAVED_MODEL_FILES = {"saved_model.pb": "tf", "keras_metadata.pb": "keras-h5",
+                      "fingerprint.pb": "TensorFlow SavedModel fingerprint (numbers only)"}
 
 # Code that runs on load outside pickles: format -> "module:function(path) -> reasons"
 _FORMAT_SCANS = {

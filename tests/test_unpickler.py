@@ -395,6 +395,7 @@ def test_frame_crossing_exploit_is_refused_naming_the_offset():
                                      "offset 22", True),
     (mc.P4 + b"\x95" + struct.pack("<Q", 100) + b"N.", "FRAME at offset 2 declares 100 bytes, "
                                                         "only 2 follow", False),
+    (mc.P4 + b"\x95" + struct.pack("<Q", 100) + b"]N", "no STOP", False),  # only truncated
     (mc.P4 + _frame(b"\x8c\x03a") + b"bcN.", "SHORT_BINUNICODE at offset 11 runs past the end "
                                               "of its frame at offset 14", True),
     (mc.P4 + _frame(b"cos\nsys") + b"tem\n.", "GLOBAL at offset 11 runs past", True),

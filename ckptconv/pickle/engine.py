@@ -235,6 +235,7 @@ class RestrictedUnpickler:
         d = self.display
         buf, base, n = data, 0, len(data)   # base: offset of buf in data (a frame's start)
         in_frame = False
+        short_frame = -1    # offset of a FRAME that declares more bytes than follow
         stack: list[Any] = []
         metastack: list[list[Any]] = []
         memo: dict[int, Any] = {}
@@ -349,9 +350,12 @@ class RestrictedUnpickler:
                             raise FormatError(f"{d}: corrupt pickle (stack holds {len(stack)} "
                                               f"{'after an unclosed MARK ' if metastack else ''}at "
                                               f"STOP, offset {base + pos})")
+                        if short_frame >= 0:
+                            self._short_frame(data, short_frame)
                         return stack[0], base + pos + 1
                     elif code == 0x95:  # FRAME
-                        buf, base = self._frame(data, base + pos, base + n if in_frame else -1)
+                        buf, base, short_frame = self._frame(data, base + pos,
+                                                             base + n if in_frame else -1)
                         pos, n, in_frame = 0, len(buf), True
                     else:
                         name, arg, end = decode_opcode(buf, pos, n)
@@ -367,10 +371,15 @@ class RestrictedUnpickler:
             raise
         raise FormatError(f"{d}: truncated pickle (no STOP opcode)")
 
-    def _frame(self, data: bytes, at: int, frame_end: int) -> tuple[bytes, int]:
+    def _frame(self, data: bytes, at: int, frame_end: int) -> tuple[bytes, int, int]:
         """FRAME at ``data[at]`` (``frame_end``: the current frame's end, -1 if
-        none): (a copy of the new frame, its offset). Refused as CPython's
-        ``_Unframer`` refuses, or where the C unpickler would read otherwise."""
+        none): (a copy of the new frame, its offset, ``at`` if the frame
+        declares more bytes than follow else -1). Refused as CPython's
+        ``_Unframer`` refuses, or where the C unpickler would read otherwise.
+
+        A frame longer than the data is a truncated pickle (every reader
+        fails) unless a STOP is reached in it: then CPython's pure-Python
+        reader returns a value where the C reader fails (``_short_frame``)."""
         d = self.display
         limit = frame_end if frame_end >= 0 else len(data)
         if at + 9 > limit:
@@ -384,10 +393,15 @@ class RestrictedUnpickler:
                 f"{d}: FRAME at offset {at} begins inside the frame that ends at offset "
                 f"{frame_end} (a frame inside a frame; CPython refuses it; nothing was executed)")
         if length > len(data) - start:
-            raise UnsafePickleError(
-                f"{d}: FRAME at offset {at} declares {length} bytes, only {len(data) - start} "
-                "follow (CPython readers disagree on such a pickle; nothing was executed)")
-        return data[start:start + length], start
+            return data[start:], start, at
+        return data[start:start + length], start, -1
+
+    def _short_frame(self, data: bytes, at: int) -> None:
+        length = int.from_bytes(data[at + 1:at + 9], "little")
+        raise UnsafePickleError(
+            f"{self.display}: FRAME at offset {at} declares {length} bytes, only "
+            f"{len(data) - at - 9} follow, yet its STOP is inside (CPython's readers disagree "
+            "on such a pickle; nothing was executed)")
 
     def _check_frame_crossing(self, data: bytes, at: int, frame_end: int) -> None:
         """The opcode at ``data[at]`` failed to decode inside its frame: if it
