@@ -35,20 +35,16 @@ PICKLE_OPCODES = frozenset(op.code for op in pickletools.opcodes)
 def is_bare_pickle(head: bytes, path: Path | None = None) -> bool:
     """A plain pickle: PROTO 2..5 and a valid opcode next (not a safetensors
     header that happens to start with 0x80: its 9th byte is '{'), or a
-    protocol 0/1 pickle that parses to its STOP within its first MiB."""
+    protocol 0/1 pickle that parses to its STOP, or names a dangerous global,
+    within its first MiB (``ckptconv.pickle.starts_a_pickle``)."""
+    from ckptconv.pickle import starts_a_pickle
+
     if len(head) >= 3 and head[0] == 0x80:
-        return (2 <= head[1] <= 5 and head[2:3].decode("latin1") in PICKLE_OPCODES
-                and head[8:9] != b"{")
+        return starts_a_pickle(head) and head[8:9] != b"{"
     if not head or head[:1].decode("latin1") not in PICKLE_OPCODES or path is None:
         return False
-    from ckptconv.pickle import iter_opcodes
-
     with open(path, "rb") as f:
-        prefix = f.read(TEXT_PICKLE_SNIFF)
-    try:
-        return any(name == "STOP" for name, _, _ in iter_opcodes(prefix))
-    except Exception:  # noqa: BLE001 - sniffing: anything that does not parse is not a pickle
-        return False
+        return starts_a_pickle(f.read(TEXT_PICKLE_SNIFF))
 
 
 def sniff_torch(head: bytes, path: Path) -> bool:

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-from .errors import EXIT_BAD_INPUT, EXIT_OK, CkptconvError, FormatError
+from .errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_UNSAFE, CkptconvError, FormatError, UnsafePickleError
 
 MANIFEST_SUFFIX = ".sha256.json"
 MANIFEST_KIND = "ckptconv-manifest"
@@ -44,13 +44,16 @@ class VerifyReport:
     checked: dict[str, int] = field(default_factory=dict)   # what was checked, how many
     problems: list[str] = field(default_factory=list)       # one line each
     notes: list[str] = field(default_factory=list)
+    unsafe: list[str] = field(default_factory=list)         # content refused as unsafe
 
     @property
     def ok(self) -> bool:
-        return not self.problems
+        return not self.problems and not self.unsafe
 
     @property
     def exit_code(self) -> int:
+        if self.unsafe:
+            return EXIT_UNSAFE
         return EXIT_OK if self.ok else EXIT_BAD_INPUT
 
     def count(self, what: str, n: int = 1) -> None:
@@ -65,9 +68,13 @@ class VerifyReport:
     def __str__(self) -> str:
         what = ", ".join(f"{n} {k}" for k, n in self.checked.items()) or "nothing"
         head = f"{self.path} ({self.format or 'unknown format'}): "
-        head += f"OK: {what}" if self.ok else f"FAILED: {len(self.problems)} problem" \
-            f"{'s' if len(self.problems) != 1 else ''} ({what} checked)"
-        lines = [head] + [f"  problem: {p}" for p in self.problems]
+        if self.unsafe:
+            head += f"UNSAFE ({what} checked)"
+        else:
+            head += f"OK: {what}" if self.ok else f"FAILED: {len(self.problems)} problem" \
+                f"{'s' if len(self.problems) != 1 else ''} ({what} checked)"
+        lines = [head] + [f"  unsafe: {u}" for u in self.unsafe]
+        lines += [f"  problem: {p}" for p in self.problems]
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -408,6 +415,8 @@ def verify(path: str | os.PathLike, manifest: bool = False) -> VerifyReport:
     try:
         ck = read_checkpoint(src, format=fmt)
         digests = tensor_digests(ck, report)
+    except UnsafePickleError as e:  # intact or not, its content would run code
+        report.unsafe.append(_line(e))
     except CkptconvError as e:
         report.problems.append(_line(e))
     if manifest:

@@ -54,6 +54,7 @@ from typing import Any, Iterable
 
 from .errors import (EXIT_BAD_INPUT, EXIT_OK, EXIT_UNSAFE, CkptconvError, FormatError,
                      UnsafePickleError)
+from .pickle import starts_a_pickle
 
 SAFE, UNSAFE, UNSCANNED = "safe", "unsafe", "unscanned"
 _NPY_MAGIC = b"\x93NUMPY"
@@ -287,16 +288,13 @@ def _scan_zip(rep: ScanReport, path: Path) -> None:
     for name in names:
         m = members[name]
         display = f"{handle.display}:{name}"
-        if m.flags & 1:
-            rep.fail(f"{display}: zip member is encrypted; not scanned")
-            continue
         if any(name.startswith(f"{r}data/") for r in roots) or name.endswith("/") and not m.size:
             continue
         if m.compress_type not in (0, 8):
             rep.fail(f"{display}: zip member compressed with method {m.compress_type}; not scanned")
             continue
         head = _member_head(handle, m)
-        if name.endswith(_PICKLE_SUFFIXES) or looks_like_pickle(head):
+        if name.endswith(_PICKLE_SUFFIXES) or starts_a_pickle(head):
             data = read_member_bytes(handle, m, _MAX_MEMBER)
             rep.add(check_pickle_bytes(data, display, name)[0])
         elif head.startswith(_NPY_MAGIC):
@@ -326,21 +324,6 @@ def archive_kind(head: bytes) -> str | None:
 
 
 _SNIFF = 1 << 16
-
-
-def looks_like_pickle(head: bytes) -> bool:
-    """Whether bytes start a pickle: PROTO 2-5 and an opcode next, or a
-    protocol 0/1 pickle (text) that parses to its STOP within ``head``."""
-    from .pickle import iter_opcodes
-
-    if len(head) >= 3 and head[0] == 0x80:
-        return head[1] <= 5 and head[2:3] in _PICKLE_OPCODES
-    if head[:1] not in _PICKLE_OPCODES:
-        return False
-    try:
-        return any(name == "STOP" for name, _, _ in iter_opcodes(head[:_SNIFF]))
-    except Exception:  # noqa: BLE001 - sniffing: what does not parse is not a pickle
-        return False
 
 
 def _is_text(head: bytes) -> bool:
@@ -463,7 +446,7 @@ def _scan_tar(rep: ScanReport, path: Path, display: str) -> None:
                 _scan_tar_records(rep, data, mdisplay, _tar_storage_skip(_dt, ObjectRecord))
             elif m.name == "tensors":
                 _scan_tar_records(rep, data, mdisplay, _tar_tensor_skip)
-            elif m.name in _TAR_PICKLE_MEMBERS or looks_like_pickle(data[:_SNIFF]):
+            elif m.name in _TAR_PICKLE_MEMBERS or starts_a_pickle(data[:_SNIFF]):
                 rep.add(check_pickle_bytes(data, mdisplay, m.name)[0])
 
 
@@ -590,10 +573,8 @@ def _scan_file(rep: ScanReport, p: Path, buf, display: str) -> None:
         rep.kind = f"{archive_kind(head)} archive"
         rep.fail(f"{display}: a {archive_kind(head)} archive: ckptconv cannot look inside it; "
                  "not scanned")
-    elif looks_like_pickle(head) or (head[:1] in _PICKLE_OPCODES and _pickle_end(buf, 0)[1]):
+    elif starts_a_pickle(head) or (head[:1] in _PICKLE_OPCODES and _pickle_end(buf, 0)[1]):
         _scan_bare_pickle(rep, buf, display, fmt)
-    elif head[:1] in _PICKLE_OPCODES and fmt is None and _malformed_pickle_names(rep, buf, display):
-        pass
     elif fmt is not None:
         rep.kind = f"{fmt}, no pickles"
     elif _is_text(head):
@@ -618,24 +599,6 @@ def _scan_bare_pickle(rep: ScanReport, buf, display: str, fmt: str | None) -> No
         _scan_legacy(rep, buf, display)
         return
     rep.add(pr)
-
-
-def _malformed_pickle_names(rep: ScanReport, buf, display: str) -> bool:
-    """Starts like a pickle but does not parse to its end: unsafe if the part
-    that parses names something dangerous (pickle.load would have run it
-    before failing), else not a pickle."""
-    from .pickle import is_dangerous, scan_globals
-
-    bad = [n for op, n in scan_globals(bytes(buf[:_MAX_PARTIAL]), display)
-           if op in ("GLOBAL", "INST", "STACK_GLOBAL") and is_dangerous(n)]
-    if not bad:
-        return False
-    rep.kind = "malformed pickle"
-    rep.add(PickleReport("pickle at offset 0", UNSAFE,
-                         f"{display}: starts with a malformed pickle that names {bad[0]} "
-                         "(pickle.load would run it before failing; nothing was executed)",
-                         sorted(set(bad))))
-    return True
 
 
 # Files of a SavedModel folder (next to saved_model.pb) and who judges them

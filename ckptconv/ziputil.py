@@ -44,7 +44,6 @@ class Member:
     size: int
     crc: int
     compress_type: int
-    flags: int = 0          # general purpose bit flag (bit 0: encrypted)
 
 
 def _find_eocd(handle: FileHandle, start: int, size: int, name: str) -> tuple[int, int, int]:
@@ -119,6 +118,9 @@ def read_members(handle: FileHandle, start: int = 0, size: int | None = None) ->
         except UnicodeDecodeError:
             raise FormatError(f"{name}: corrupt zip: member name {raw_name[:40]!r} is not "
                               "valid UTF-8") from None
+        if flags & 1:  # APPNOTE.TXT general purpose bit 0: a reader would see ciphertext
+            raise FormatError(f"{name}: zip member '{mname}' is encrypted; ckptconv reads "
+                              "no encrypted archives")
         if mname in members:
             # two members of one name: readers disagree on which one counts
             # (a scanner could check one while torch loads the other)
@@ -136,7 +138,7 @@ def read_members(handle: FileHandle, start: int = 0, size: int | None = None) ->
                 f"{name}: truncated zip archive (member '{mname}' needs "
                 f"{human_bytes(csize)} at offset {start + data_start}, file ends at "
                 f"{start + size})")
-        members[mname] = Member(mname, start + data_start, csize, usize, crc, method, flags)
+        members[mname] = Member(mname, start + data_start, csize, usize, crc, method)
     return members
 
 

@@ -203,3 +203,27 @@ def scan_globals(data, display: str = "pickle") -> list[tuple[str, str]]:
             found.append((e.opcode, e.qualname))
         found.append(("ERROR", f"{type(e).__name__}: {' '.join(str(e).split())[:160]}"))
     return found
+
+
+_OPCODE_BYTES = frozenset(ord(op.code) for op in pickletools.opcodes)
+
+
+def starts_a_pickle(prefix: bytes) -> bool:
+    """Whether ``pickle.load`` of bytes starting with ``prefix`` would do
+    anything: PROTO 0-5 and an opcode next; or a pickle (protocol 0/1 has no
+    PROTO) that parses to its STOP within ``prefix``; or opcodes that name a
+    dangerous global before they stop parsing (``pickle.load`` runs what
+    comes before the fault)."""
+    from .names import is_dangerous
+
+    if not prefix or prefix[0] not in _OPCODE_BYTES:
+        return False
+    if prefix[0] == 0x80:
+        return len(prefix) >= 3 and prefix[1] <= 5 and prefix[2] in _OPCODE_BYTES
+    try:
+        if any(name == "STOP" for name, _, _ in iter_opcodes(prefix)):
+            return True
+    except Exception:  # noqa: BLE001 - sniffing: what does not parse may still name something
+        pass
+    return any(op in ("GLOBAL", "INST", "STACK_GLOBAL") and is_dangerous(name)
+               for op, name in scan_globals(prefix))
