@@ -19,7 +19,7 @@ from ckptconv import dtypes as _dt
 from ckptconv.atomic import atomic_file, atomic_files
 from ckptconv.errors import FormatError, UnsupportedError, UsageError
 from ckptconv.registry import Adapter
-from ckptconv.sharding import read_sharded
+from ckptconv.sharding import read_sharded, shard_files
 from ckptconv.streaming import OutFile
 from ckptconv.tensor import FileHandle, FileSource, StoredTensor, TensorRef
 from ckptconv.tree import Checkpoint, iter_tensors, tree_from_metadata, tree_to_metadata
@@ -27,9 +27,11 @@ from ckptconv.tree import Checkpoint, iter_tensors, tree_from_metadata, tree_to_
 from .sniffers import MAX_HEADER
 
 DEFAULT_SHARD = 5 * 10**9
+#: ``__metadata__["format"]`` as transformers writes it -> the framework the file is for
+HF_FRAMEWORKS = {"pt": "torch", "tf": "tf"}
 
 
-def _parse_header(handle: FileHandle) -> tuple[dict, int]:
+def _parse_header(handle: FileHandle, object_pairs_hook=None) -> tuple[dict, int]:
     """(header dict, absolute offset of the data block)."""
     name = handle.display
     if handle.size < 8:
@@ -41,8 +43,8 @@ def _parse_header(handle: FileHandle) -> tuple[dict, int]:
         raise FormatError(f"{name}: truncated safetensors header (needs {n} bytes, "
                           f"file has {handle.size - 8} after the length)")
     try:
-        header = json.loads(handle.pread(8, n))
-    except (UnicodeDecodeError, ValueError) as e:
+        header = json.loads(handle.pread(8, n), object_pairs_hook=object_pairs_hook)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise FormatError(f"{name}: safetensors header is not valid JSON: {e}") from None
     if not isinstance(header, dict):
         raise FormatError(f"{name}: safetensors header is not a JSON object")
@@ -110,8 +112,25 @@ class SafetensorsAdapter(Adapter):
             tensors, meta = _read_index(path)
         else:
             tensors, meta = read_safetensors_file(path)
-        tree, meta = tree_from_metadata(tensors, meta, path.name)
-        return Checkpoint(tree, meta, self.name, str(path))
+        info: dict = {}
+        if meta.get("format") in HF_FRAMEWORKS:   # transformers' save_pretrained says whose
+            info["origin"] = HF_FRAMEWORKS[meta["format"]]
+        tree, meta = tree_from_metadata(tensors, meta, path.name, info)
+        return Checkpoint(tree, meta, self.name, str(path), info)
+
+    def verify(self, path: Path, **options):
+        """``ckptconv verify``: the checks below, then every tensor read in full."""
+        from ckptconv.integrity import verify_checkpoint
+
+        return verify_checkpoint(path, self.name, self.check_integrity, **options)
+
+    def check_integrity(self, path: Path, report) -> None:
+        """The header's offsets against the data block of every file (the format
+        carries no checksums: a flipped bit inside a tensor needs a manifest)."""
+        for f in shard_files(path):
+            check_layout(f, report)
+        report.notes.append("safetensors carries no checksums: a flipped bit inside a tensor "
+                            "is only caught with a manifest (convert --manifest)")
 
     def write(self, ckpt: Checkpoint, path: Path, force: bool = False, shard_size: int | None = None,
               dedupe_tied: bool = False, jobs: int = 1, **options) -> dict:
@@ -170,7 +189,8 @@ class SafetensorsAdapter(Adapter):
         shard_md = {k: v for k, v in metadata.items() if not k.startswith("ckptconv.")}
         # total_size describes these shards: a value carried over from a
         # source index (its metadata) must not replace it
-        index = {"metadata": {"total_size": str(sum(r.nbytes for _, r in entries)),
+        # an int, as transformers writes it (and reads it: from_pretrained sums shards)
+        index = {"metadata": {"total_size": sum(r.nbytes for _, r in entries),
                               **{k: v for k, v in metadata.items()
                                  if k not in ("format", "total_size")}},
                  "weight_map": {name: shard_names[k] for k, sh in enumerate(shards) for name, _ in sh}}
@@ -189,14 +209,19 @@ class SafetensorsAdapter(Adapter):
 
 
 def _write_one(path: Path, entries, metadata: dict[str, str]) -> None:
+    # data by element size (each tensor aligned to its own), header entries in
+    # the checkpoint's order: readers that keep the header's order (ckptconv,
+    # json) give the names back as they were
     order = sorted(range(len(entries)), key=lambda i: -entries[i][1].dtype.itemsize)
-    header: dict = {"__metadata__": metadata}
+    spans: dict[int, list[int]] = {}
     offset = 0
     for i in order:
-        name, ref = entries[i]
+        spans[i] = [offset, offset + entries[i][1].nbytes]
+        offset += entries[i][1].nbytes
+    header: dict = {"__metadata__": metadata}
+    for i, (name, ref) in enumerate(entries):
         header[name] = {"dtype": ref.dtype.safetensors, "shape": list(ref.shape),
-                        "data_offsets": [offset, offset + ref.nbytes]}
-        offset += ref.nbytes
+                        "data_offsets": spans[i]}
     raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
     raw += b" " * (-len(raw) % 8)
     with OutFile(path) as out:
@@ -213,3 +238,57 @@ def _write_one(path: Path, entries, metadata: dict[str, str]) -> None:
             out.write_tensor(ref)
         if out.pos != 8 + len(raw) + offset:
             raise FormatError(f"{path}: wrote {out.pos} bytes, planned {8 + len(raw) + offset}")
+
+
+# --- verify ----------------------------------------------------------------------
+
+def check_layout(path: Path, report) -> None:
+    """Header offsets against the data block: in range, no overlap, no hole, no
+    tail, no name given twice (readers would disagree which one counts)."""
+    handle = FileHandle(path)
+    name = handle.display
+    dupes: list[str] = []
+
+    def pairs(items):
+        seen = {}
+        for k, v in items:
+            if k in seen:
+                dupes.append(k)
+            seen[k] = v
+        return seen
+
+    try:
+        header, data_start = _parse_header(handle, pairs)
+    except FormatError as e:
+        report.problems.append(str(e))
+        return
+    for k in dupes:
+        report.problems.append(f"{name}: header names '{k}' twice (readers disagree which counts)")
+    data_size = handle.size - data_start
+    spans = []
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            begin, end = (int(x) for x in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            report.problems.append(f"{name}: tensor '{key}' has no valid data_offsets")
+            continue
+        if not 0 <= begin <= end <= data_size:
+            report.problems.append(f"{name}: tensor '{key}' spans bytes {begin}..{end} of a "
+                                   f"{data_size}-byte data block")
+            continue
+        spans.append((begin, end, key))
+        report.count("safetensors offsets")
+    spans.sort()
+    pos, prev = 0, None
+    for begin, end, key in spans:
+        if begin < pos and end > begin:
+            report.problems.append(f"{name}: tensors '{prev}' and '{key}' overlap at data offset {begin}")
+        elif begin > pos:
+            report.problems.append(f"{name}: {begin - pos} bytes at data offset {pos} belong to no "
+                                   f"tensor (hole before '{key}')")
+        pos, prev = max(pos, end), key
+    if spans and pos < data_size:
+        report.problems.append(f"{name}: {data_size - pos} bytes after the last tensor belong to "
+                               "no tensor")

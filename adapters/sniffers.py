@@ -92,7 +92,7 @@ def sniff_safetensors(head: bytes, path: Path) -> bool:
 
 TABLE_MAGIC = 0xDB4775248B80FB57
 FOOTER_SIZE = 48                 # two BlockHandles padded to 40 bytes + 8-byte magic
-DATA_FILE_RE = re.compile(r"^(?P<prefix>.+)\.data-(?P<k>\d{5})-of-(?P<n>\d{5})$")
+DATA_FILE_RE = re.compile(r"^(?P<prefix>.*)\.data-(?P<k>\d{5})-of-(?P<n>\d{5})$")
 
 
 def has_table_magic(index: Path) -> bool:
@@ -108,10 +108,12 @@ def has_table_magic(index: Path) -> bool:
 
 
 def has_data_files(prefix: str) -> bool:
-    p = Path(prefix)
+    # os.path, not Path: a prefix may end in "/" (an empty basename, as
+    # tf.train.Checkpoint.write("dir/") makes: dir/.index, dir/.data-*)
+    folder, base = os.path.split(prefix)
     try:
-        return any(DATA_FILE_RE.match(c.name) and c.name.startswith(p.name + ".data-")
-                   for c in p.parent.iterdir())
+        return any(DATA_FILE_RE.match(name) and name.startswith(base + ".data-")
+                   for name in os.listdir(folder or "."))
     except OSError:
         return False
 
@@ -134,23 +136,26 @@ def _state_file_prefix(folder: Path) -> str:
     if not names:
         raise FormatError(f"{folder.name}/checkpoint: no model_checkpoint_path in the state file")
     name = names[0]
+    base = os.path.basename(name)
     # TF writes absolute paths; a copied or moved folder still means its own files
-    candidates = [folder / Path(name).name, Path(name) if os.path.isabs(name) else folder / name]
+    candidates = [os.path.join(folder, base), name if os.path.isabs(name) else os.path.join(folder, name)]
     for c in candidates:
-        if Path(str(c) + ".index").exists():
-            return str(c)
-    raise FormatError(f"{folder.name}/checkpoint: points at '{name}' but '{Path(name).name}.index' "
+        if os.path.exists(c + ".index"):
+            return c
+    raise FormatError(f"{folder.name}/checkpoint: points at '{name}' but '{base}.index' "
                       f"is not in {folder}")
 
 
 def find_prefix(path: str | os.PathLike, strict: bool = True) -> str | None:
     """The bundle prefix for a prefix, a ``.index`` or ``.data-*`` file, a folder
-    with a ``checkpoint`` state file, a SavedModel folder or its ``variables/``.
+    with a ``checkpoint`` state file, a folder holding ``.index`` itself (the
+    prefix ``dir/``), a SavedModel folder, its ``variables/`` or its
+    ``saved_model.pb``.
 
     ``strict=False`` (sniffing) returns None instead of raising.
     """
     p = Path(path)
-    s = str(p)
+    s = os.fspath(path)
     try:
         if p.is_dir():
             if (p / "checkpoint").is_file():
@@ -158,16 +163,20 @@ def find_prefix(path: str | os.PathLike, strict: bool = True) -> str | None:
             for cand in (p / "variables" / "variables", p / "variables"):
                 if Path(str(cand) + ".index").is_file():
                     return str(cand)
+            if (p / ".index").is_file():         # prefix "dir/": dir/.index + dir/.data-*
+                return os.path.join(str(p), "")
             if strict:
                 raise FormatError(f"{p}: folder has no 'checkpoint' state file, no "
-                                  f"saved_model variables/ and no variables.index")
+                                  f"saved_model variables/, no variables.index and no .index")
             return None
+        if p.name == "saved_model.pb" and p.is_file():
+            return find_prefix(p.parent, strict)
         if s.endswith(".index") and p.is_file():
             return s[: -len(".index")]
         m = DATA_FILE_RE.match(s)
         if m and p.is_file():
             return m.group("prefix")
-        if Path(s + ".index").is_file():
+        if os.path.isfile(s + ".index"):
             return s
     except FormatError:
         if strict:
@@ -282,6 +291,8 @@ def sniff_keras_h5(head: bytes, path: Path) -> bool:
 
 # ModelProto field number -> wire type
 MODEL_FIELDS = {1: 0, 2: 2, 3: 2, 4: 2, 5: 0, 6: 2, 7: 2, 8: 2, 14: 2, 20: 2, 25: 2, 26: 2}
+NAME_FIELDS = (2, 3, 4)           # ModelProto producer_name, producer_version, domain
+MAX_NAME_FIELD = 1024
 
 
 def looks_like_onnx(head: bytes) -> bool:
@@ -300,6 +311,11 @@ def looks_like_onnx(head: bytes) -> bool:
             value, pos = read_varint(head, pos, len(head))
             seen += 1
             if num == 1 and not 1 <= value <= 64:
+                return False
+            # producer_name/version and domain are short names; a TF SavedModel
+            # (saved_model.pb: version 1, then field 2 = the whole MetaGraphDef)
+            # otherwise looks like a ModelProto
+            if num in NAME_FIELDS and value > MAX_NAME_FIELD:
                 return False
             if wire == 2:
                 pos += value

@@ -1,21 +1,17 @@
 """``ckptconv verify``: check a checkpoint's integrity without changing it.
 
-What each format lets us check:
+The core knows no format. ``verify`` detects the format, then:
 
-- torch zip (and TorchScript): the CRC-32 of every member against the
-  central directory (PKWARE APPNOTE 4.4.7; torch writes them, stored);
-- TensorFlow bundles: the masked crc32c of every tensor and the sizes,
-  shards and slices of the index (``adapters.tf_bundle.verify_bundle``;
-  ``tensorflow/core/util/tensor_bundle``);
-- safetensors: the header's offsets and sizes: every tensor's byte range
-  inside the data block, no overlaps, no holes, no trailing bytes, no
-  duplicate names (the format carries no checksums);
-- every format: the checkpoint opens, and every tensor's bytes can be read
-  in full (ONNX external data present and long enough, HDF5 datasets
-  readable, legacy torch storages inside the file);
-- ``--manifest``: ``<SRC>.sha256.json`` as written by ``convert --manifest``
-  (``write_manifest``): size and SHA-256 of every file and SHA-256 of every
-  tensor's bytes, so any flipped bit is caught, in any format.
+- runs the adapter's ``verify(path, report)`` hook, where the format has
+  something of its own to check (torch zip CRC-32s, TF crc32c of every
+  tensor, safetensors header offsets, ``.keras`` member CRCs); a format
+  without one gets a one-line note;
+- opens the checkpoint and reads every tensor's bytes in full (ONNX external
+  data present and long enough, HDF5 datasets readable, ...);
+- with ``--manifest``, checks ``<SRC>.sha256.json`` as written by
+  ``convert --manifest`` (``write_manifest``): size and SHA-256 of every file
+  and SHA-256 of every tensor's bytes, so any flipped bit is caught, in any
+  format.
 
 ``VerifyReport.exit_code`` is 0 when nothing is wrong, 1 otherwise.
 """
@@ -24,13 +20,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import struct
-import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
-from .errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_UNSAFE, CkptconvError, FormatError, UnsafePickleError
+from .errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_UNSAFE, CkptconvError, UnsafePickleError
 
 MANIFEST_SUFFIX = ".sha256.json"
 MANIFEST_KIND = "ckptconv-manifest"
@@ -81,165 +75,6 @@ class VerifyReport:
 
 def _line(e: BaseException) -> str:
     return " ".join(str(e).split())
-
-
-# --- format checks ---------------------------------------------------------------------
-
-def _member_crc(handle, m) -> int:
-    """CRC-32 of a member's *uncompressed* bytes, read in bounded chunks."""
-    from .streaming import crc_of_span
-
-    if m.compress_type == 0:
-        return crc_of_span(handle, m.data_offset, m.compressed_size, chunk=_CHUNK)
-    if m.compress_type != 8:
-        raise FormatError(f"{handle.display}: zip member '{m.name}' uses compression "
-                          f"{m.compress_type}")
-    d = zlib.decompressobj(-15)
-    crc = produced = 0
-    step = 1 << 20  # output per call: memory stays flat whatever the ratio
-
-    def take(out: bytes) -> None:
-        nonlocal crc, produced
-        produced += len(out)
-        if produced > m.size:
-            raise FormatError(f"{handle.display}: zip member '{m.name}' inflates past its "
-                              f"{m.size} bytes (zip bomb or corrupt)")
-        crc = zlib.crc32(out, crc)
-
-    try:
-        for off in range(0, m.compressed_size, step):
-            buf = handle.pread(m.data_offset + off, min(step, m.compressed_size - off))
-            while True:
-                out = d.decompress(buf, step)
-                take(out)
-                buf = d.unconsumed_tail
-                if not buf and len(out) < step:
-                    break
-        take(d.flush())
-    except zlib.error as e:
-        raise FormatError(f"{handle.display}: zip member '{m.name}' does not inflate ({e})") from None
-    return crc
-
-
-def check_zip_crcs(path: Path, report: VerifyReport) -> None:
-    from .tensor import FileHandle
-    from .ziputil import read_members
-
-    handle = FileHandle(path)
-    members = read_members(handle)
-    for name, m in members.items():
-        got = _member_crc(handle, m)
-        report.count("zip members (crc32)")
-        if got != m.crc:
-            report.problems.append(f"{handle.display}: zip member '{name}' fails its CRC-32 "
-                                   f"(stored {m.crc:08x}, computed {got:08x})")
-
-
-def check_safetensors_layout(path: Path, report: VerifyReport) -> None:
-    """Header offsets against the data block: in range, no overlap, no hole, no tail."""
-    from .tensor import FileHandle
-
-    handle = FileHandle(path)
-    name = handle.display
-    if handle.size < 8:
-        report.problems.append(f"{name}: too short for safetensors ({handle.size} bytes)")
-        return
-    (n,) = struct.unpack("<Q", handle.pread(0, 8))
-    if n > 100 << 20 or 8 + n > handle.size:
-        report.problems.append(f"{name}: header length {n} does not fit the file")
-        return
-    dupes: list[str] = []
-
-    def pairs(items):
-        seen = {}
-        for k, v in items:
-            if k in seen:
-                dupes.append(k)
-            seen[k] = v
-        return seen
-
-    try:
-        header = json.loads(handle.pread(8, n), object_pairs_hook=pairs)
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        report.problems.append(f"{name}: header is not valid JSON ({_line(e)[:120]})")
-        return
-    for k in dupes:
-        report.problems.append(f"{name}: header names '{k}' twice (readers disagree which counts)")
-    if not isinstance(header, dict):
-        report.problems.append(f"{name}: header is not a JSON object")
-        return
-    data_size = handle.size - 8 - n
-    spans = []
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        try:
-            begin, end = (int(x) for x in info["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            report.problems.append(f"{name}: tensor '{key}' has no valid data_offsets")
-            continue
-        if not 0 <= begin <= end <= data_size:
-            report.problems.append(f"{name}: tensor '{key}' spans bytes {begin}..{end} of a "
-                                   f"{data_size}-byte data block")
-            continue
-        spans.append((begin, end, key))
-        report.count("safetensors offsets")
-    spans.sort()
-    pos, prev = 0, None
-    for begin, end, key in spans:
-        if begin < pos and end > begin:
-            report.problems.append(f"{name}: tensors '{prev}' and '{key}' overlap at data offset {begin}")
-        elif begin > pos:
-            report.problems.append(f"{name}: {begin - pos} bytes at data offset {pos} belong to no "
-                                   f"tensor (hole before '{key}')")
-        pos, prev = max(pos, end), key
-    if spans and pos < data_size:
-        report.problems.append(f"{name}: {data_size - pos} bytes after the last tensor belong to "
-                               "no tensor")
-
-
-def _data_files(path: Path) -> list[Path]:
-    """The files holding the data: the file itself, or the shards of a
-    ``*.index.json`` (Hugging Face layout, safetensors or torch)."""
-    if not path.name.endswith(".index.json"):
-        return [path] if path.is_file() else []
-    try:
-        index = json.loads(path.read_text())
-        shards = dict.fromkeys(index["weight_map"].values())
-    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError, OSError):
-        return []   # the reader reports this one properly
-    base = path.parent.resolve()
-    out = []
-    for s in shards:
-        p = (path.parent / s) if isinstance(s, str) else None
-        if p is not None and p.is_file() and base in p.resolve().parents:
-            out.append(p)
-    return out
-
-
-def _is_zip_file(path: Path) -> bool:
-    with open(path, "rb") as f:
-        return f.read(4) == b"PK\x03\x04"
-
-
-def check_tf_bundle(path: Path, report: VerifyReport) -> None:
-    try:
-        from .adapters.tf_bundle import verify_bundle
-    except ImportError:
-        report.notes.append("TensorFlow bundle checksums not checked (tf_bundle adapter missing)")
-        return
-    problems = verify_bundle(path)
-    report.problems.extend(problems)
-    report.count("tf entries (crc32c)", _tf_entry_count(path))
-
-
-def _tf_entry_count(path: Path) -> int:
-    try:
-        from .adapters.tf_bundle import Bundle, find_prefix
-
-        return len(Bundle(find_prefix(path)).entries)
-    except Exception:  # noqa: BLE001 - only a count for the report
-        return 0
 
 
 # --- reading every tensor ---------------------------------------------------------------
@@ -382,38 +217,40 @@ def check_manifest(src: Path, ck, digests: dict[str, dict] | None, report: Verif
 
 # --- the verb ---------------------------------------------------------------------------
 
-def verify(path: str | os.PathLike, manifest: bool = False) -> VerifyReport:
-    """Every integrity check the format allows (see the module docstring)."""
-    from .registry import read_checkpoint
-    from .registry import detect_format
+def verify(path: str | os.PathLike, manifest: bool = False, **read_options) -> VerifyReport:
+    """Every integrity check the format allows (see the module docstring): the
+    verb for formats whose adapter has no ``verify`` hook of its own."""
+    return verify_checkpoint(path, manifest=manifest, **read_options)
+
+
+def verify_checkpoint(path: str | os.PathLike, format: str | None = None,
+                      format_checks: Callable[[Path, VerifyReport], None] | None = None,
+                      manifest: bool = False, **read_options) -> VerifyReport:
+    """The format's own checks (``format_checks(path, report)``, what an
+    adapter's ``verify`` hook passes), then every tensor read in full, then
+    the manifest if asked. An intact file whose content the reader refuses as
+    unsafe is reported unsafe (exit 3), not corrupt."""
+    from .registry import detect_format, read_checkpoint
 
     src = Path(path)
     report = VerifyReport(str(src))
     try:
-        fmt = detect_format(src)
+        fmt = format or detect_format(src)
     except CkptconvError as e:
         report.problems.append(_line(e))
         return report
     report.format = fmt
     try:
-        if fmt == "tf":
-            check_tf_bundle(src, report)
-        for f in _data_files(src):
-            if _is_zip_file(f):          # torch zip, TorchScript, .keras
-                check_zip_crcs(f, report)
-            elif fmt == "safetensors":
-                check_safetensors_layout(f, report)
-            elif fmt == "torch":
-                report.notes.append(f"{f.name}: legacy/pickle torch files carry no checksums; "
-                                    "use convert --manifest for end-to-end checks")
-        if fmt == "safetensors":
-            report.notes.append("safetensors carries no checksums: a flipped bit inside a tensor "
-                                "is only caught with a manifest (convert --manifest)")
+        if format_checks is not None:
+            format_checks(src, report)
+        else:
+            report.notes.append(f"{fmt} has no format-level checks of its own (no verify hook); "
+                                "every tensor is read in full")
     except (CkptconvError, OSError) as e:
         report.problems.append(_line(e))
     ck = digests = None
     try:
-        ck = read_checkpoint(src, format=fmt)
+        ck = read_checkpoint(src, format=fmt, **read_options)
         digests = tensor_digests(ck, report)
     except UnsafePickleError as e:  # intact or not, its content would run code
         report.unsafe.append(_line(e))

@@ -54,3 +54,23 @@ def read_sharded(path: Path, read_shard: Callable[[Path], tuple[dict[str, Tensor
     # recomputes it, so it is not passed on as the checkpoint's metadata
     return ({n: tensors[n] for n in weight_map},
             {k: v for k, v in index_meta.items() if k != "total_size"}, shard_meta)
+
+
+def shard_files(path: Path) -> list[Path]:
+    """The files holding the data: the file itself, or the shards of a
+    ``*.index.json`` that exist inside its folder (unreadable indexes give
+    none: the reader reports them properly)."""
+    if not path.name.endswith(".index.json"):
+        return [path] if path.is_file() else []
+    try:
+        index = json.loads(path.read_text())
+        shards = dict.fromkeys(index["weight_map"].values())
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError, OSError):
+        return []
+    base = path.parent.resolve()
+    out = []
+    for s in shards:
+        p = (path.parent / s) if isinstance(s, str) else None
+        if p is not None and p.is_file() and base in p.resolve().parents:
+            out.append(p)
+    return out

@@ -24,6 +24,7 @@ from ._lazy import np
 
 from .errors import FormatError, UsageError
 from .tensor import ArrayTensor, TensorRef
+from .views import record_views, restore_views
 
 TREE_KEY = "ckptconv.tree"
 ALIASES_KEY = "ckptconv.aliases"
@@ -271,8 +272,8 @@ class Checkpoint:
 def _copy_container(node, fn):
     """A dict (of its own kind), list or tuple with each child replaced by
     ``fn(child)``; any other node as it is."""
-    if isinstance(node, OrderedDict):
-        return OrderedDict((k, fn(v)) for k, v in node.items())
+    if isinstance(node, OrderedDict):     # with its attributes (a state dict's _metadata)
+        return _with_attrs(OrderedDict((k, fn(v)) for k, v in node.items()), node)
     if isinstance(node, dict):
         return {k: fn(v) for k, v in node.items()}
     if isinstance(node, list):
@@ -289,6 +290,26 @@ def map_tree(tree, fn):
     if isinstance(tree, ObjectRecord):
         return ObjectRecord(tree.cls, map_tree(tree.state, fn), map_tree(tree.args, fn), tree.kind)
     return _copy_container(tree, lambda v: map_tree(v, fn))
+
+
+def _with_attrs(new: OrderedDict, old: OrderedDict) -> OrderedDict:
+    """``new`` with ``old``'s instance attributes (a state dict's ``_metadata``:
+    the per-module versions ``load_state_dict`` hands to each module's hooks)."""
+    for k, v in vars(old).items():
+        setattr(new, k, v)
+    return new
+
+
+def set_attributes(od: OrderedDict, attrs: dict, display: str = "") -> OrderedDict:
+    """Instance attributes on an OrderedDict, as pickle's BUILD sets them; a
+    name that would shadow a method (``items``, ``keys``...) is refused."""
+    for k, v in attrs.items():
+        if not isinstance(k, str) or not k.isidentifier() or hasattr(OrderedDict, k) \
+                or k.startswith("__"):
+            raise FormatError(f"{display}: attribute {k!r} on an OrderedDict is not a plain "
+                              "attribute")
+        setattr(od, k, v)
+    return od
 
 
 def to_canonical(obj, _memo=None):
@@ -325,7 +346,10 @@ def encode_tree(tree, names: dict[int, str]) -> Any:
     if isinstance(tree, float) and type(tree) is float:
         return tree if math.isfinite(tree) else {"$f": repr(tree)}
     if isinstance(tree, OrderedDict):
-        return {"$od": [[encode_tree(k, names), encode_tree(v, names)] for k, v in tree.items()]}
+        out = {"$od": [[encode_tree(k, names), encode_tree(v, names)] for k, v in tree.items()]}
+        if vars(tree):
+            out["attrs"] = encode_tree(dict(vars(tree)), names)
+        return out
     if isinstance(tree, dict):
         if all(type(k) is str and not k.startswith("$") for k in tree):
             return {k: encode_tree(v, names) for k, v in tree.items()}
@@ -370,8 +394,17 @@ def decode_tree(obj, tensors: dict[str, TensorRef]) -> Any:
             raise FormatError(f"tree refers to tensor '{name}' that is not in the file")
         return tensors[name]
     if "$od" in obj:
-        return OrderedDict((_hashable(decode_tree(k, tensors)), decode_tree(v, tensors))
-                           for k, v in obj["$od"])
+        od = OrderedDict((_hashable(decode_tree(k, tensors)), decode_tree(v, tensors))
+                         for k, v in obj["$od"])
+        return set_attributes(od, decode_tree(obj.get("attrs"), tensors) or {})
+    if "$flat" in obj:       # a state dict: its keys are the tensor names, in this order
+        kind = OrderedDict if obj.get("type") == "OrderedDict" else dict
+        missing = [n for n in obj["$flat"] if n not in tensors]
+        if missing:
+            raise FormatError(f"tree refers to tensor '{missing[0]}' that is not in the file")
+        flat = kind((n, tensors[n]) for n in obj["$flat"])
+        return set_attributes(flat, decode_tree(obj.get("attrs"), tensors) or {}) \
+            if kind is OrderedDict else flat
     if "$d" in obj:
         return {_hashable(decode_tree(k, tensors)): decode_tree(v, tensors) for k, v in obj["$d"]}
     if "$tuple" in obj:
@@ -405,42 +438,79 @@ def _hashable(k):
     return tuple(_hashable(x) for x in k) if isinstance(k, list) else k
 
 
-def tree_to_metadata(ckpt: Checkpoint, names: dict[int, str] | None = None) -> dict[str, str]:
+def unique_named(tree, names: dict[int, str] | None = None) -> list[tuple[str, TensorRef]]:
+    """(name, tensor) of each distinct tensor, in order, under ``names[id]``
+    (a writer's choice of name for tied tensors) or its first name."""
+    seen: set[int] = set()
+    out = []
+    for name, ref in iter_tensors(tree):
+        if id(ref) not in seen:
+            seen.add(id(ref))
+            out.append(((names or {}).get(id(ref), name), ref))
+    return out
+
+
+def tree_to_metadata(ckpt: Checkpoint, names: dict[int, str] | None = None,
+                     keeps_order: bool = True) -> dict[str, str]:
     """Namespaced metadata keys that let a flat format restore the whole tree.
 
-    Nothing is added for a plain state dict (its keys are the whole story).
+    A plain ``dict`` state dict needs nothing (its keys are the whole story)
+    unless the format does not keep the order of its names
+    (``keeps_order=False``: TF sorts them); an ``OrderedDict`` one records
+    its type, key order and attributes (``_metadata``) compactly. Storage
+    sharing and strides go to ``ckptconv.views`` (see ``views.py``).
     """
     if names is None:
         names = {}
         for name, ref in iter_tensors(ckpt.tree):
             names.setdefault(id(ref), name)
     out = {}
+    tree = ckpt.tree
     if not ckpt.is_flat:
-        out[TREE_KEY] = json.dumps(encode_tree(ckpt.tree, names), separators=(",", ":"))
+        out[TREE_KEY] = json.dumps(encode_tree(tree, names), separators=(",", ":"))
+    elif type(tree) is not dict or (not keeps_order and list(tree) != sorted(tree)):
+        flat: dict[str, Any] = {"$flat": list(tree)}
+        if isinstance(tree, OrderedDict):
+            flat["type"] = "OrderedDict"
+            if vars(tree):
+                flat["attrs"] = encode_tree(dict(vars(tree)), names)
+        out[TREE_KEY] = json.dumps(flat, separators=(",", ":"))
     al = ckpt.aliases
     if al:
         out[ALIASES_KEY] = json.dumps(al, separators=(",", ":"))
+    out.update(record_views(unique_named(ckpt.tree, names))[0])
     if ckpt.format:
+        # origin: the first format in a chain of conversions (a Keras file through
+        # safetensors is still Keras: target choice and layouts go by it)
         out[SOURCE_KEY] = json.dumps({"format": ckpt.format,
-                                      "file": ckpt.path and str(ckpt.path).rsplit("/", 1)[-1]})
+                                      "file": ckpt.path and str(ckpt.path).rsplit("/", 1)[-1],
+                                      "origin": ckpt.info.get("origin") or ckpt.format})
     return out
 
 
 def tree_from_metadata(tensors: dict[str, TensorRef], metadata: dict[str, str],
-                       display: str = "") -> tuple[Any, dict[str, str]]:
+                       display: str = "", info: dict | None = None) -> tuple[Any, dict[str, str]]:
     """Rebuild the tree from flat named tensors + our metadata keys.
 
     Returns (tree, the metadata left for the user). Tied names listed in
-    ``ckptconv.aliases`` point at one TensorRef again.
+    ``ckptconv.aliases`` point at one TensorRef again; storages and strides
+    of ``ckptconv.views`` are rebuilt. ``info`` (the reader's
+    ``Checkpoint.info``) gets ``origin``: the format the checkpoint first
+    came from, as ``ckptconv.source`` records it.
     """
     md = dict(metadata)
-    tensors = dict(tensors)
+    tensors = restore_views(dict(tensors), md, display)
     try:
         aliases = json.loads(md.pop(ALIASES_KEY)) if ALIASES_KEY in md else {}
         for name, target in aliases.items():
             if target in tensors:
                 tensors[name] = tensors[target]
-        md.pop(SOURCE_KEY, None)
+        source = md.pop(SOURCE_KEY, None)
+        if source is not None and info is not None:
+            src = json.loads(source)
+            origin = src.get("origin") or src.get("format") if isinstance(src, dict) else None
+            if isinstance(origin, str):
+                info["origin"] = origin
         if TREE_KEY in md:
             tree = decode_tree(json.loads(md.pop(TREE_KEY)), tensors)
             return tree, md

@@ -123,7 +123,7 @@ def test_choosing_a_target_and_listing_formats_import_no_adapter():
 @pytest.mark.parametrize("src_name, dst_name, expected", [
     ("a.safetensors", "b.pt", {"safetensors_", "torch"}),
     ("a.pt", "b.safetensors", {"torch", "safetensors_"}),
-    ("a.safetensors", "b.onnx", {"safetensors_", "onnx_"}),
+    ("a.safetensors", "b.onnx", {"safetensors_", "onnx"}),
 ])
 def test_a_conversion_imports_only_its_two_adapters(tmp_path, src_name, dst_name, expected):
     src = tmp_path / src_name

@@ -366,7 +366,7 @@ def test_inspect_via_cli(models):
 def test_cli_import_does_not_pull_onnx():
     import subprocess
 
-    code = "import sys, ckptconv.cli, ckptconv.adapters.onnx_; print('onnx' in sys.modules)"
+    code = "import sys, ckptconv.cli, ckptconv.adapters.onnx, ckptconv.adapters.onnx.read; print('onnx' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

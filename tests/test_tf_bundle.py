@@ -23,7 +23,10 @@ import pytest
 
 import ckptconv
 from ckptconv.adapters import _io
-from ckptconv.adapters import tf_bundle as tb
+from ckptconv.adapters.tf import bundle as tf_bundle
+from ckptconv.adapters.tf import object_graph as tf_object_graph
+from ckptconv.adapters.tf import records as tf_records
+from ckptconv.adapters.tf import table as tf_table
 from ckptconv.errors import FormatError, IntegrityError, UnsupportedError
 from ckptconv.registry import detect_format
 
@@ -71,16 +74,16 @@ def test_crc32c_numpy_speed():
 
 
 def test_protobuf_and_entry_codec():
-    e = tb.BundleEntry(b"a/b", 14, (3, 0, 7), shard_id=2, offset=1 << 40, size=42,
+    e = tf_records.BundleEntry(b"a/b", 14, (3, 0, 7), shard_id=2, offset=1 << 40, size=42,
                        crc32c=0xDEADBEEF, slices=[[(0, -1), (5, 2)]])
-    back = tb.parse_entry(b"a/b", tb.encode_entry(e))
+    back = tf_records.parse_entry(b"a/b", tf_records.encode_entry(e))
     assert back == e
     assert _io.as_int64(_io.read_varint(_io.encode_varint(-1))[0]) == -1
     with pytest.raises(_io.DecodeError):
         _io.read_varint(b"\x80\x80")
     with pytest.raises(_io.DecodeError):
         list(_io.iter_fields(_io.field_bytes(1, b"abc")[:-1]))
-    h = tb.parse_header(tb.encode_header(3))
+    h = tf_records.parse_header(tf_records.encode_header(3))
     assert (h.num_shards, h.big_endian, h.producer) == (3, False, 1)
 
 
@@ -97,10 +100,10 @@ def test_snappy_compressed_index_block(tmp_path):
     values = np.array([1.0, 2.0], np.float32)
     prefix = tmp_path / "snap"
     Path(str(prefix) + ".data-00000-of-00001").write_bytes(values.tobytes())
-    entry = tb.BundleEntry(b"w", 1, (2,), size=8, crc32c=_io.mask_crc(_io.crc32c(values.tobytes())))
-    block = tb._BlockBuilder(16)
-    block.add(b"", tb.encode_header(1))
-    block.add(b"w", tb.encode_entry(entry))
+    entry = tf_records.BundleEntry(b"w", 1, (2,), size=8, crc32c=_io.mask_crc(_io.crc32c(values.tobytes())))
+    block = tf_table.BlockBuilder(16)
+    block.add(b"", tf_records.encode_header(1))
+    block.add(b"w", tf_records.encode_entry(entry))
     raw = block.finish()
     n = len(raw) - 1                          # one snappy literal covering the whole block
     nbytes = (n.bit_length() + 7) // 8
@@ -115,12 +118,12 @@ def test_snappy_compressed_index_block(tmp_path):
                      + _io.mask_crc(_io.crc32c(contents + trailer)).to_bytes(4, "little"))
         return handle
 
-    data_handle = put(compressed, tb.SNAPPY)
-    meta_handle = put(tb._BlockBuilder(16).finish(), tb.NO_COMPRESSION)
-    index = tb._BlockBuilder(1)
+    data_handle = put(compressed, tf_table.SNAPPY)
+    meta_handle = put(tf_table.BlockBuilder(16).finish(), tf_table.NO_COMPRESSION)
+    index = tf_table.BlockBuilder(1)
     index.add(b"x", data_handle)
-    index_handle = put(index.finish(), tb.NO_COMPRESSION)
-    table += (meta_handle + index_handle).ljust(40, b"\0") + tb.TABLE_MAGIC.to_bytes(8, "little")
+    index_handle = put(index.finish(), tf_table.NO_COMPRESSION)
+    table += (meta_handle + index_handle).ljust(40, b"\0") + tf_table.TABLE_MAGIC.to_bytes(8, "little")
     Path(str(prefix) + ".index").write_bytes(bytes(table))
     np.testing.assert_array_equal(ckptconv.load(prefix).tree["w"].numpy(), values)
 
@@ -129,8 +132,8 @@ def test_table_many_blocks_roundtrip(tmp_path):
     items = [(b"", b"header")] + [(f"layer_{i:05d}/kernel".encode(), os.urandom(i % 50))
                                   for i in range(3000)]
     p = tmp_path / "t.index"
-    p.write_bytes(tb.build_table(items, block_size=1024))
-    got = tb.read_table(ckptconv.tensor.FileHandle(p))
+    p.write_bytes(tf_table.build_table(items, block_size=1024))
+    got = tf_table.read_table(ckptconv.tensor.FileHandle(p))
     assert [(k, bytes(v)) for k, v in got] == items
 
 
@@ -224,6 +227,11 @@ def fixtures(tf, tmp_path_factory):
     prefix = tf.train.Checkpoint(**vs).write(str(root / "strings" / "ckpt"))
     out["strings"] = (Path(prefix), prefix)
 
+    # An empty basename: tf.train.Checkpoint.write("dir/") writes dir/.index, dir/.data-*
+    prefix = tf.train.Checkpoint(v=tf.Variable(np.arange(3, dtype=np.float32))).write(
+        str(root / "emptybase") + "/")
+    out["emptybase"] = (root / "emptybase", prefix)
+
     # A tf.data iterator: its state is a DT_VARIANT tensor
     it = iter(tf.data.Dataset.range(10))
     next(it), next(it)
@@ -247,15 +255,15 @@ def assert_same_as_tf(tf, prefix: str, arrays: dict[str, np.ndarray]) -> None:
 # --- reading --------------------------------------------------------------------------
 
 def test_dtype_table_matches_tensorflow(tf):
-    for num, name in tb.TF_DTYPES.items():
+    for num, name in tf_records.TF_DTYPES.items():
         tfd = tf.dtypes.as_dtype(num)
         assert tfd.as_datatype_enum == num
         assert np.dtype(tfd.as_numpy_dtype) == ckptconv.dtypes.numpy_dtype(name), (num, name)
-    for num, (qname, storage) in tb.TF_QUANTIZED.items():
+    for num, (qname, storage) in tf_records.TF_QUANTIZED.items():
         assert tf.dtypes.as_dtype(num).name == qname
         assert tf.dtypes.as_dtype(num).size == ckptconv.dtypes.get(storage).itemsize
-    assert tf.string.as_datatype_enum == tb.DT_STRING
-    assert tf.variant.as_datatype_enum == tb.DT_VARIANT
+    assert tf.string.as_datatype_enum == tf_records.DT_STRING
+    assert tf.variant.as_datatype_enum == tf_records.DT_VARIANT
 
 
 def test_detects_every_way_to_name_a_checkpoint(fixtures):
@@ -265,8 +273,8 @@ def test_detects_every_way_to_name_a_checkpoint(fixtures):
     for p in (tf1_dir, tf1_prefix, tf1_prefix + ".index", shard_prefix + ".data-00001-of-00002",
               sm_dir, sm_dir / "variables"):
         assert detect_format(p) == "tf", p
-    assert tb.find_prefix(tf1_dir) == tf1_prefix            # the state file's newest entry
-    assert tb.find_prefix(sm_dir) == fixtures["savedmodel"][1]
+    assert tf_bundle.find_prefix(tf1_dir) == tf1_prefix            # the state file's newest entry
+    assert tf_bundle.find_prefix(sm_dir) == fixtures["savedmodel"][1]
 
 
 @pytest.mark.parametrize("name", ["tf1", "keras", "savedmodel", "v1shards", "tf2shards"])
@@ -292,7 +300,7 @@ def test_reading_is_lazy_and_partitioned_variables_assemble(tf, fixtures):
     assert ck.info["checkpoint_kind"].startswith("name-based")
     assert ck.info["partitioned"]["emb"] == 3
     emb = ck.tree["emb"]
-    assert isinstance(emb, tb.SlicedTensor) and emb.shape == (200, 3)
+    assert isinstance(emb, tf_bundle.SlicedTensor) and emb.shape == (200, 3)
     ref = ck.tree["bert/encoder/layer_0/attention/self/query/kernel"]
     assert ref.file_span() is not None                         # bytes stay in the file
     reader = tf.train.load_checkpoint(fixtures["tf1"][1])
@@ -308,7 +316,7 @@ def test_tf2_object_graph_gives_readable_paths(fixtures):
     for key in tensors:
         assert key.endswith("/.ATTRIBUTES/VARIABLE_VALUE")
         assert paths[key] == key[: -len("/.ATTRIBUTES/VARIABLE_VALUE")].replace("/", ".")
-    assert isinstance(ck.tree[tb.OBJECT_GRAPH_TENSOR], bytes)   # kept for TF -> TF
+    assert isinstance(ck.tree[tf_object_graph.OBJECT_GRAPH_TENSOR], bytes)   # kept for TF -> TF
     r = cli("inspect", fixtures["keras"][0], "--json")
     assert r.returncode == 0, r.stderr
     rep = json.loads(r.stdout)
@@ -341,7 +349,7 @@ def test_string_tensors_are_values(tf, fixtures, tmp_path):
     for name in ("s", "sv", "s2"):
         np.testing.assert_array_equal(reader.get_tensor(key(name)),
                                       tf.train.load_checkpoint(prefix).get_tensor(key(name)))
-    assert tb.verify_bundle(dst) == []
+    assert tf_bundle.verify_bundle(dst) == []
 
 
 def test_variant_tensor_kept_and_restored_by_tf(tf, fixtures, tmp_path):
@@ -366,13 +374,13 @@ def test_big_endian_bundle(tmp_path):
     Path(str(prefix) + ".data-00000-of-00001").write_bytes(raw)
     header = (_io.field_varint(1, 1) + _io.field_varint(2, 1)
               + _io.field_bytes(3, _io.field_varint(1, 1)))
-    entry = tb.BundleEntry(b"w", 1, (3,), size=len(raw), crc32c=_io.mask_crc(_io.crc32c(raw)))
+    entry = tf_records.BundleEntry(b"w", 1, (3,), size=len(raw), crc32c=_io.mask_crc(_io.crc32c(raw)))
     Path(str(prefix) + ".index").write_bytes(
-        tb.build_table([(b"", header), (b"w", tb.encode_entry(entry))]))
+        tf_table.build_table([(b"", header), (b"w", tf_records.encode_entry(entry))]))
     ck = ckptconv.load(prefix)
     assert ck.info["byte_order"] == "big-endian"
     np.testing.assert_array_equal(ck.tree["w"].numpy(), values)
-    assert tb.verify_bundle(prefix) == []
+    assert tf_bundle.verify_bundle(prefix) == []
     out = tmp_path / "le.ckpt"
     ckptconv.save(ck, out, format="tf")
     assert ckptconv.load(out).tree["w"].tobytes() == values.tobytes()
@@ -414,7 +422,7 @@ def test_safetensors_to_tf_read_back_by_tensorflow(tf, tmp_path):
         got = reader.get_tensor(k)
         assert np.dtype(got.dtype).name == v.dtype.name and got.shape == v.shape, k
         assert got.tobytes() == v.tobytes(), k
-    assert tb.verify_bundle(out) == []
+    assert tf_bundle.verify_bundle(out) == []
     back = ckptconv.load(out)
     for k, v in arrays.items():
         assert back.tree[k].numpy().tobytes() == v.tobytes()
@@ -434,7 +442,7 @@ def test_sharded_write(tf, tmp_path):
     reader = tf.train.load_checkpoint(str(out))
     for k, v in arrays.items():
         assert reader.get_tensor(k).tobytes() == v.tobytes(), k
-    assert tb.verify_bundle(out) == []
+    assert tf_bundle.verify_bundle(out) == []
 
 
 def test_tf2_checkpoint_survives_tf_to_tf(tf, fixtures, tmp_path):
@@ -453,7 +461,10 @@ def test_tree_metadata_and_ties_survive(tf, tmp_path):
     ck = ckptconv.tree.Checkpoint.from_state_dict(tree, {"author": "me"})
     dst = tmp_path / "t" / "model.ckpt"
     report = ckptconv.save(ck, dst, format="tf")
-    assert any(tb.METADATA_TENSOR in n for n in report["notes"])
+    assert any("ckptconv metadata" in n for n in report["notes"])
+    # ckptconv's metadata is in the index's metaindex block: TF lists only the variables
+    assert sorted(n for n, _ in tf.train.list_variables(str(dst))) == \
+        ["model.b", "model.w", "model.w_tied"]
     reader = tf.train.load_checkpoint(str(dst))
     np.testing.assert_array_equal(reader.get_tensor("model.w"), w)
     np.testing.assert_array_equal(reader.get_tensor("model.w_tied"), w)   # TF sees both names
@@ -532,7 +543,7 @@ def test_corrupt_input_is_one_line_exit_1(tf1_copy, tmp_path, kind, expected):
 
 def test_flipped_data_bit_caught_by_verification(tf1_copy, tmp_path):
     _corrupt("flipped data bit", tf1_copy)
-    problems = tb.verify_bundle(tf1_copy)
+    problems = tf_bundle.verify_bundle(tf1_copy)
     assert len(problems) == 1 and "fails its crc32c" in problems[0]
     assert "data-00000-of-00001" in problems[0]
     ckptconv.load(tf1_copy)                    # lazy: reading the index touches no data
@@ -557,7 +568,7 @@ def test_truncated_index_direct_error(tmp_path):
     idx.write_bytes(idx.read_bytes()[:20])
     with pytest.raises(FormatError, match=r"m\.ckpt\.index: truncated"):
         ckptconv.load(p)
-    assert tb.verify_bundle(p) and "truncated" in tb.verify_bundle(p)[0]
+    assert tf_bundle.verify_bundle(p) and "truncated" in tf_bundle.verify_bundle(p)[0]
 
 
 def test_hostile_index_entries_give_clean_errors(tmp_path):
@@ -568,7 +579,7 @@ def test_hostile_index_entries_give_clean_errors(tmp_path):
     prefix = tmp_path / "m.ckpt"
     ckptconv.save({"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(0, np.int8),
                    "s": b"text"}, prefix, format="tf")
-    pairs = [(k, bytes(v)) for k, v in tb.read_table(ckptconv.tensor.FileHandle(
+    pairs = [(k, bytes(v)) for k, v in tf_table.read_table(ckptconv.tensor.FileHandle(
         str(prefix) + ".index"))]
     index = Path(str(prefix) + ".index")
 
@@ -578,11 +589,11 @@ def test_hostile_index_entries_give_clean_errors(tmp_path):
         items = list(pairs)
         key, value = items[which]
         items[which] = (key, value[:cut] + junk)
-        index.write_bytes(tb.build_table(items))
+        index.write_bytes(tf_table.build_table(items))
         try:
             for ref in ckptconv.load(prefix).tensors().values():
                 ref.numpy()
-            tb.verify_bundle(prefix)
+            tf_bundle.verify_bundle(prefix)
         except ckptconv.errors.CkptconvError as e:
             assert "\n" not in str(e)
 
@@ -602,7 +613,30 @@ def test_big_file_backed_tensors_are_copied_with_their_crc_beside(tf, tmp_path):
     save_file(arrays, str(tmp_path / "w.safetensors"))
     ckptconv.convert(tmp_path / "w.safetensors", tmp_path / "out" / "model.ckpt")
     report = ckptconv.verify(tmp_path / "out" / "model.ckpt")
-    assert report.problems == [] and report.checked["tf entries (crc32c)"] == 4
+    assert report.problems == [] and report.checked["tf entries (crc32c)"] == 3
     reader = tf.train.load_checkpoint(str(tmp_path / "out" / "model.ckpt"))
     for name, arr in arrays.items():  # TensorFlow checks each tensor's crc32c as it reads
         assert reader.get_tensor(name).tobytes() == arr.tobytes(), name
+
+
+def test_prefix_with_an_empty_basename_is_found(tf, fixtures):
+    """tf.train.Checkpoint.write("dir/") names its files dir/.index and
+    dir/.data-00000-of-00001; the folder, the index and the prefix all open."""
+    folder, prefix = fixtures["emptybase"]
+    assert prefix.endswith("/") and (folder / ".index").is_file()
+    # (tf.train.load_checkpoint takes "dir/" for a folder: the raw reader opens the prefix)
+    want = tf.compat.v1.train.NewCheckpointReader(prefix).get_tensor("v/.ATTRIBUTES/VARIABLE_VALUE")
+    for path in (folder, folder / ".index", prefix):
+        assert detect_format(path) == "tf"
+        got = ckptconv.load(path).tensors()["v/.ATTRIBUTES/VARIABLE_VALUE"].numpy()
+        np.testing.assert_array_equal(got, want)
+    assert ckptconv.verify(folder).problems == []
+
+
+def test_saved_model_pb_is_a_tf_savedmodel_not_onnx(fixtures):
+    from ckptconv.adapters.sniffers import looks_like_onnx
+
+    pb = fixtures["savedmodel"][0] / "saved_model.pb"
+    assert not looks_like_onnx(pb.read_bytes()[:4096])
+    assert detect_format(pb) == "tf"
+    assert set(ckptconv.load(pb).tensors()) == set(ckptconv.load(pb.parent).tensors())

@@ -56,6 +56,17 @@ class TorchAdapter(Adapter):
         md = {k: str(v) for k, v in index_meta.items()}
         return Checkpoint(tree, md, "torch", str(path), {"sharded": True})
 
+    def verify(self, path: Path, **options):
+        """``ckptconv verify``: the checks below, then every tensor read in full."""
+        from ckptconv.integrity import verify_checkpoint
+
+        return verify_checkpoint(path, self.name, self.check_integrity, **options)
+
+    def check_integrity(self, path: Path, report) -> None:
+        from .verify import verify_torch
+
+        verify_torch(path, report)
+
     def write(self, ckpt: Checkpoint, path: Path, force: bool = False,
               torch_compat: str | None = None, **options) -> dict:
         return write_zip_checkpoint(ckpt, path, force, torch_compat)
