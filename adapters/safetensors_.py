@@ -23,6 +23,7 @@ from ckptconv.sharding import read_sharded, shard_files
 from ckptconv.streaming import OutFile
 from ckptconv.tensor import FileHandle, FileSource, StoredTensor, TensorRef
 from ckptconv.tree import Checkpoint, iter_tensors, tree_from_metadata, tree_to_metadata
+from ckptconv.views import flat_format_losses
 
 from .sniffers import MAX_HEADER
 
@@ -131,6 +132,9 @@ class SafetensorsAdapter(Adapter):
             check_layout(f, report)
         report.notes.append("safetensors carries no checksums: a flipped bit inside a tensor "
                             "is only caught with a manifest (convert --manifest)")
+
+    def losses(self, ckpt: Checkpoint, path: Path) -> list[str]:
+        return flat_format_losses(ckpt)
 
     def write(self, ckpt: Checkpoint, path: Path, force: bool = False, shard_size: int | None = None,
               dedupe_tied: bool = False, jobs: int = 1, **options) -> dict:

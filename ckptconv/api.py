@@ -19,7 +19,8 @@ from typing import Any, Callable, Iterable
 from .errors import CkptconvError, UsageError
 from .registry import (check_options, detect_format, format_for_target, format_info,
                        formats_with_hook, given_options, hook, option_flag, read_checkpoint,
-                       write_checkpoint)
+                       resolve_target, write_checkpoint)
+from .registry import source_format as registry_source_format
 from .reports import Report
 from .tree import Checkpoint
 
@@ -34,13 +35,15 @@ def load(path: str | os.PathLike, format: str | None = None, *, allow_globals=No
 
 
 def save(ck: Checkpoint | dict, path: str | os.PathLike, format: str | None = None,
-         force: bool = False, *, storage_options: dict | None = None, **options) -> dict[str, Any]:
-    """Write a checkpoint (or a plain dict of tensors) atomically."""
+         force: bool = False, *, lossless: bool = False, storage_options: dict | None = None,
+         **options) -> dict[str, Any]:
+    """Write a checkpoint (or a plain dict of tensors) atomically; ``lossless``:
+    anything the format cannot hold is an error (else a note)."""
     if not isinstance(ck, Checkpoint):
         if not isinstance(ck, dict):
             raise UsageError(f"save() takes a Checkpoint or a dict, not {type(ck).__name__}")
         ck = Checkpoint.from_state_dict(ck)
-    return write_checkpoint(ck, path, format=format, force=force,
+    return write_checkpoint(ck, path, format=format, force=force, lossless=lossless,
                             storage_options=storage_options, **options)
 
 
@@ -88,18 +91,24 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str | None = Non
             manifest: bool = False, progress: bool = False, **options) -> ConvertReport:
     """Read ``src``, optionally select/map/cast, write ``dst``; returns a report.
 
+    The report's notes say what an ambiguous extension became (``.ckpt``,
+    ``.h5``: the source's family) and what the target cannot hold; with
+    ``strict`` the latter (and unmapped keys) is an error, before writing.
+
     ``options`` are the writer's (``shard_size``, ``template``, ...): each must
     be one the target format's writer takes (see ``formats()``)."""
     t0 = time.perf_counter()
     src, dst = Path(src), Path(dst)
     if src.resolve() == dst.resolve():
         raise UsageError(f"{dst}: source and target are the same file")
-    target_format = format_for_target(dst, to)
-    # before reading anything: an option the writer does not take is a usage error
-    write_options = check_options(target_format, "write",
-                                  dict(options, storage_options=storage_options))
+    format_for_target(dst, to)       # no target format at all: a usage error, before reading
     ck = load(src, format=format, allow_globals=allow_globals, storage_options=storage_options)
     source_format = ck.format
+    # an ambiguous extension (.ckpt, .h5) takes the source's family, and says so
+    target_format, target_note = resolve_target(dst, to, registry_source_format(ck))
+    # before writing anything: an option the writer does not take is a usage error
+    write_options = check_options(target_format, "write",
+                                  dict(options, storage_options=storage_options))
     if select:
         ck = ck.select(select)
     report = ConvertReport(str(src), source_format, str(dst), target_format)
@@ -114,7 +123,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str | None = Non
 
     with progress_bar(sum(r.nbytes for r in uniq.values()), bool(progress),
                       f"{src.name} -> {dst.name}"):
-        info = save(ck, dst, format=target_format, force=force, **write_options)
+        info = save(ck, dst, format=target_format, force=force, lossless=strict,
+                    **write_options)
     report.tensors = len(uniq)
     report.bytes = sum(r.nbytes for r in uniq.values())
     report.files = [str(f) for f in info.get("files", [dst])]
@@ -122,7 +132,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str | None = Non
         from .integrity import write_manifest
 
         report.files.append(str(write_manifest(dst, report.files)))
-    report.notes = list(info.get("notes", []))
+    report.notes = ([target_note] if target_note else []) + list(info.get("notes", []))
     report.seconds = time.perf_counter() - t0
     return report
 

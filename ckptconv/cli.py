@@ -60,7 +60,8 @@ def _convert_arguments(c: argparse.ArgumentParser):
     c.add_argument("--from", dest="from_", metavar="FMT", help="force the source format")
     c.add_argument("--map", action="append", metavar="RULES_FILE|PRESET",
                    help="key-rename rules (repeatable; applied in order)")
-    c.add_argument("--strict", action="store_true", help="unmatched keys are an error")
+    c.add_argument("--strict", action="store_true",
+                   help="unmatched mapping keys, and anything the target cannot hold, are errors")
     c.add_argument("--select", metavar="TREE.PATH", help="convert only this subtree")
     c.add_argument("--dtype", metavar="DTYPE", help="cast floating-point tensors (bf16, fp16, ...)")
     c.add_argument("--shard-size", type=_byte_size, metavar="SIZE", help="shard output (e.g. 5GB)")

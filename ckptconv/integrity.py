@@ -20,11 +20,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
 from .errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_UNSAFE, CkptconvError, UnsafePickleError
+from .reports import Report
 
 MANIFEST_SUFFIX = ".sha256.json"
 MANIFEST_KIND = "ckptconv-manifest"
@@ -32,13 +33,14 @@ _CHUNK = 8 << 20
 
 
 @dataclass
-class VerifyReport:
+class VerifyReport(Report):
     path: str
     format: str | None = None
     checked: dict[str, int] = field(default_factory=dict)   # what was checked, how many
     problems: list[str] = field(default_factory=list)       # one line each
     notes: list[str] = field(default_factory=list)
     unsafe: list[str] = field(default_factory=list)         # content refused as unsafe
+    dict_properties = ("ok", "exit_code")
 
     @property
     def ok(self) -> bool:
@@ -52,12 +54,6 @@ class VerifyReport:
 
     def count(self, what: str, n: int = 1) -> None:
         self.checked[what] = self.checked.get(what, 0) + n
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["ok"] = self.ok
-        d["exit_code"] = self.exit_code
-        return d
 
     def __str__(self) -> str:
         what = ", ".join(f"{n} {k}" for k, n in self.checked.items()) or "nothing"
@@ -218,9 +214,18 @@ def check_manifest(src: Path, ck, digests: dict[str, dict] | None, report: Verif
 # --- the verb ---------------------------------------------------------------------------
 
 def verify(path: str | os.PathLike, manifest: bool = False, **read_options) -> VerifyReport:
-    """Every integrity check the format allows (see the module docstring): the
-    verb for formats whose adapter has no ``verify`` hook of its own."""
-    return verify_checkpoint(path, manifest=manifest, **read_options)
+    """Every integrity check the format allows (see the module docstring):
+    the adapter's ``verify`` hook where it has one, else the format-neutral
+    checks alone."""
+    from .registry import detect_format, format_info, get_adapter
+
+    try:
+        fmt = detect_format(path)
+    except CkptconvError:
+        fmt = None                  # verify_checkpoint reports it
+    if fmt is not None and "verify" in format_info(fmt).hooks:
+        return get_adapter(fmt).verify(Path(path), manifest=manifest, **read_options)
+    return verify_checkpoint(path, fmt, manifest=manifest, **read_options)
 
 
 def verify_checkpoint(path: str | os.PathLike, format: str | None = None,

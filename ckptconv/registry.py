@@ -74,6 +74,12 @@ class Adapter:
     def write(self, ckpt: Checkpoint, path: Path, **options) -> Any:
         raise NotImplementedError
 
+    def losses(self, ckpt: Checkpoint, path: Path) -> list[str]:
+        """What of ``ckpt`` this format cannot hold, one line each naming the keys
+        and why: notes of the write, or its error when nothing may be lost
+        (``convert --strict``). Asked before anything is written."""
+        return []
+
     def check_available(self, action: str = "reading") -> None:
         for mod in self.requires:
             try:
@@ -104,6 +110,12 @@ class FormatInfo:
     write_options: frozenset[str] = frozenset()
     hooks: frozenset[str] = frozenset()
     builtin: bool = True
+    # the framework a format belongs to (target choice for ambiguous extensions);
+    # "" means the format's own name
+    family: str = ""
+    # extensions this format writes when the source is of its family, though
+    # another format is the default for them (".ckpt": TF bundle, or Lightning's torch file)
+    shared_extensions: tuple[str, ...] = ()
 
     def sniffer(self) -> Callable[[bytes, Path], bool]:
         if callable(self.sniff):
@@ -134,7 +146,8 @@ FORMATS: dict[str, FormatInfo] = _formats(
                description="PyTorch torch.save (zip and legacy), TorchScript weights",
                read_options=frozenset({"allow_globals"}),
                write_options=frozenset({"torch_compat"}),
-               hooks=frozenset({"check", "sanitize", "verify"})),
+               hooks=frozenset({"check", "sanitize", "verify"}),
+               shared_extensions=(".ckpt",)),
     FormatInfo("safetensors", (".safetensors", ".safetensors.index.json"),
                "ckptconv.adapters.safetensors_:SafetensorsAdapter", _sniffer("sniff_safetensors"),
                description="safetensors (single file or sharded *.index.json)",
@@ -152,7 +165,7 @@ FORMATS: dict[str, FormatInfo] = _formats(
                extra="hdf5", requires=("h5py",),
                description="Keras weights: Keras 2 .h5 (weights or full model), "
                            "Keras 3 .weights.h5 / .keras",
-               hooks=frozenset({"verify"})),
+               hooks=frozenset({"verify"}), family="keras", shared_extensions=(".h5", ".hdf5")),
     FormatInfo("hdf5", (".h5", ".hdf5", ".hdf", ".he5"),
                "ckptconv.adapters.hdf5:HDF5Adapter", _sniffer("sniff_hdf5"),
                extra="hdf5", requires=("h5py",),
@@ -301,6 +314,40 @@ def _longest_extension_match(path: str, infos) -> str | None:
     return best and best[0]
 
 
+def format_family(name: str | None) -> str | None:
+    """The framework a format belongs to (``keras-h5`` -> ``keras``); its name
+    when the table says nothing (plugins)."""
+    if not name:
+        return None
+    info = FORMATS.get(name)
+    return (info.family or info.name) if info else name
+
+
+def resolve_target(path: str | os.PathLike, to: str | None = None,
+                   source_format: str | None = None) -> tuple[str, str | None]:
+    """(format to write, a note saying what was chosen when the extension is
+    ambiguous). ``.ckpt``, ``.h5``: the format of the source's family
+    (``source_format``: the format the checkpoint came from, or first came
+    from through a conversion chain), else the extension's default."""
+    fmt = format_for_target(path, to)
+    if to:
+        return fmt, None
+    p = str(path).lower()
+    own = max((len(e) for e in FORMATS[fmt].extensions if p.endswith(e)), default=0)
+    rivals = {name: ext for name, info in FORMATS.items() if name != fmt
+              for ext in info.shared_extensions if p.endswith(ext) and len(ext) >= own}
+    if not rivals:
+        return fmt, None
+    family = format_family(source_format)
+    chosen = next((n for n in rivals if format_family(n) == family), fmt)
+    ext = rivals.get(chosen) or next(iter(rivals.values()))
+    why = (f"the source is {source_format}" if format_family(chosen) == family
+           else f"the default for {ext}; the source is {source_format or 'not of a family'}")
+    note = (f"'{ext}' can be {', '.join([fmt, *rivals])}: wrote {chosen} ({why}); "
+            f"--to chooses")
+    return chosen, note
+
+
 # --- declared options and hooks ----------------------------------------------------
 
 # options whose CLI flag is not the option's name with dashes (repeatable flags)
@@ -388,10 +435,13 @@ def read_checkpoint(path: str | os.PathLike, format: str | None = None,
 
 
 def write_checkpoint(ck: Checkpoint, path: str | os.PathLike, format: str | None = None,
-                     force: bool = False, **options) -> dict[str, Any]:
+                     force: bool = False, lossless: bool = False, **options) -> dict[str, Any]:
     """Write atomically with the adapter of ``format`` (else from the
-    extension); options are checked against the writer's declared options."""
-    fmt = format_for_target(path, format)
+    extension and the checkpoint's family, see ``resolve_target``); options
+    are checked against the writer's declared options. What the format cannot
+    hold is named in the notes, or, with ``lossless``, an error before
+    anything is written."""
+    fmt, chosen = resolve_target(path, format, source_format(ck))
     given = check_options(fmt, "write", options)
     if not format_info(fmt).writes:
         raise UsageError(f"format '{fmt}' can be read but not written")
@@ -399,4 +449,17 @@ def write_checkpoint(ck: Checkpoint, path: str | os.PathLike, format: str | None
     if not adapter.can_write:
         raise UsageError(f"format '{fmt}' can be read but not written")
     adapter.check_available("writing")
-    return adapter.write(ck, Path(path), force=force, **given) or {}
+    lost = adapter.losses(ck, Path(path))
+    if lost and lossless:
+        raise UnsupportedError(f"{Path(path).name}: {fmt} cannot hold " + "; ".join(lost)
+                               + " (strict: nothing may be lost)")
+    info = dict(adapter.write(ck, Path(path), force=force, **given) or {})
+    info["notes"] = ([chosen] if chosen else []) + [f"not kept: {x}" for x in lost] \
+        + list(info.get("notes", []))
+    return info
+
+
+def source_format(ck: Checkpoint) -> str | None:
+    """The format a checkpoint came from: through a chain of conversions, the
+    first one (``Checkpoint.info["origin"]``, kept in flat formats' metadata)."""
+    return ck.info.get("origin") or ck.format

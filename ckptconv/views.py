@@ -156,3 +156,18 @@ class _Sized(ByteSource):
 
     def __init__(self, nbytes: int):
         self.nbytes = nbytes
+
+
+def flat_format_losses(ckpt) -> list[str]:
+    """What a flat format (one contiguous array per name, ckptconv's metadata
+    beside) cannot give back: storage sharing and strides of views whose
+    storage no saved tensor covers."""
+    lost = record_views(ckpt.unique_tensors().items())[1]
+    if not lost:
+        return []
+    return [f"{_listing(lost)}: strides and storage sharing (views of a storage whose other "
+            "elements no saved tensor holds): written contiguous"]
+
+
+def _listing(names: list[str], n: int = 5) -> str:
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")

@@ -97,7 +97,7 @@ BUILDERS = {
     "safetensors": _save("safetensors", "model.safetensors"),
     "tf": _save("tf", "model.ckpt"),
     "hdf5": _save("hdf5", "model.h5"),
-    "keras-h5": _save("keras-h5", "model.weights.h5"),
+    "keras-h5": _save("keras-h5", "model.h5"),   # Keras 2 layout: any names (see test_hdf5)
     "onnx": _save("onnx", "model.onnx"),
     "npy": _numpy_file("w.npy", lambda p: np.save(p, SAMPLE["w"])),
     "npz": _numpy_file("model.npz", lambda p: np.savez_compressed(p, **SAMPLE)),

@@ -381,8 +381,15 @@ def test_keras3_bfloat16_weights(keras3, tmp_path):
 
 def test_keras_writer_reports_what_it_cannot_hold(tmp_path):
     tree = {"d1": {"kernel": np.ones((2, 2), np.float32)}, "epoch": 4}
-    report = ckptconv.save(tree, tmp_path / "x.weights.h5", format="keras-h5")
-    assert any("not written: epoch" in n for n in report["notes"]), report["notes"]
+    report = ckptconv.save(tree, tmp_path / "x.h5", format="keras-h5")
+    assert any("not kept: epoch: keras-h5 holds weights only" in n for n in report["notes"]), \
+        report["notes"]
+    with pytest.raises(ckptconv.errors.UnsupportedError, match="epoch: keras-h5 holds weights"):
+        ckptconv.save(tree, tmp_path / "y.h5", format="keras-h5", lossless=True)
+    assert not (tmp_path / "y.h5").exists()
+    # Keras 3 finds layers by class: names without a model_config to say them are refused
+    with pytest.raises(ckptconv.errors.UnsupportedError, match="no model_config"):
+        ckptconv.save(tree, tmp_path / "x.weights.h5", format="keras-h5")
 
 
 # --- corrupt inputs ---------------------------------------------------------------

@@ -15,8 +15,10 @@ from ckptconv.registry import get_adapter
 
 # (npy holds one array: its round trips through every format are in test_numpy.py)
 FORMATS = [f for f in TABLE if f != "npy"]
+# keras-h5 as .h5: the Keras 2 layout keeps any names (a Keras 3 .weights.h5 takes
+# only Keras 3 names, or Keras 2 ones with a model_config: tests/test_fidelity_matrix.py)
 EXT = {"torch": "pt", "safetensors": "safetensors", "tf": "ckpt", "hdf5": "h5",
-       "keras-h5": "weights.h5", "onnx": "onnx", "npz": "npz"}
+       "keras-h5": "h5", "onnx": "onnx", "npz": "npz"}
 
 
 def _available(fmt: str) -> bool:

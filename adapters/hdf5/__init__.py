@@ -57,6 +57,7 @@ from ckptconv.atomic import atomic_file
 from ckptconv.registry import Adapter
 from ckptconv.tensor import FileHandle
 from ckptconv.tree import TREE_KEY, Checkpoint, iter_tensors, tree_to_metadata
+from ckptconv.views import flat_format_losses
 
 from .read import as_checkpoint, read_h5
 from .source import H5Source, h5_errors
@@ -77,6 +78,9 @@ class HDF5Adapter(Adapter):
             src = H5Source(FileHandle(path))
             contents = read_h5(src)
             return as_checkpoint(contents, src, self.name, path)
+
+    def losses(self, ckpt: Checkpoint, path: Path) -> list[str]:
+        return flat_format_losses(ckpt)
 
     def write(self, ckpt: Checkpoint, path: Path, force: bool = False, **options) -> dict:
         entries = list(iter_tensors(ckpt.tree))

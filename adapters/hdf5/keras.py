@@ -25,6 +25,7 @@ from ckptconv.errors import FormatError, UnsupportedError
 from ckptconv.registry import Adapter
 from ckptconv.tensor import FileHandle, FileSource, StoredTensor, TensorRef
 from ckptconv.tree import Checkpoint, iter_leaves, iter_tensors, join_path
+from ckptconv.views import record_views
 from ckptconv.ziputil import ZipWriter, check_member_crcs, is_zip
 
 from .read import as_checkpoint, read_h5
@@ -135,19 +136,15 @@ class KerasH5Adapter(Adapter):
                 if not KERAS_STRUCTURAL.match(k.rpartition("@")[2])}
         archive = path.name.endswith(".keras")
         keras3 = all(_KERAS3_NAME.match(n) for n, _ in entries)
-        notes = self._unkept(ckpt)
+        notes = []
         if keras3:
             datasets, attrs = self._keras3_plan(entries, meta, archive)
         elif archive or path.name.endswith(".weights.h5"):
             # Keras 3 loads these names only: map the Keras 2 layout
-            datasets, attrs, left_out = keras2_to_keras3(entries, meta, path.name)
+            datasets, attrs = keras2_to_keras3(entries, meta, path.name)
             keras3 = True
             notes.append("Keras 2 names mapped to the Keras 3 layout (layers by class, from "
                          "model_config)")
-            if left_out:
-                notes.append(f"not written (Keras 3 keeps optimizer state in another layout): "
-                             f"{', '.join(left_out[:5])}"
-                             + (f" and {len(left_out) - 5} more" if len(left_out) > 5 else ""))
         else:
             datasets, attrs = self._keras2_plan(entries, meta)
         check_h5_names([p for p, _ in datasets], path.name)
@@ -159,16 +156,26 @@ class KerasH5Adapter(Adapter):
         notes.append(f"Keras {'3' if keras3 else '2'} layout")
         return {"files": [str(path)], "notes": notes}
 
-    @staticmethod
-    def _unkept(ckpt: Checkpoint) -> list[str]:
-        notes = []
-        values = [join_path(p) or "(root)" for p, v in iter_leaves(ckpt.tree) if not isinstance(v, TensorRef)]
+    def losses(self, ckpt: Checkpoint, path: Path) -> list[str]:
+        """Keras files hold weights only: no other values, no tree, no views;
+        a Keras 3 file mapped from Keras 2 names has no optimizer state."""
+        lost = []
+        values = [join_path(p) or "(root)" for p, v in iter_leaves(ckpt.tree)
+                  if not isinstance(v, TensorRef)]
         if values:
-            notes.append(f"keras-h5 holds weights only; not written: {', '.join(values[:10])}"
-                         + (f" and {len(values) - 10} more" if len(values) > 10 else ""))
-        if not ckpt.is_flat and not values:
-            notes.append("keras-h5 holds flat weights only; the tree structure is not kept")
-        return notes
+            lost.append(f"{_listing(values, 10)}: keras-h5 holds weights only")
+        elif not ckpt.is_flat:
+            lost.append("the tree structure (keras-h5 holds flat weights only)")
+        if record_views(ckpt.unique_tensors().items())[0]:
+            lost.append("storage sharing, strides and requires_grad/Parameter flags "
+                        "(keras-h5 has no place for them)")
+        names = [n for n, _ in iter_tensors(ckpt.tree)]
+        if path.name.endswith((".weights.h5", ".keras")) and \
+                not all(_KERAS3_NAME.match(n) for n in names):
+            opt = [n for n in names if n.startswith("optimizer_weights/")]
+            if opt:
+                lost.append(f"{_listing(opt)}: Keras 3 keeps optimizer state in another layout")
+        return lost
 
     @staticmethod
     def _keras3_plan(entries, meta: dict[str, str], archive: bool):
@@ -269,3 +276,7 @@ def _keras_chunked(name: str, values: list[str]) -> dict[str, np.ndarray]:
         return {name: data}
     return {f"{name}{k}": p for k, p in enumerate(parts)}
 
+
+
+def _listing(names: list[str], n: int = 5) -> str:
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")

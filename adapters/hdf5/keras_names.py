@@ -46,9 +46,9 @@ def _layer_classes(model_config: str, display: str) -> list[tuple[str, str]]:
 
 
 def keras2_to_keras3(entries: list[tuple[str, TensorRef]], meta: dict[str, str],
-                     display: str) -> tuple[list[tuple[str, TensorRef]], dict[str, dict],
-                                           list[str]]:
-    """(datasets at Keras 3 paths, attributes for their groups, what was left out).
+                     display: str) -> tuple[list[tuple[str, TensorRef]], dict[str, dict]]:
+    """(datasets at Keras 3 paths, attributes for their groups); the optimizer's
+    weights are left out (Keras 3 keeps its state in another layout).
 
     ``entries`` carry Keras 2 names (``d1/d1/kernel:0``, ``model_weights/d1/...``)
     in Keras order. Raises ``UnsupportedError`` when the layer classes are not
@@ -57,19 +57,18 @@ def keras2_to_keras3(entries: list[tuple[str, TensorRef]], meta: dict[str, str],
     config = meta.get("model_config")
     if config is None:
         raise UnsupportedError(
-            f"{display}: a Keras 3 .weights.h5 names layers by class and this Keras 2 "
-            "weights-only file has no model_config to say them; convert the full-model .h5 "
-            "(model.save), or write a .h5 target (Keras 2 layout, model.load_weights reads it)")
+            f"{display}: Keras 3 names layers by class (layers/<class>/vars/<i>); these names "
+            f"(e.g. '{entries[0][0]}') come with no model_config to say the classes: convert "
+            "a Keras 2 full-model .h5 (model.save), or write a .h5 target (the Keras 2 layout "
+            "model.load_weights reads)")
     classes = _layer_classes(config, display)
     nested = [name for cls, name in classes if cls in _NESTED]
     if nested:
         raise UnsupportedError(f"{display}: layers {', '.join(nested[:5])} are models of their "
                                "own; mapping nested models to Keras 3 is not supported")
     weights: dict[str, list[tuple[str, TensorRef]]] = {}
-    left_out = []
     for name, ref in entries:
         if name.startswith("optimizer_weights/"):
-            left_out.append(name)
             continue
         rel = name[len("model_weights/"):] if name.startswith("model_weights/") else name
         layer = rel.partition("/")[0]
@@ -91,4 +90,4 @@ def keras2_to_keras3(entries: list[tuple[str, TensorRef]], meta: dict[str, str],
         attrs[f"layers/{path}/vars"] = {"name": layer}
         for i, (_, ref) in enumerate(weights[layer]):
             datasets.append((f"layers/{path}/vars/{i}", ref))
-    return datasets, attrs, left_out
+    return datasets, attrs

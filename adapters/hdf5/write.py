@@ -122,7 +122,8 @@ def write_h5(target: Path, datasets: list[tuple[str, TensorRef]], attrs: dict[st
                 else:   # HDF5 allocates scalars lazily whatever we ask: write them now
                     ds[()] = np.ascontiguousarray(ref.numpy()).view(ds.dtype).reshape(ref.shape)
         for path, items in attrs.items():
-            obj = f.require_group(path) if path else f     # a group without datasets too
+            # a dataset, a group, or a group without datasets (Keras 3's "vars")
+            obj = f if not path else f[path] if path in f else f.create_group(path)
             for k, v in items.items():
                 obj.attrs[k] = v
     fd = os.open(target, os.O_WRONLY)

@@ -47,6 +47,7 @@ from pathlib import Path
 
 from ckptconv.registry import Adapter
 from ckptconv.tree import Checkpoint, tree_from_metadata
+from ckptconv.views import flat_format_losses
 
 from .read import scan_onnx
 
@@ -66,6 +67,9 @@ class OnnxAdapter(Adapter):
         if scan.skipped:
             info["skipped"] = f"{len(scan.skipped)} not read: " + "; ".join(scan.skipped[:20])
         return Checkpoint(tree, meta, self.name, str(path), info)
+
+    def losses(self, ckpt: Checkpoint, path: Path) -> list[str]:
+        return flat_format_losses(ckpt)
 
     def write(self, ckpt: Checkpoint, path: Path, force: bool = False, template=None,
               external_data: bool = False, dedupe_tied: bool = False, **options) -> dict:

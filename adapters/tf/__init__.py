@@ -39,6 +39,7 @@ from pathlib import Path
 
 from ckptconv.registry import Adapter
 from ckptconv.tree import Checkpoint
+from ckptconv.views import flat_format_losses
 
 from .bundle import check_bundle, read_bundle
 
@@ -62,6 +63,9 @@ class TFBundleAdapter(Adapter):
         problems, entries = check_bundle(path)
         report.problems.extend(problems)
         report.count("tf entries (crc32c)", entries)
+
+    def losses(self, ckpt: Checkpoint, path: Path) -> list[str]:
+        return flat_format_losses(ckpt)
 
     def write(self, ckpt: Checkpoint, path: Path, force: bool = False,
               shard_size: int | None = None, jobs: int = 1, **options) -> dict:

@@ -67,6 +67,15 @@ class TorchAdapter(Adapter):
 
         verify_torch(path, report)
 
+    def losses(self, ckpt: Checkpoint, path: Path) -> list[str]:
+        # "format" is safetensors' own marker ("pt"), not the checkpoint's
+        keys = [k for k in ckpt.metadata if k != "format"]
+        if not keys:
+            return []
+        return [f"metadata {', '.join(keys[:5])}" + (f" and {len(keys) - 5} more" if len(keys) > 5
+                                                      else "")
+                + ": a torch file has no string metadata"]
+
     def write(self, ckpt: Checkpoint, path: Path, force: bool = False,
               torch_compat: str | None = None, **options) -> dict:
         return write_zip_checkpoint(ckpt, path, force, torch_compat)
