@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import OrderedDict
 from pathlib import Path
 
 from ckptconv._lazy import np
@@ -166,6 +167,10 @@ class KerasH5Adapter(Adapter):
             lost.append(f"{_listing(values, 10)}: keras-h5 holds weights only")
         elif not ckpt.is_flat:
             lost.append("the tree structure (keras-h5 holds flat weights only)")
+        attrs = sorted(vars(ckpt.tree)) if isinstance(ckpt.tree, OrderedDict) else []
+        if attrs:
+            lost.append(f"{', '.join(attrs)} (attributes of the state dict, e.g. the per-module "
+                        "versions load_state_dict passes to hooks): keras-h5 has no place for them")
         if record_views(ckpt.unique_tensors().items())[0]:
             lost.append("storage sharing, strides and requires_grad/Parameter flags "
                         "(keras-h5 has no place for them)")

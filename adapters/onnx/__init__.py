@@ -31,8 +31,9 @@ What is a weight, and its name:
 ``metadata_props`` become the checkpoint's metadata (and carry the
 non-tensor tree when ckptconv wrote the file).
 
-Writing: ``--to onnx`` writes a weights-only model (a graph with only
-initializers, which ``onnx.checker`` accepts), streamed: the protobuf framing
+Writing: ``--to onnx`` writes a weights-only model (a graph of initializers,
+each also a graph output and no nodes: ``onnx.checker`` accepts it and an
+onnxruntime session returns the weights), streamed: the protobuf framing
 is computed first, tensor bytes follow file-to-file. ``template=model.onnx``
 replaces the weights of an existing graph by name instead (shapes and dtypes
 must match); when every replaced tensor sits inline as ``raw_data`` the output

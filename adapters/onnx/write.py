@@ -132,7 +132,8 @@ def write_onnx(ckpt: Checkpoint, path: Path, force: bool = False, template=None,
         entries.append((name, ref))
     meta = {str(k): str(v) for k, v in ckpt.metadata.items()}
     meta.update(tree_to_metadata(ckpt, first))
-    notes = ["weights-only ONNX model: a graph of initializers, no nodes"]
+    notes = ["weights-only ONNX model: a graph of initializers (each also a graph output), "
+             "no nodes"]
     if not ckpt.is_flat:
         notes.append("non-tensor entries kept in metadata_props['ckptconv.tree']")
     total = sum(r.nbytes for _, r in entries)
@@ -161,9 +162,7 @@ def _write_weights_inline(entries, meta: dict[str, str], target: Path) -> None:
         prefix = len_field(5, msg_len) + head
         parts.append((prefix, ref))
         graph_len += len(prefix) + ref.nbytes
-    import onnx
-
-    gname = onnx.GraphProto(name="ckptconv_weights").SerializeToString()
+    gname = _weights_graph(entries).SerializeToString()    # name and outputs
     graph_len += len(gname)
     model = _model_head(_ir_version([r for _, r in entries]), meta) + len_field(7, graph_len)
     if len(model) + graph_len > PROTOBUF_LIMIT:
@@ -183,12 +182,25 @@ def _write_weights_inline(entries, meta: dict[str, str], target: Path) -> None:
         if out.pos != expected:
             raise FormatError(f"{target}: wrote {out.pos} bytes, planned {expected}")
 
+
+def _weights_graph(entries):
+    """The graph of a weights-only model without its initializers: a name, and
+    every initializer as a graph output (no nodes), so onnxruntime loads the
+    model and returns the weights."""
+    import onnx
+    from onnx import helper
+
+    return onnx.GraphProto(name="ckptconv_weights", output=[
+        helper.make_tensor_value_info(name, onnx_code(ref, name), list(ref.shape))
+        for name, ref in entries])
+
+
 def _write_weights_external(entries, meta: dict[str, str], path: Path, force: bool) -> list[str]:
     import onnx
 
     data_path = path.with_name(path.name + ".data")
     model = onnx.ModelProto.FromString(_model_head(_ir_version([r for _, r in entries]), meta))
-    model.graph.name = "ckptconv_weights"
+    model.graph.CopyFrom(_weights_graph(entries))
     with atomic_files([path, data_path], force) as (tmp_model, tmp_data):
         with OutFile(tmp_data) as out:
             data = _DataFile(out, data_path.name)
