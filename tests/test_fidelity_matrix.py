@@ -22,6 +22,8 @@ import pytest
 import ckptconv
 from ckptconv.errors import UnsupportedError
 
+from test_hdf5 import h5_datasets
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 torch = pytest.importorskip("torch")
@@ -93,7 +95,7 @@ def sources(tf, tmp_path_factory):
         model.save(d / "full.h5")
     model.save_weights(d / "weights.h5")
     for key, file in (("keras-full", "full.h5"), ("keras-weights", "weights.h5")):
-        out[key] = (d / file, _h5_values(d / file))
+        out[key] = (d / file, h5_datasets(d / file))
     out["keras-model"] = model
 
     from onnx import helper, numpy_helper
@@ -111,22 +113,6 @@ def sources(tf, tmp_path_factory):
     out["onnx"] = (d / "model.onnx", {t.name: numpy_helper.to_array(t)
                                       for t in onnx.load(str(d / "model.onnx")).graph.initializer})
     return out
-
-
-def _h5_values(path) -> dict[str, np.ndarray]:
-    found = {}
-
-    def walk(group, prefix):
-        for key in group:
-            obj = group[key]
-            if isinstance(obj, h5py.Dataset):
-                found[prefix + key] = obj[()]
-            else:
-                walk(obj, prefix + key + "/")
-
-    with h5py.File(path, "r") as f:
-        walk(f, "")
-    return found
 
 
 # --- the target's own loader -----------------------------------------------------------
@@ -156,7 +142,7 @@ def load_as_target(tf, fmt: str, path) -> dict[str, np.ndarray]:
         assert not any(n.startswith("_CKPTCONV") for n in dtypes), sorted(dtypes)
         return {n: reader.get_tensor(n) for n in dtypes if dtypes[n] != tf.string}
     if fmt in ("hdf5", "keras-h5"):
-        return _h5_values(path)
+        return h5_datasets(path)
     if fmt == "onnx":
         import onnxruntime as ort
 
