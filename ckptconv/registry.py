@@ -333,7 +333,7 @@ def resolve_target(path: str | os.PathLike, to: str | None = None,
     if to:
         return fmt, None
     p = str(path).lower()
-    own = max((len(e) for e in FORMATS[fmt].extensions if p.endswith(e)), default=0)
+    own = max((len(e) for e in format_info(fmt).extensions if p.endswith(e)), default=0)
     rivals = {name: ext for name, info in FORMATS.items() if name != fmt
               for ext in info.shared_extensions if p.endswith(ext) and len(ext) >= own}
     if not rivals:
