@@ -314,6 +314,12 @@ def _longest_extension_match(path: str, infos) -> str | None:
     return best and best[0]
 
 
+# extensions more than one framework uses (the contract's list)
+AMBIGUOUS_EXTENSIONS = (".ckpt", ".bin", ".h5", ".hdf5")
+# families that are frameworks of their own (a source of one is not neutral)
+FRAMEWORKS = ("torch", "tf", "keras")
+
+
 def format_family(name: str | None) -> str | None:
     """The framework a format belongs to (``keras-h5`` -> ``keras``); its name
     when the table says nothing (plugins)."""
@@ -336,9 +342,14 @@ def resolve_target(path: str | os.PathLike, to: str | None = None,
     own = max((len(e) for e in format_info(fmt).extensions if p.endswith(e)), default=0)
     rivals = {name: ext for name, info in FORMATS.items() if name != fmt
               for ext in info.shared_extensions if p.endswith(ext) and len(ext) >= own}
-    if not rivals:
-        return fmt, None
     family = format_family(source_format)
+    if not rivals:
+        # ".bin" is torch's only: say so when the source is of another framework
+        ext = next((e for e in AMBIGUOUS_EXTENSIONS if p.endswith(e)), None)
+        if ext and family in FRAMEWORKS and format_family(fmt) != family:
+            return fmt, (f"'{ext}' is written as {fmt} (the only {ext} writer), though the source "
+                         f"is {source_format}; --to chooses another format")
+        return fmt, None
     chosen = next((n for n in rivals if format_family(n) == family), fmt)
     ext = rivals.get(chosen) or next(iter(rivals.values()))
     why = (f"the source is {source_format}" if format_family(chosen) == family

@@ -29,6 +29,7 @@ from ._lazy import np
 
 from . import dtypes as _dt
 from .errors import FormatError
+from .reports import name_list
 from .tensor import ByteSource, StoredTensor, TensorRef
 
 VIEWS_KEY = "ckptconv.views"
@@ -165,9 +166,6 @@ def flat_format_losses(ckpt) -> list[str]:
     lost = record_views(ckpt.unique_tensors().items())[1]
     if not lost:
         return []
-    return [f"{_listing(lost)}: strides and storage sharing (views of a storage whose other "
+    return [f"{name_list(lost, 5)}: strides and storage sharing (views of a storage whose other "
             "elements no saved tensor holds): written contiguous"]
 
-
-def _listing(names: list[str], n: int = 5) -> str:
-    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")

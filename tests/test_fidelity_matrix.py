@@ -200,6 +200,21 @@ def test_matrix_target_loader_accepts_and_values_equal(tf, sources, tmp_path, so
         assert not list(tmp_path.glob("strict_*"))
 
 
+def test_tf_target_restores_with_a_tf1_saver(tf, sources, tmp_path):
+    src, want = sources["safetensors"]
+    ckptconv.convert(src, tmp_path / "s.ckpt", to="tf")
+    v1 = tf.compat.v1
+    with tf.Graph().as_default():
+        variables = {name: v1.get_variable(name.replace(".", "_"), shape=value.shape,
+                                           dtype=tf.as_dtype(value.dtype))
+                     for name, value in want.items()}
+        saver = v1.train.Saver(var_list=variables)      # checkpoint name -> variable
+        with v1.Session() as sess:
+            saver.restore(sess, str(tmp_path / "s.ckpt"))
+            for name, var in variables.items():
+                np.testing.assert_array_equal(sess.run(var), want[name])
+
+
 def test_torch_target_loads_into_the_module_with_metadata_hooks(sources, tmp_path):
     """torch -> every flat format -> torch: load_state_dict(strict=True) takes
     it and BatchNorm's version hook sees the same ``_metadata``."""
@@ -366,3 +381,6 @@ def test_ckpt_target_takes_the_source_family(tf, sources, tmp_path):
     report = ckptconv.convert(sources["onnx"][0], tmp_path / "o" / "rt.ckpt")
     assert report.target_format == "tf" and any("the default for .ckpt" in n for n in report.notes)
     assert ckptconv.convert(pt, tmp_path / "p.bin").target_format == "torch"
+    report = ckptconv.convert(sources["tf"][0], tmp_path / "t.bin")
+    assert report.target_format == "torch" and any("'.bin' is written as torch" in n
+                                                    for n in report.notes), report.notes

@@ -24,6 +24,7 @@ from ckptconv._lazy import np
 from ckptconv.atomic import atomic_file
 from ckptconv.errors import FormatError, UnsupportedError
 from ckptconv.registry import Adapter
+from ckptconv.reports import name_list
 from ckptconv.tensor import FileHandle, FileSource, StoredTensor, TensorRef
 from ckptconv.tree import Checkpoint, iter_leaves, iter_tensors, join_path
 from ckptconv.views import record_views
@@ -164,7 +165,7 @@ class KerasH5Adapter(Adapter):
         values = [join_path(p) or "(root)" for p, v in iter_leaves(ckpt.tree)
                   if not isinstance(v, TensorRef)]
         if values:
-            lost.append(f"{_listing(values, 10)}: keras-h5 holds weights only")
+            lost.append(f"{name_list(values, 10)}: keras-h5 holds weights only")
         elif not ckpt.is_flat:
             lost.append("the tree structure (keras-h5 holds flat weights only)")
         attrs = sorted(vars(ckpt.tree)) if isinstance(ckpt.tree, OrderedDict) else []
@@ -179,7 +180,7 @@ class KerasH5Adapter(Adapter):
                 not all(_KERAS3_NAME.match(n) for n in names):
             opt = [n for n in names if n.startswith("optimizer_weights/")]
             if opt:
-                lost.append(f"{_listing(opt)}: Keras 3 keeps optimizer state in another layout")
+                lost.append(f"{name_list(opt, 5)}: Keras 3 keeps optimizer state in another layout")
         return lost
 
     @staticmethod
@@ -282,6 +283,3 @@ def _keras_chunked(name: str, values: list[str]) -> dict[str, np.ndarray]:
     return {f"{name}{k}": p for k, p in enumerate(parts)}
 
 
-
-def _listing(names: list[str], n: int = 5) -> str:
-    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
