@@ -13,6 +13,10 @@ to keep) records how to rebuild the storages on the way back:
   viewing it (element offset and strides, as torch's ``_rebuild_tensor``);
 - ``rg``/``p``: tensors with ``requires_grad`` / saved as ``nn.Parameter``.
 
+A tensor alone over exactly its own elements (a lone transpose, a Fortran
+array) is not recorded: written row-major it is the same tensor to every
+loader; only sharing and offsets are storage structure worth keeping.
+
 A storage is rebuilt from its *dense* views: those whose elements are
 exactly one run ``[offset, offset + numel)`` of the storage, in any order
 (contiguous slices, transposes). When they cover the whole storage its
@@ -37,6 +41,8 @@ VIEWS_KEY = "ckptconv.views"
 
 def _is_dense(ref: StoredTensor) -> bool:
     """Its elements are exactly [offset, offset + numel) of the storage."""
+    if ref.numel == 0:
+        return True
     expect = 1
     for stride, size in sorted((st, n) for n, st in zip(ref.shape, ref.strides) if n != 1):
         if stride != expect:
@@ -73,9 +79,10 @@ def record_views(tensors: Iterable[tuple[str, TensorRef]]) -> tuple[dict[str, st
     storages, lost = [], []
     for members in groups.values():
         numel = members[0][1].source.nbytes // members[0][1].dtype.itemsize
-        plain = len(members) == 1 and members[0][1].offset == 0 and \
-            members[0][1].is_contiguous and members[0][1].numel == numel
-        if plain:
+        alone = members[0][1]
+        # one tensor over exactly its own elements (contiguous, or a lone transpose /
+        # Fortran-ordered array): its bytes in row-major order are all there is
+        if len(members) == 1 and alone.offset == 0 and alone.numel == numel and _is_dense(alone):
             continue
         if not _covered((r for _, r in members), numel):
             lost += [n for n, r in members if not (r.is_contiguous and r.offset == 0
