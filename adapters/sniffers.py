@@ -345,3 +345,29 @@ def sniff_npz(head: bytes, path: Path) -> bool:
         return False
     name_length = int.from_bytes(head[26:28], "little")
     return 30 + name_length <= len(head) and head[30:30 + name_length].endswith(b".npy")
+
+
+# --- training-framework folders ---------------------------------------------------
+
+def sniff_dcp(head: bytes, path: Path) -> bool:
+    """A torch.distributed.checkpoint folder: ``.metadata``, a pickle of DCP's dataclasses."""
+    meta = path / ".metadata"
+    if not (path.is_dir() and meta.is_file()):
+        return False
+    with open(meta, "rb") as f:
+        start = f.read(256)
+    return start[:1] == b"\x80" and b"torch.distributed.checkpoint" in start
+
+
+def sniff_deepspeed(head: bytes, path: Path) -> bool:
+    """A DeepSpeed ZeRO folder: ``latest`` naming a tag folder, or the tag
+    folder itself, holding ``*_optim_states.pt`` and ``*model_states.pt``."""
+    if not path.is_dir():
+        return False
+    folder = path
+    latest = path / "latest"
+    if latest.is_file():
+        tag = latest.read_text(errors="replace").strip()
+        if tag and "/" not in tag and "\\" not in tag and (path / tag).is_dir():
+            folder = path / tag
+    return any(folder.glob("*_optim_states.pt")) and any(folder.glob("*model_states.pt"))

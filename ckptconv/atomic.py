@@ -88,13 +88,13 @@ def _umask() -> int:
     return mask
 
 
-def _final_mode(path: Path) -> int:
-    """mkstemp makes 0600 temps; the output gets the mode a plain ``open()``
-    would give it, or keeps the mode of the file it replaces."""
+def _final_mode(path: Path, folder: bool = False) -> int:
+    """mkstemp/mkdtemp make 0600/0700 temps; the output gets the mode a plain
+    ``open()``/``mkdir()`` would give it, or keeps the mode of what it replaces."""
     try:
         return stat.S_IMODE(path.stat().st_mode)
     except OSError:
-        return 0o666 & ~_umask()
+        return (0o777 if folder else 0o666) & ~_umask()
 
 
 def _temp_prefix(path: Path) -> str:
@@ -151,6 +151,38 @@ def atomic_file(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
+    """Like ``atomic_file`` for outputs that are folders (a DCP checkpoint):
+    files written into the yielded temp folder appear at ``path`` together."""
+    path = Path(path)
+    check_target(path, force)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(path)
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=TMP_SUFFIX, dir=path.parent))
+    os.chmod(tmp, _final_mode(path, folder=True))
+    try:
+        yield tmp
+        for root, _, files in os.walk(tmp):
+            for f in files:
+                with open(os.path.join(root, f), "rb+") as fh:
+                    os.fsync(fh.fileno())
+        if path.exists():
+            # the previous output, moved aside; stale clean-up never removes
+            # these (after a crash between the two renames it is the only copy)
+            old = path.with_name(f"{_temp_prefix(path)}old.{os.urandom(4).hex()}{TMP_SUFFIX}")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+        else:
+            os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except OSError as e:
+        raise WriteError(_describe(e, path)) from e
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @contextlib.contextmanager

@@ -194,11 +194,11 @@ class OutFile:
         self.pos += nbytes
 
     def write_tensor(self, ref: TensorRef) -> None:
-        span = ref.file_span()
-        if span is not None:
-            handle, off, n = span
-            self.copy_from(handle, off, n)
-            advance(n)
+        spans = ref.file_spans()
+        if spans is not None:
+            for handle, off, n in spans:
+                self.copy_from(handle, off, n)
+                advance(n)
             return
         for chunk in ref.iter_bytes():
             self.write(chunk)

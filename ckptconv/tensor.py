@@ -179,6 +179,12 @@ class TensorRef:
         """(file, offset, nbytes) when the bytes are contiguous in a file."""
         return None
 
+    def file_spans(self) -> list[tuple[FileHandle, int, int]] | None:
+        """The bytes as file ranges, in order, when they all lie in files
+        (one range for a contiguous tensor, several for an assembled one)."""
+        span = self.file_span()
+        return None if span is None else [span]
+
     def torch(self):
         import torch
 
@@ -336,6 +342,71 @@ class LazyTensor(TensorRef):
             raise FormatError(f"{self.what or 'computed tensor'}: has shape {arr.shape}, "
                               f"expected {self.shape}")
         return arr
+
+
+class ConcatTensor(TensorRef):
+    """A tensor whose row-major bytes are byte ranges of other sources, one
+    after another: a sharded tensor assembled from its chunks (DCP), a
+    parameter gathered from its ZeRO partitions (DeepSpeed).
+
+    ``plan`` is the list of ``(source, offset, nbytes)`` ranges, or a function
+    returning it, called on first use (a column-sharded tensor has a range
+    per row: planned only when a writer asks). Writers copy the ranges file
+    to file (``file_spans``); nothing holds the whole tensor.
+    """
+
+    def __init__(self, dtype, shape, plan, requires_grad: bool = False,
+                 is_parameter: bool = False, what: str = ""):
+        self.dtype = _dt.get(dtype)
+        self.shape = tuple(int(s) for s in shape)
+        self._plan = plan
+        self.requires_grad = requires_grad
+        self.is_parameter = is_parameter
+        self.what = what  # "file: tensor 'name'", for errors
+
+    @_once
+    def ranges(self) -> list[tuple[ByteSource, int, int]]:
+        ranges = list(self._plan() if callable(self._plan) else self._plan)
+        total = sum(n for _, _, n in ranges)
+        if total != self.nbytes:
+            raise FormatError(f"{self.what or 'assembled tensor'}: its pieces hold {total} bytes, "
+                              f"{self.dtype.name}{list(self.shape)} needs {self.nbytes}")
+        return ranges
+
+    def file_spans(self):
+        spans: list[list] = []
+        for source, offset, nbytes in self.ranges:
+            fr = source.file_range()
+            if fr is None:
+                return None
+            if not nbytes:
+                continue
+            handle, start = fr[0], fr[1] + offset
+            last = spans[-1] if spans else None
+            if last is not None and last[0] is handle and last[1] + last[2] == start:
+                last[2] += nbytes  # neighbouring ranges of one file: one copy
+            else:
+                spans.append([handle, start, nbytes])
+        return [tuple(s) for s in spans]
+
+    def iter_bytes(self, chunk: int = CHUNK_BYTES):
+        for source, offset, nbytes in self.ranges:
+            for i in range(0, nbytes, chunk):
+                yield source.read(offset + i, min(chunk, nbytes - i))
+
+    def numpy(self) -> np.ndarray:
+        npdt = _dt.numpy_dtype(self.dtype)
+        if self.numel == 0:
+            return np.empty(self.shape, dtype=npdt)
+        raw = bytearray(self.nbytes)
+        pos = 0
+        for piece in self.iter_bytes():
+            raw[pos:pos + len(piece)] = piece
+            pos += len(piece)
+        return np.frombuffer(raw, dtype=npdt).reshape(self.shape)
+
+    def __repr__(self):
+        return f"<ConcatTensor {self.dtype.name}{list(self.shape)} of {len(self.ranges)} ranges>"
 
 
 def cast(ref: TensorRef, dtype) -> TensorRef:

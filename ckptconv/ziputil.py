@@ -183,10 +183,16 @@ def read_member_bytes(handle: FileHandle, m: Member, limit: int = 1 << 31) -> by
 
 
 class ZipWriter:
-    """Stored members, 64-byte aligned data, CRCs patched in after streaming."""
+    """Stored members, 64-byte aligned data, CRCs patched in after streaming.
 
-    def __init__(self, path: str | os.PathLike):
-        self.out = OutFile(path)
+    ``out``: write the archive into an open output at its current end (a
+    ``torch.save`` blob inside a DCP ``.distcp`` file): its offsets are then
+    relative to its first byte, and ``close`` leaves ``out`` open."""
+
+    def __init__(self, path: str | os.PathLike | None = None, out: OutFile | None = None):
+        self.own = out is None
+        self.out = OutFile(path) if out is None else out
+        self.base = self.out.pos  # the archive's first byte in the file
         self.entries: list[tuple[bytes, int, int, int]] = []  # name, header offset, size, crc
         self._pool = None
 
@@ -194,7 +200,7 @@ class ZipWriter:
         extra = b""
         if zip64:
             extra = struct.pack("<HHQQ", 1, 16, size, size)
-        start = self.out.pos + 30 + len(name) + len(extra)
+        start = self.out.pos - self.base + 30 + len(name) + len(extra)
         pad = -start % ALIGN
         if pad:
             pad = pad if pad >= 4 else pad + ALIGN
@@ -213,7 +219,7 @@ class ZipWriter:
     def _add(self, name: str, size: int, parts, crc: int | None):
         bname = name.encode()
         zip64 = size >= 0xFFFFFFFF
-        offset = self.out.pos
+        offset = self.out.pos - self.base
         header, _ = self._local_header(bname, size, zip64)
         self.out.write(header)
         written = 0
@@ -226,13 +232,15 @@ class ZipWriter:
                 self.out.write(part)
                 written += len(part)
                 continue
-            span = part.file_span()
-            if span is not None and (crc is not None or span[2] >= PARALLEL_CRC_MIN):
-                if crc is None:
-                    pieces.append((self._crc_pool().submit(crc_of_span, *span), span[2]))
-                self.out.copy_from(*span)
-                advance(span[2])
-                written += span[2]
+            spans = part.file_spans()
+            if spans is not None and (crc is not None or
+                                      sum(n for _, _, n in spans) >= PARALLEL_CRC_MIN):
+                for span in spans:
+                    if crc is None:
+                        pieces.append((self._crc_pool().submit(crc_of_span, *span), span[2]))
+                    self.out.copy_from(*span)
+                    advance(span[2])
+                    written += span[2]
                 continue
             running, n = 0, 0
             for chunk in part.iter_bytes():
@@ -265,8 +273,8 @@ class ZipWriter:
             out.flush()
             # patch CRCs into the local headers
             for bname, offset, size, crc in self.entries:
-                os.pwrite(out.fd, struct.pack("<I", crc), offset + 14)
-            cd_start = out.pos
+                os.pwrite(out.fd, struct.pack("<I", crc), self.base + offset + 14)
+            cd_start = out.pos - self.base
             for bname, offset, size, crc in self.entries:
                 extra = b""
                 big = size >= 0xFFFFFFFF or offset >= 0xFFFFFFFF
@@ -276,10 +284,10 @@ class ZipWriter:
                     0x02014B50, 45 if big else 20, 45 if big else 20, 0, 0, 0, 0x21, crc,
                     0xFFFFFFFF if big else size, 0xFFFFFFFF if big else size, len(bname), len(extra),
                     0, 0, 0, 0, 0xFFFFFFFF if big else offset) + bname + extra)
-            cd_size = out.pos - cd_start
+            cd_size = out.pos - self.base - cd_start
             n = len(self.entries)
             if n >= 0xFFFF or cd_start >= 0xFFFFFFFF or cd_size >= 0xFFFFFFFF:
-                z64_start = out.pos
+                z64_start = out.pos - self.base
                 out.write(struct.pack("<IQHHIIQQQQ", 0x06064B50, 44, 45, 45, 0, 0, n, n, cd_size, cd_start))
                 out.write(struct.pack("<IIQI", 0x07064B50, 0, z64_start, 1))
                 out.write(struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, 0xFFFF, 0xFFFF,
@@ -287,7 +295,8 @@ class ZipWriter:
             else:
                 out.write(struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, n, n, cd_size, cd_start, 0))
         finally:  # the descriptor is released even when a write fails
-            self.out.close()
+            if self.own:
+                self.out.close()
 
 
 def is_zip(head: bytes) -> bool:

@@ -2,13 +2,17 @@
 
     python golden/generate.py                              # in any env with torch
     tox exec -e torch-2.6.0 -- python golden/generate.py   # one env of the matrix
+    tox exec -e torch-2.6.0 -- python golden/generate.py --dcp-only   # just the DCP folder
 
 writes ``golden/torch-<X.Y.Z>/*.pt`` (tiny files, made by ``torch.save`` and
 ``torch.jit.save``) and ``manifest.json``: for each file its sha256 and what
 this torch itself holds after ``torch.load``: every tensor (flat name joining
 the tree path with ".", dtype, shape, sha256 of its contiguous little-endian
 bytes), the tied names, and the whole tree with its non-tensor values as JSON
-(``describe``). ``tests/compat`` checks ckptconv and every other torch of the
+(``describe``). With torch >= 2.4 it also writes ``dcp/``, a single-process
+``torch.distributed.checkpoint.save`` folder, and the manifest's ``"dcp"``
+entry describes what ``dcp_to_torch_save`` rebuilds from it.
+``tests/compat`` checks ckptconv and every other torch of the
 matrix against these manifests. This module imports nothing from ckptconv: the
 manifests are torch's word, not ours.
 """
@@ -341,7 +345,65 @@ def generate(dest: Path | None = None) -> Path:
     return dest
 
 
+# --- torch.distributed.checkpoint (torch >= 2.4) -----------------------------------
+
+DCP_MIN = (2, 4)
+
+
+def dcp_state_dict() -> dict:
+    """A couple of dtypes, a 0-d tensor, nested containers and plain values."""
+    return {
+        "model": {"w": torch.arange(12, dtype=torch.float32).reshape(3, 4) / 7,
+                  "b": (torch.arange(4, dtype=torch.float32) - 1.5).to(torch.bfloat16),
+                  "h": torch.linspace(-2, 2, 6).to(torch.float16).reshape(2, 3),
+                  "i": torch.arange(-3, 3, dtype=torch.int64),
+                  "scale": torch.tensor(0.5)},
+        "optim": {"param_groups": [{"lr": 0.1, "betas": (0.9, 0.99), "params": ["w", "b"]}]},
+        "step": 5, "name": "golden", "nothing": None,
+    }
+
+
+def generate_dcp(dest: Path | None = None) -> Path | None:
+    """``dest/dcp/`` and the manifest's ``"dcp"`` entry (torch >= 2.4)."""
+    if version_tuple(torch_version())[:2] < DCP_MIN:
+        return None
+    import shutil
+    import tempfile
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dest = dest or out_dir()
+    folder = dest / "dcp"
+    shutil.rmtree(folder, ignore_errors=True)
+    try:
+        dcp.save(dcp_state_dict(), checkpoint_id=folder, no_dist=True)
+    except TypeError:  # no_dist is newer than checkpoint_id: a process-less save anyway
+        dcp.save(dcp_state_dict(), checkpoint_id=folder)
+    with tempfile.TemporaryDirectory() as tmp:
+        dcp_to_torch_save(folder, Path(tmp) / "back.pt")
+        back = torch.load(Path(tmp) / "back.pt", map_location="cpu",
+                          **({"weights_only": False} if _has_weights_only() else {}))
+    tensors: dict = {}
+    tree = describe(back, tensors)
+    path = dest / "manifest.json"
+    manifest = json.loads(path.read_text()) if path.exists() else {"torch": torch.__version__}
+    manifest["dcp"] = {"folder": "dcp", "files": {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())},
+        "tensors": tensors, "tree": tree}
+    path.write_text(json.dumps(manifest, indent=1, sort_keys=False) + "\n")
+    return folder
+
+
 if __name__ == "__main__":
-    where = generate(Path(sys.argv[1]) if len(sys.argv) > 1 else None)
-    total = sum(p.stat().st_size for p in where.iterdir())
-    print(f"{where}: {len(list(where.glob('*.pt')))} files, {total} bytes (torch {torch.__version__})")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("dest", nargs="?", type=Path, help="folder (default golden/torch-<version>)")
+    ap.add_argument("--dcp-only", action="store_true", help="only (re)write dcp/ and its entry")
+    args = ap.parse_args()
+    if not args.dcp_only:
+        where = generate(args.dest)
+        total = sum(p.stat().st_size for p in where.iterdir() if p.is_file())
+        print(f"{where}: {len(list(where.glob('*.pt')))} files, {total} bytes "
+              f"(torch {torch.__version__})")
+    folder = generate_dcp(args.dest)
+    print(f"{folder}: DCP folder" if folder else f"torch {torch.__version__}: no DCP (< 2.4)")

@@ -263,6 +263,18 @@ def _check_compat(ckpt: Checkpoint, version: str | None) -> None:
 def write_zip_checkpoint(ckpt: Checkpoint, path: Path, force: bool = False,
                          torch_compat: str | None = None) -> dict:
     _check_compat(ckpt, torch_compat)
+    with atomic_file(path, force) as tmp:
+        zw = ZipWriter(tmp)
+        try:
+            write_zip_archive(zw, ckpt)
+        finally:
+            zw.close()
+    return {"files": [str(path)], "notes": []}
+
+
+def write_zip_archive(zw: ZipWriter, ckpt: Checkpoint) -> None:
+    """The members of a ``torch.save`` archive of ``ckpt`` into ``zw`` (a
+    file of its own, or one item of a DCP ``.distcp`` file)."""
     storages, placement = _plan_storages(ckpt)
     pw = PickleWriter()
     pw.w(b"\x80\x02")
@@ -304,24 +316,18 @@ def write_zip_checkpoint(ckpt: Checkpoint, path: Path, force: bool = False,
     pw.value(ckpt.tree, emit_tensor)
     pw.w(b".")
     root = "archive"
-    with atomic_file(path, force) as tmp:
-        zw = ZipWriter(tmp)
-        try:
-            zw.add_bytes(f"{root}/data.pkl", pw.buf.getvalue())
-            zw.add_bytes(f"{root}/.format_version", b"1")
-            zw.add_bytes(f"{root}/.storage_alignment", b"64")
-            zw.add_bytes(f"{root}/byteorder", b"little")
-            for idx, st in enumerate(storages):
-                if st["source"] is not None:
-                    whole = StoredTensor(st["dtype"], (st["nbytes"] // st["dtype"].itemsize,),
-                                         st["source"])
-                    zw.add_tensor_bytes(f"{root}/data/{idx}", st["nbytes"], [whole],
-                                        getattr(st["source"], "crc32", None))
-                else:
-                    zw.add_tensor_bytes(f"{root}/data/{idx}", st["nbytes"], [st["ref"]])
-            zw.add_bytes(f"{root}/version", b"3\n")
-            zw.add_bytes(f"{root}/.data/serialization_id", b"0" * 40)
-        finally:
-            zw.close()
-    return {"files": [str(path)], "notes": []}
+    zw.add_bytes(f"{root}/data.pkl", pw.buf.getvalue())
+    zw.add_bytes(f"{root}/.format_version", b"1")
+    zw.add_bytes(f"{root}/.storage_alignment", b"64")
+    zw.add_bytes(f"{root}/byteorder", b"little")
+    for idx, st in enumerate(storages):
+        if st["source"] is not None:
+            whole = StoredTensor(st["dtype"], (st["nbytes"] // st["dtype"].itemsize,),
+                                 st["source"])
+            zw.add_tensor_bytes(f"{root}/data/{idx}", st["nbytes"], [whole],
+                                getattr(st["source"], "crc32", None))
+        else:
+            zw.add_tensor_bytes(f"{root}/data/{idx}", st["nbytes"], [st["ref"]])
+    zw.add_bytes(f"{root}/version", b"3\n")
+    zw.add_bytes(f"{root}/.data/serialization_id", b"0" * 40)
 
