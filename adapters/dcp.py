@@ -40,8 +40,8 @@ from ckptconv.tree import Checkpoint, ObjectRecord
 from ckptconv.unpickler import Global, Pending, short_repr
 
 from .torch import TorchUnpickler, read_torch_blob, write_zip_archive
-from .torch.unpickling import _ints, _torch_dtype
-from .torch.writer import _PickleWriter
+from .torch.unpickling import int_tuple, torch_dtype
+from .torch.writer import PickleWriter
 
 METADATA_FILE = ".metadata"
 DISTCP_SUFFIX = ".distcp"
@@ -77,7 +77,8 @@ class _IndexKey(Pending):
         if not isinstance(state, dict) or not isinstance(state.get("fqn"), str):
             raise FormatError(f"{self.display}: bad MetadataIndex {short_repr(state)}")
         offset = state.get("offset")
-        self.key = (state["fqn"], None if offset is None else _ints(offset, "offset", self.display))
+        self.key = (state["fqn"],
+                    None if offset is None else int_tuple(offset, "offset", self.display))
 
     def value(self):
         if self.key is None:
@@ -177,14 +178,14 @@ def _tensor_item(fqn: str, rec, display: str) -> TensorItem:
         raise FormatError(f"{where}: bad TensorProperties {short_repr(props.state)}")
     if layout is not None and "strided" not in repr(layout):
         raise UnsupportedError(f"{where}: layout {short_repr(layout)} (only dense tensors)")
-    dtype = _torch_dtype(dtype_g, where)
-    shape = _ints(f.get("size"), "size", where)
+    dtype = torch_dtype(dtype_g, where)
+    shape = int_tuple(f.get("size"), "size", where)
     chunks = []
     numel = 0
     for c in f.get("chunks") or []:
         cf = _fields(c, "ChunkStorageMetadata", where)
-        offsets = _ints(cf.get("offsets"), "chunk offsets", where)
-        sizes = _ints(cf.get("sizes"), "chunk sizes", where)
+        offsets = int_tuple(cf.get("offsets"), "chunk offsets", where)
+        sizes = int_tuple(cf.get("sizes"), "chunk sizes", where)
         if len(offsets) != len(shape) or len(sizes) != len(shape) or any(
                 o < 0 or s < 0 or o + s > n for o, s, n in zip(offsets, sizes, shape)):
             raise FormatError(f"{where}: chunk at {list(offsets)} of size {list(sizes)} does not "
@@ -539,7 +540,7 @@ def write_dcp(ckpt: Checkpoint, folder: Path, force: bool = False) -> dict:
         metadata = _record(_META + "Metadata", {
             "state_dict_metadata": state_dict_metadata, "planner_data": planner_data,
             "storage_data": storage_data, "storage_meta": None, "version": "1.0.0"})
-        pw = _PickleWriter()
+        pw = PickleWriter()
         pw.w(b"\x80\x02")
         pw.value(metadata, None)
         pw.w(b".")

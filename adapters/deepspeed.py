@@ -37,7 +37,7 @@ from ckptconv.unpickler import short_repr
 
 
 from .torch import read_torch_blob
-from .torch.unpickling import _ints
+from .torch.unpickling import int_tuple
 
 _OWN_KEYS = ("module", "optimizer", "buffer_names", "param_shapes", "frozen_param_shapes",
              "frozen_param_fragments", "shared_params")
@@ -174,7 +174,7 @@ def _zero3_params(param_shapes: list, per_rank_groups: list, world: int,
 def _shapes(value: Any, where: str) -> OrderedDict:
     if not isinstance(value, dict):
         raise FormatError(f"{where}: param shapes are a {type(value).__name__}")
-    return OrderedDict((str(k), _ints(v, "shape", where)) for k, v in value.items())
+    return OrderedDict((str(k), int_tuple(v, "shape", where)) for k, v in value.items())
 
 
 def read_deepspeed(path: Path, allow_globals=()) -> Checkpoint:

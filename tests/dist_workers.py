@@ -88,7 +88,8 @@ def deepspeed_big_save(out: str, layers: str = "22") -> None:
 
     deepspeed.ops.__compatible_ops__ = {}
     torch.manual_seed(0)
-    net = torch.nn.Sequential(*(torch.nn.Linear(2048, 2048, bias=False) for _ in range(int(layers))))
+    net = torch.nn.Sequential(*(torch.nn.Linear(2048, 2048, bias=False)
+                                for _ in range(int(layers))))
     cfg = {"train_batch_size": 2, "steps_per_print": 1000,
            "zero_optimization": {"stage": 3}, "zero_force_ds_cpu_optimizer": False,
            "optimizer": {"type": "Adam", "params": {"lr": 1e-4, "torch_adam": True}}}

@@ -62,9 +62,11 @@ def fsdp2_dcp(tmp_path_factory) -> Path:
 def plain_state_dict():
     g = torch.Generator().manual_seed(0)
     return {
-        "model": {"w": torch.randn(4, 3, generator=g), "b16": torch.randn(5, generator=g).bfloat16(),
+        "model": {"w": torch.randn(4, 3, generator=g),
+                  "b16": torch.randn(5, generator=g).bfloat16(),
                   "h": torch.randn(2, 2, generator=g).half(), "i": torch.arange(6).reshape(2, 3),
-                  "mask": torch.tensor([True, False, True]), "u8": torch.arange(4, dtype=torch.uint8),
+                  "mask": torch.tensor([True, False, True]),
+                  "u8": torch.arange(4, dtype=torch.uint8),
                   "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 3)},
         "step": 7, "name": "run-1", "nothing": None, "lr": [0.1, 0.01],
         "nested": {"list": [torch.ones(2), torch.zeros(3, dtype=torch.int32)], "t": (1, "a")},
@@ -161,7 +163,8 @@ def test_verify_overlapping_and_missing_chunks(fsdp2_dcp, tmp_path):
         chunks = meta.state_dict_metadata["model.0.weight"].chunks
         c = chunks[1]
         chunks[1] = ChunkStorageMetadata(torch.Size([c.offsets[0] - 1, 0]), c.sizes)
-        key = next(k for k in meta.storage_data if k.fqn == "model.0.weight" and k.offset == c.offsets)
+        key = next(k for k in meta.storage_data
+                   if k.fqn == "model.0.weight" and k.offset == c.offsets)
         info = meta.storage_data.pop(key)
         meta.storage_data[type(key)("model.0.weight", chunks[1].offsets)] = info
         # one more row elsewhere keeps the element count equal: only tiling catches it
