@@ -190,3 +190,220 @@ def test_device_move(tmp_path):
     report = ckptconv.load_into(dst, path, device=dev)
     assert dst.fc.weight.device.type == dev and not report.missing
     assert any("moved to" in n for n in report.notes)
+
+
+# --- bytes straight into the parameters: every format, hooks, casts, layouts --------------
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(13, 8)
+        self.fc = nn.Linear(8, 6)
+        self.bn = nn.BatchNorm1d(6)
+        self.head = nn.Linear(8, 13, bias=False)
+        self.head.weight = self.embed.weight  # tied
+
+
+def fresh_net() -> Net:
+    net = Net()
+    with torch.no_grad():
+        for t in net.state_dict().values():
+            t.fill_(7)
+    return net
+
+
+@pytest.fixture(scope="module")
+def net_files(tmp_path_factory):
+    """The state dict of a trained Net saved by torch (zip, legacy), safetensors,
+    and converted from the safetensors file to a TF bundle and HDF5."""
+    from safetensors.torch import save_model
+
+    torch.manual_seed(1)
+    net = Net()
+    net.bn(torch.randn(5, 6))
+    d = tmp_path_factory.mktemp("net")
+    files = {"zip": d / "net.pt", "legacy": d / "legacy.pt", "safetensors": d / "net.safetensors"}
+    torch.save(net.state_dict(), files["zip"])
+    torch.save(net.state_dict(), files["legacy"], _use_new_zipfile_serialization=False)
+    save_model(net, files["safetensors"])
+    files["tf"] = d / "tf" / "model.ckpt"
+    ckptconv.convert(files["safetensors"], files["tf"], to="tf")
+    if pytest.importorskip("h5py"):
+        files["hdf5"] = d / "net.h5"
+        ckptconv.convert(files["safetensors"], files["hdf5"], to="hdf5")
+    return net.state_dict(), files
+
+
+@pytest.mark.parametrize("kind", ["zip", "legacy", "safetensors", "tf", "hdf5"])
+def test_every_format_fills_the_parameters_in_place(net_files, kind):
+    want, files = net_files
+    dst = fresh_net()
+    ptrs = {k: v.data_ptr() for k, v in dst.state_dict().items()}
+    report = ckptconv.load_into(dst, files[kind])
+    # save_model keeps one name of a tie (as load_model expects): the other is missing
+    assert report.missing == ([] if kind in ("zip", "legacy") else ["head.weight"])
+    assert not report.mismatched
+    for k, v in dst.state_dict().items():
+        assert torch.equal(v, want[k]), k
+        assert v.data_ptr() == ptrs[k], k          # the module's own memory, not a new tensor
+    assert dst.head.weight is dst.embed.weight
+
+
+def test_pieces_threads_and_cast_chunks(net_files, monkeypatch):
+    """Tiny pieces and staging buffers: a tensor is read in many preadv pieces on
+    threads, and cast from a bf16 file a few elements at a time."""
+    from ckptconv.verbs import torch_fill
+
+    monkeypatch.setattr(torch_fill, "PIECE_BYTES", 64)
+    monkeypatch.setattr(torch_fill, "STAGING_BYTES", 48)
+    want, files = net_files
+    dst = fresh_net()
+    ckptconv.load_into(dst, files["zip"])
+    for k, v in dst.state_dict().items():
+        assert torch.equal(v, want[k]), k
+    half = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in want.items()}
+    path = files["zip"].with_name("bf16.pt")
+    torch.save(half, path)
+    dst, oracle = fresh_net(), fresh_net()
+    ckptconv.load_into(dst, path)
+    oracle.load_state_dict(torch.load(path, weights_only=True))
+    for k, v in dst.state_dict().items():
+        assert v.dtype == oracle.state_dict()[k].dtype and torch.equal(v, oracle.state_dict()[k]), k
+
+
+class Hooked(nn.Module):
+    """Modules with their own loading code: a pre-hook that rescales and renames,
+    an overridden _load_from_state_dict that transposes, a post-hook."""
+
+    def __init__(self):
+        super().__init__()
+        self.plain = nn.Linear(4, 4)
+        self.scaled = nn.Linear(4, 3)
+        self.scaled._register_load_state_dict_pre_hook(self._rescale)
+        self.flipped = Flipped()
+        self.seen = []
+        self.register_load_state_dict_post_hook(lambda m, keys: self.seen.append(
+            sorted(keys.missing_keys)))
+
+    @staticmethod
+    def _rescale(state_dict, prefix, *args):
+        if prefix + "weight" in state_dict:
+            state_dict[prefix + "weight"] = state_dict[prefix + "weight"] * 2
+        if prefix + "old_bias" in state_dict:
+            state_dict[prefix + "bias"] = state_dict.pop(prefix + "old_bias")
+
+
+class Flipped(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(3, 3))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if prefix + "weight" in state_dict:
+            state_dict = {**state_dict, prefix + "weight": state_dict[prefix + "weight"].t()}
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def test_modules_own_hooks_run_as_with_load_state_dict(tmp_path):
+    torch.manual_seed(2)
+    src = Hooked()
+    path = tmp_path / "hooked.pt"
+    torch.save(src.state_dict(), path)
+    ours, oracle = Hooked(), Hooked()
+    report = ckptconv.load_into(ours, path)
+    oracle.load_state_dict(torch.load(path, weights_only=True), strict=False)
+    assert sorted(report.loaded) == sorted(src.state_dict()) and not report.missing
+    for k, v in oracle.state_dict().items():
+        assert torch.equal(ours.state_dict()[k], v), k
+    assert torch.equal(ours.scaled.weight, src.scaled.weight * 2)
+    assert torch.equal(ours.flipped.weight, src.flipped.weight.t())
+    assert ours.seen and ours.seen[-1] == oracle.seen[-1] == []
+
+
+def test_strided_sources_and_a_strided_parameter(tmp_path):
+    """A transposed view saved by torch (strided bytes in the file) and a parameter
+    that is itself a transposed view: copied through a map of the file."""
+    torch.manual_seed(3)
+    src = Small()
+    sd = dict(src.state_dict())
+    sd["fc.weight"] = sd["fc.weight"].t().contiguous().t()      # stored column-major
+    assert not sd["fc.weight"].is_contiguous()
+    path = tmp_path / "strided.pt"
+    torch.save(sd, path)
+    dst = Small()
+    with torch.no_grad():
+        dst.fc.weight = nn.Parameter(torch.zeros(4, 3).t())      # a column-major parameter
+    report = ckptconv.load_into(dst, path)
+    assert not report.missing and not report.mismatched
+    for k, v in src.state_dict().items():
+        assert torch.equal(dst.state_dict()[k], v), k
+
+
+def test_mapping_transform_and_device_cpu(tmp_path):
+    torch.manual_seed(4)
+    src = Small()
+    sd = {("dense.kernel" if k == "fc.weight" else k): (v.t() if k == "fc.weight" else v)
+          for k, v in src.state_dict().items()}
+    path = tmp_path / "keras_like.safetensors"
+    ckptconv.save({k: v.contiguous() for k, v in sd.items()}, path)
+    dst = Small()
+    report = ckptconv.load_into(dst, path, mapping="dense.kernel -> fc.weight | transpose",
+                                device="cpu", strict=True)
+    assert not report.missing
+    assert torch.equal(dst.fc.weight, src.fc.weight)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none here)")
+def test_cuda_through_small_pinned_buffers(net_files, monkeypatch):
+    from ckptconv.verbs import torch_fill
+
+    monkeypatch.setattr(torch_fill, "STAGING_BYTES", 96)   # many round trips through both buffers
+    want, files = net_files
+    for kind in ("zip", "safetensors"):
+        dst = fresh_net()
+        report = ckptconv.load_into(dst, files[kind], device="cuda")
+        assert not report.missing
+        for k, v in dst.state_dict().items():
+            assert v.device.type == "cuda" and torch.equal(v.cpu(), want[k]), (kind, k)
+
+
+RSS_CHILD = """
+import json, sys, torch, ckptconv
+shapes = json.loads(sys.argv[2])
+class M(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.ParameterList(torch.nn.Parameter(torch.empty(s)) for s in shapes)
+m = M()
+def status(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1]) * 1024
+open("/proc/self/clear_refs", "w").write("5")   # reset the peak
+before = status("VmRSS:")
+report = ckptconv.load_into(m, sys.argv[1])
+assert not report.missing and not report.mismatched, report
+print(json.dumps({"growth": status("VmHWM:") - before}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_peak_rss_grows_by_the_model_and_at_most_128_mib(tmp_path, suffix):
+    """512 MiB of fp32 in 16 tensors: the load adds the parameters' own pages and
+    at most 128 MiB more (measured in a fresh process, peak reset before the load)."""
+    import json
+    import subprocess
+    import sys
+
+    shapes = [[2048, 4096]] * 16
+    path = tmp_path / f"big{suffix}"
+    make = ("import sys, torch, ckptconv\n"
+            "sd = {f'layers.{i}': torch.randn(2048, 4096) for i in range(16)}\n"
+            "torch.save(sd, sys.argv[1]) if sys.argv[1].endswith('.pt') else ckptconv.save(sd, sys.argv[1])\n")
+    subprocess.run([sys.executable, "-c", make, str(path)], check=True)
+    out = subprocess.run([sys.executable, "-c", RSS_CHILD, str(path), json.dumps(shapes)],
+                         check=True, capture_output=True, text=True)
+    growth = json.loads(out.stdout.strip().splitlines()[-1])["growth"]
+    model = 16 * 2048 * 4096 * 4
+    assert growth <= model + (128 << 20), (growth >> 20, model >> 20)
