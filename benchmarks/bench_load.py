@@ -211,30 +211,24 @@ def main(argv=None) -> int:
         args.size, args.small_count, args.repeat = 0.25, 5_000, 3
     files = generate(args.work, int(args.size * (1 << 30)), args.small_count)
     plan = [t for t in tasks(files) if not args.only or args.only in t[0]]
-    results: dict[tuple[str, str], list[dict]] = {}
-    for task, contenders in plan:
-        for _ in range(args.repeat):  # interleaved: peer, ours, peer, ours, ...
-            for who, spec in contenders:
-                warm([Path(spec["path"]).parent if "_tf" in spec["path"] else Path(spec["path"])])
-                results.setdefault((task, who), []).append(child(spec))
-    rows = []
-    for task, contenders in plan:
-        peer = statistics.median(r["seconds"] for r in results[(task, contenders[0][0])])
-        for who, _ in contenders:
-            runs = results[(task, who)]
-            med = statistics.median(r["seconds"] for r in runs)
-            grown = max(r["rss_growth"] for r in runs) / (1 << 20)
-            rows.append((task, who, f"{med:.3f}", f"{med / peer:.2f}x", f"{grown:.0f}"))
     head = ("task", "contender", "median s", "vs peer", "peak RSS growth MiB")
     if args.markdown:
         print("| " + " | ".join(head) + " |")
         print("|" + "---|" * len(head))
-        for r in rows:
-            print("| " + " | ".join(r) + " |")
     else:
-        widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
-        for r in [head] + rows:
-            print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)))
+        print("  ".join(head))
+    for task, contenders in plan:   # rows printed as each task ends
+        results: dict[str, list[dict]] = {}
+        for _ in range(args.repeat):  # interleaved: peer, ours, peer, ours, ...
+            for who, spec in contenders:
+                warm([Path(spec["path"]).parent if "_tf" in spec["path"] else Path(spec["path"])])
+                results.setdefault(who, []).append(child(spec))
+        peer = statistics.median(r["seconds"] for r in results[contenders[0][0]])
+        for who, _ in contenders:
+            med = statistics.median(r["seconds"] for r in results[who])
+            grown = max(r["rss_growth"] for r in results[who]) / (1 << 20)
+            row = (task, who, f"{med:.3f}", f"{med / peer:.2f}x", f"{grown:.0f}")
+            print("| " + " | ".join(row) + " |" if args.markdown else "  ".join(row), flush=True)
     return 0
 
 
