@@ -73,6 +73,16 @@ def run_dir(tmp_path_factory):
     return d
 
 
+def cli(capsys, *args):
+    """The CLI in this process (no interpreter start): (exit code, stdout, stderr)."""
+    from ckptconv.cli import main
+
+    capsys.readouterr()
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 def fresh_copy(src, dst):
     shutil.copytree(src, dst)
     for s, t in zip(sorted(src.rglob("*")), sorted(dst.rglob("*"))):
@@ -127,17 +137,17 @@ def test_ls_rows_match_what_torch_saved(run_dir):
                             "tensors", "min_torch", "weights_only", "status"}
 
 
-def test_ls_sort_and_cli(run_dir):
+def test_ls_sort_and_cli(run_dir, capsys):
     by_loss = [r["loss"] for r in ckptconv.ls(run_dir, sort="loss").to_dict()[:4]]
     assert by_loss == sorted(by_loss)
-    proc = run_cli("ls", run_dir, "--sort", "val_acc", "--json")
-    assert proc.returncode == 0, proc.stderr
-    rows = json.loads(proc.stdout)
+    code, out, err = cli(capsys, "ls", run_dir, "--sort", "val_acc", "--json")
+    assert code == 0, err
+    rows = json.loads(out)
     assert [r["metrics"].get("metrics.val_acc") for r in rows[:4]] == [0.5, 0.61, 0.7, 0.72]
     assert_one_line_error(run_cli("ls", run_dir, "--sort", "accuracy"), 2, "accuracy", "val_acc")
-    text = run_cli("ls", str(run_dir / "checkpoint_2026*.pth"))   # a glob; not a terminal: plain
-    assert text.returncode == 0, text.stderr
-    lines = text.stdout.splitlines()
+    code, out, err = cli(capsys, "ls", run_dir / "checkpoint_2026*.pth")  # a glob; not a tty
+    assert code == 0, err
+    lines = out.splitlines()
     assert lines[0].split()[:3] == ["path", "format", "size"] and len(lines) == 7
     assert lines[-1].endswith("unsafe") and lines[-2].endswith("corrupt")
 
@@ -170,18 +180,21 @@ def test_name_timestamps():
 
 # --- pick ----------------------------------------------------------------------------------
 
-def test_pick_latest_and_best_skip_corrupt_and_unsafe(run_dir):
+def test_pick_latest_and_best_skip_corrupt_and_unsafe(run_dir, capsys):
     newest_intact = str(run_dir / f"checkpoint_{GOOD[-1][0]}.pth")
     assert ckptconv.pick(run_dir, latest=True) == newest_intact      # not the truncated one
     assert ckptconv.pick(run_dir, best="loss") == str(run_dir / f"checkpoint_{GOOD[1][0]}.pth")
     assert ckptconv.pick(run_dir, best="val_acc", maximize=True) == \
         str(run_dir / f"checkpoint_{GOOD[2][0]}.pth")
-    proc = run_cli("pick", run_dir, "--latest")
-    assert proc.returncode == 0 and proc.stdout.strip() == newest_intact
-    proc = run_cli("pick", run_dir, "--best", "val_acc", "--max", "--json")
-    assert json.loads(proc.stdout) == str(run_dir / f"checkpoint_{GOOD[2][0]}.pth")
-    assert_one_line_error(run_cli("pick", run_dir, "--best", "bleu"), 2, "bleu", "loss")
-    assert run_cli("pick", run_dir).returncode == 2   # --latest or --best is required
+    code, out, _ = cli(capsys, "pick", run_dir, "--latest")
+    assert code == 0 and out.strip() == newest_intact
+    code, out, _ = cli(capsys, "pick", run_dir, "--best", "val_acc", "--max", "--json")
+    assert json.loads(out) == str(run_dir / f"checkpoint_{GOOD[2][0]}.pth")
+    code, _, err = cli(capsys, "pick", run_dir, "--best", "bleu")
+    assert code == 2 and "bleu" in err and "loss" in err and len(err.splitlines()) == 1
+    with pytest.raises(SystemExit) as e:   # --latest or --best is required
+        cli(capsys, "pick", run_dir)
+    assert e.value.code == 2
 
 
 def test_pick_in_a_run_with_nothing_intact(tmp_path, run_dir):
@@ -208,17 +221,17 @@ def test_load_into_picks_from_the_folder(run_dir):
 
 # --- prune ---------------------------------------------------------------------------------
 
-def test_prune_dry_run_then_for_real(tmp_path, run_dir):
+def test_prune_dry_run_then_for_real(tmp_path, run_dir, capsys):
     d = fresh_copy(run_dir, tmp_path / "run")
     ckptconv.save({"w": np.ones((64, 64), np.float32), "b": np.ones(64, np.float32)},
                   d / "model_20261201_000000.safetensors.index.json", shard_size=8000)
     shards = sorted(d.glob("model_20261201_000000-*.safetensors"))
     assert len(shards) == 2
     before = sorted(p.name for p in d.iterdir())
-    proc = run_cli("prune", d, "--keep-last", "1", "--keep-best", "loss", "--dry-run")
-    assert proc.returncode == 0, proc.stderr
+    code, out, err = cli(capsys, "prune", d, "--keep-last", "1", "--keep-best", "loss", "--dry-run")
+    assert code == 0, err
     assert sorted(p.name for p in d.iterdir()) == before               # nothing removed
-    assert proc.stdout.count("would remove") == 3
+    assert out.count("would remove") == 3
     report = ckptconv.prune(d, keep_last=1, keep_best="loss")
     after = sorted(p.name for p in d.iterdir())
     removed = {os.path.basename(r["path"]) for r in report.removed}
