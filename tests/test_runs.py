@@ -330,3 +330,27 @@ def test_prune_never_follows_an_index_out_of_its_folder(tmp_path):
     assert [os.path.basename(r["path"]) for r in report.removed] == ["m_20260101_000000.safetensors"]
     assert (elsewhere / "precious.safetensors").exists()
     assert report.left[0]["status"] == "corrupt" and "beside the index" in report.left[0]["reason"]
+
+
+def test_dcp_folders_are_one_row_each(tmp_path):
+    """A torch.distributed.checkpoint folder per step: one row each, pruned as a unit."""
+    from ckptconv.registry import FORMATS
+
+    if "dcp" not in FORMATS:
+        pytest.skip("the dcp format is not registered in this build")
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    for step in (100, 200):
+        net, _ = _train_state(step)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")   # "no process group: saving as one rank"
+            dcp.save({"model": net.state_dict()}, checkpoint_id=str(tmp_path / f"step_{step}"))
+    rows = ckptconv.ls(tmp_path).to_dict()
+    assert [(os.path.basename(r["path"]), r["format"], r["status"]) for r in rows] == \
+        [("step_100", "dcp", "ok"), ("step_200", "dcp", "ok")]
+    assert rows[0]["tensors"] == 4 and len(rows[0]["files"]) >= 2   # .metadata + *.distcp
+    report = ckptconv.prune(tmp_path, keep_last=1)
+    assert [os.path.basename(r["path"]) for r in report.removed] == ["step_100"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_200"]
