@@ -354,3 +354,17 @@ def test_dcp_folders_are_one_row_each(tmp_path):
     report = ckptconv.prune(tmp_path, keep_last=1)
     assert [os.path.basename(r["path"]) for r in report.removed] == ["step_100"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_200"]
+
+
+def test_tensorflow_prefixes_are_rows_of_their_folder(tmp_path):
+    for i in (1, 2, 3):
+        ckptconv.save({"w": np.full(3, i, np.float32)}, tmp_path / f"ckpt-{i}", format="tf")
+    (tmp_path / "checkpoint").write_text('model_checkpoint_path: "ckpt-3"\n')
+    rows = ckptconv.ls(tmp_path).to_dict()
+    assert [(os.path.basename(r["path"]), r["format"], len(r["files"])) for r in rows] == \
+        [(f"ckpt-{i}", "tf", 2) for i in (1, 2, 3)]
+    report = ckptconv.prune(tmp_path, keep_last=2)
+    assert [os.path.basename(r["path"]) for r in report.removed] == ["ckpt-1"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "checkpoint", "ckpt-2.data-00000-of-00001", "ckpt-2.index",
+        "ckpt-3.data-00000-of-00001", "ckpt-3.index"]

@@ -137,11 +137,18 @@ def find_checkpoints(paths) -> list[Entry]:
             entries += _entries_of_files([p], named=True)
             continue
         inner = [e for e in map(_folder_entry, _subfolders(p)) if e is not None]
-        whole = None if inner else _folder_entry(p, needs_state=True)
+        # (a TensorFlow run folder: its `checkpoint` file makes the folder a tf
+        # source, but each prefix in it is a checkpoint of the run)
+        whole = None if inner or _tf_prefixes(p) else _folder_entry(p, needs_state=True)
         entries += [whole] if whole else inner + _entries_of_files(
             sorted(f for f in p.iterdir() if f.is_file() and not f.is_symlink()), named=False)
     seen: set[str] = set()
     return [e for e in entries if not (e.path in seen or seen.add(e.path))]
+
+
+def _tf_prefixes(folder: Path) -> list[Path]:
+    return [f for f in sorted(folder.glob("*.index"))
+            if list(folder.glob(glob.escape(f.name[:-6]) + ".data-*"))]
 
 
 def _subfolders(folder: Path) -> list[Path]:
@@ -186,6 +193,7 @@ def _entries_of_files(files: list[Path], named: bool) -> list[Entry]:
 
     taken: set[Path] = set()
     entries = []
+    tf_prefixes = {t for folder in {f.parent for f in files} for t in _tf_prefixes(folder)}
     for f in files:     # sets first: their parts are not entries of their own
         if f.name.endswith(".index.json"):
             try:
@@ -198,7 +206,7 @@ def _entries_of_files(files: list[Path], named: bool) -> list[Entry]:
                 taken.update(shards + [f])
                 entries.append(Entry(str(f), [str(f)] + [str(s) for s in shards if s.exists()],
                                      load_path=str(f)))
-        elif f.name.endswith(".index") and list(f.parent.glob(glob.escape(f.name[:-6]) + ".data-*")):
+        elif f in tf_prefixes:
             data = sorted(f.parent.glob(glob.escape(f.name[:-6]) + ".data-*"))
             taken.update(data + [f])
             prefix = str(f)[:-6]
