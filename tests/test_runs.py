@@ -368,3 +368,14 @@ def test_tensorflow_prefixes_are_rows_of_their_folder(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "checkpoint", "ckpt-2.data-00000-of-00001", "ckpt-2.index",
         "ckpt-3.data-00000-of-00001", "ckpt-3.index"]
+
+
+def test_unsafe_pickle_hidden_beside_the_weights_is_unsafe(tmp_path):
+    from malicious_corpus import torch_zip_extra
+
+    torch.save({"epoch": 1, "model_state_dict": Net().state_dict()}, tmp_path / "ok_1.pt")
+    (tmp_path / "hidden_2.pt").write_bytes(torch_zip_extra(_system_p2()))
+    rows = {os.path.basename(r["path"]): r for r in ckptconv.ls(tmp_path).to_dict()}
+    assert rows["ok_1.pt"]["status"] == "ok"
+    assert rows["hidden_2.pt"]["status"] == "unsafe" and "posix.system" in rows["hidden_2.pt"]["reason"]
+    assert ckptconv.pick(tmp_path) == str(tmp_path / "ok_1.pt")

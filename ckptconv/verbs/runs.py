@@ -318,10 +318,11 @@ def _torch_checks(entry: Entry) -> None:
         raise UnsafePickleError(report.unsafe)
     entry.min_torch = report.min_torch
     entry.weights_only = report.weights_only
-    if not entry.load_path.endswith(".index.json"):
-        verdict = scan(entry.load_path)
-        if verdict.verdict == UNSAFE:
-            raise UnsafePickleError("; ".join(verdict.reasons) or "scan: unsafe")
+    for f in entry.files:   # every pickle of every shard, not only what loading reaches
+        if not f.endswith(".json"):
+            verdict = scan(f)
+            if verdict.verdict == UNSAFE:
+                raise UnsafePickleError("; ".join(verdict.reasons) or f"{f}: unsafe")
 
 
 def _number(v) -> float | int | None:
