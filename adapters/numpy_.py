@@ -6,7 +6,7 @@ after), then a Python dict literal ``{'descr': ..., 'fortran_order': ...,
 'shape': ...}`` padded with spaces and a newline so that the array data
 starts at a multiple of 64 bytes; the data follow raw, in C or Fortran
 order. Object arrays (``descr '|O'``) hold a pickle of the array instead:
-they are interpreted by the restricted unpickler (``ckptconv.unpickler``),
+they are interpreted by the restricted unpickler (``ckptconv.pickle``),
 never by ``pickle``, and refused (exit 3) when the pickle names code.
 
 ``.npz`` (``np.savez``, ``np.savez_compressed``) is a zip of ``NAME.npy``
@@ -44,7 +44,7 @@ from ckptconv.tensor import (ByteSource, FileHandle, FileSource, StoredTensor, T
                              contiguous_strides, human_bytes)
 from ckptconv.tree import (Checkpoint, iter_tensors, to_canonical, tree_from_metadata,
                            tree_to_metadata)
-from ckptconv.unpickler import Global, Pending, RestrictedUnpickler, short_repr
+from ckptconv.pickle import Global, Pending, RestrictedUnpickler, short_repr
 from ckptconv.ziputil import ZipWriter, read_member_bytes, read_members
 
 from .sniffers import NPY_MAGIC as MAGIC
