@@ -17,7 +17,7 @@ import pytest
 
 import ckptconv
 from ckptconv.errors import FormatError, UsageError
-from ckptconv.verbs.runs import RunReport, find_checkpoints, name_time
+from ckptconv.verbs.runs import find_checkpoints, name_time
 
 from conftest import assert_one_line_error, run_cli
 from malicious_corpus import _system_p2, torch_zip
