@@ -21,7 +21,7 @@ from ckptconv._lazy import np
 from ckptconv.errors import EXIT_OK, EXIT_UNSAFE, FormatError, UnsafePickleError
 from ckptconv.reports import Report
 from ckptconv.tensor import FileHandle, TensorRef
-from ckptconv.tree import Checkpoint, ObjectRecord
+from ckptconv.tree import Checkpoint, ObjectRecord, children, is_container, join_path
 from ckptconv.ziputil import member_root, read_member_bytes, read_members
 
 from .known_globals import ENUM, KNOWN_GLOBALS, py3_qualname
@@ -242,27 +242,19 @@ def _value_globals(value, scalar_global: str, reconstruct: str) -> list[str]:
     return []
 
 
-def _walk(tree, path: tuple = ()) -> Iterator[tuple[str, Any]]:
-    """Every node (not only leaves) with its dotted path; records' args/state included."""
-
-    yield ".".join(str(p) for p in path) or "<root>", tree
-    if isinstance(tree, dict):
-        for k, v in tree.items():
-            yield from _walk(v, path + (k,))
-    elif isinstance(tree, (list, tuple)):
-        for i, v in enumerate(tree):
-            yield from _walk(v, path + (i,))
-    elif isinstance(tree, (set, frozenset)):
-        for v in tree:
-            yield from _walk(v, path + ("{}",))
-    elif isinstance(tree, ObjectRecord):
-        if isinstance(tree.state, dict):
-            for k, v in tree.state.items():
-                yield from _walk(v, path + (k,))
-        elif tree.state is not None:
-            yield from _walk(tree.state, path + ("__state__",))
-        for i, v in enumerate(tree.args or ()):
-            yield from _walk(v, path + ("__args__", i))
+def _every_node(tree, path: tuple = ()) -> Iterator[tuple[str, Any]]:
+    """Every node (not only leaves) with its dotted path: the tree's own
+    ``children``, plus what a pickle also names inside set members and the
+    arguments of calls (``torch.finfo(torch.float32)``)."""
+    yield join_path(path) or "<root>", tree
+    if isinstance(tree, (set, frozenset)):
+        kids: Any = [("{}", v) for v in tree]
+    elif isinstance(tree, ObjectRecord) and not is_container(tree):
+        kids = [("__args__", tree.args)] if tree.args else []
+    else:
+        kids = children(tree)
+    for k, v in kids:
+        yield from _every_node(v, path + (k,))
 
 
 _WHY = {
@@ -397,7 +389,7 @@ def _weights_only(report: CheckReport, ck) -> None:
     recon = next((g for g in report.globals if g.endswith("multiarray._reconstruct")),
                  "numpy.core.multiarray._reconstruct")
     where: dict[str, list[str]] = {}
-    for path, node in _walk(ck.tree):
+    for path, node in _every_node(ck.tree):
         for g in _value_globals(node, scalar, recon):
             where.setdefault(g, []).append(path)
     for name in names:
