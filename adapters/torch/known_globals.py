@@ -132,7 +132,7 @@ def inert_roles(allow_globals=()) -> dict[str, str]:
     if not allow_globals:
         return KNOWN_GLOBALS
     from ckptconv.errors import UsageError
-    from ckptconv.unpickler import is_dangerous
+    from ckptconv.pickle import is_dangerous
 
     roles = dict(KNOWN_GLOBALS)
     for name in allow_globals:
