@@ -171,8 +171,10 @@ def permute(ref: TensorRef, axes: Sequence[int]) -> TensorRef:
     if axes == sorted(axes):
         return ref
     shape = tuple(ref.shape[a] for a in axes)
-    return _derived(ref, ref.dtype, shape,
-                    lambda: np.ascontiguousarray(np.transpose(ref.numpy(), axes)), (ref,))
+    out = _derived(ref, ref.dtype, shape,
+                   lambda: np.ascontiguousarray(np.transpose(ref.numpy(), axes)), (ref,))
+    out.permuted_from = (ref, tuple(axes))  # load_into copies from a view of the stored bytes
+    return out
 
 
 class Permute(Transform):

@@ -11,18 +11,20 @@ array of the whole tensor:
   threads (the kernel copies from the page cache, and the first touch of
   fresh parameter memory happens there, on every core). A dtype cast reads
   ``STAGING_BYTES`` at a time into one reused buffer and casts with
-  ``copy_``; a strided or big-endian source is viewed through a private map
-  of the file and copied a block of rows at a time. A GPU target is filled
+  ``copy_``; a strided source is viewed through a private map of the file
+  and copied a block of rows at a time. A GPU target is filled
   through two pinned staging buffers of ``STAGING_BYTES`` (one is read while
-  the other is copied), never through a CPU copy of the tensor.
+  the other is copied), never through a CPU copy of the tensor. A mapping's
+  transpose or permute of a stored tensor is copied from a permuted view of
+  the map, a block of rows at a time.
 - ``TorchMaterializer``: ``TensorRef`` -> torch tensor backed by a private
   (copy-on-write) map of the file, as ``torch.load(mmap=True)`` and
   safetensors' ``load_file`` make them, or read into fresh memory by
   ``Filler``; tensors sharing a byte source share one torch storage, and one
   ``TensorRef`` at two names is one tensor (ties stay ties).
 
-What is not a file range (a remote or in-memory source, a mapping's computed
-tensor) goes through ``TensorRef.torch()``.
+What is not a local file range (a remote or in-memory source, big-endian
+bytes, a mapping's computed tensor) goes through ``TensorRef.torch()``.
 
 Ground truth for the map: ``torch/serialization.py`` (``_load`` with
 ``mmap=True``: one ``UntypedStorage.from_file(shared=False)`` of the whole
@@ -85,11 +87,14 @@ def mapped_view(ref: StoredTensor, whole=None):
     size = ref.dtype.itemsize
     lo, hi = ref._span()
     storage = whole[base + lo * size: base + hi * size]
-    t = torch.empty(0, dtype=torch_dtype(ref.dtype.name)).set_(storage, 0, ref.shape, ref.strides)
-    if ref.big_endian and size > 1:
-        t = t.view(torch.uint8).flip(-1).view(t.dtype) if t.dim() else \
-            t.reshape(1).view(torch.uint8).flip(-1).view(t.dtype).reshape(())
-    return t
+    return torch.empty(0, dtype=torch_dtype(ref.dtype.name)).set_(storage, 0, ref.shape,
+                                                                  ref.strides)
+
+
+def _mapped(ref) -> bool:
+    """Stored little-endian in a local file: a view of a map of it can be made."""
+    return isinstance(ref, StoredTensor) and not ref.big_endian and \
+        ref.source.file_range() is not None
 
 
 def _dtype_name(t) -> str:
@@ -132,8 +137,12 @@ class Filler:
             else:
                 self._cast(dst, ref, span)
             return
-        if isinstance(ref, StoredTensor) and ref.source.file_range() is not None:
-            self._copy_blocks(dst, mapped_view(ref))   # strided or big-endian stored bytes
+        if _mapped(ref):
+            self._copy_blocks(dst, mapped_view(ref))   # strided stored bytes
+            return
+        base, axes = getattr(ref, "permuted_from", (None, None))
+        if _mapped(base):                               # a mapping's transpose/permute
+            self._copy_blocks(dst, mapped_view(base).permute(*axes))
             return
         dst.copy_(ref.torch())                          # computed, remote or in-memory
 
