@@ -7,7 +7,8 @@ array of the whole tensor:
 - ``Filler.fill``: the bytes of a ``TensorRef`` go into the memory of an
   existing tensor (a module's parameter). A contiguous range of a file with
   the parameter's dtype is read by ``os.preadv`` straight into the
-  parameter's bytes, in ``PIECE_BYTES`` pieces spread over torch's number of
+  parameter's bytes (the ranges of an assembled tensor one after the other),
+  in ``PIECE_BYTES`` pieces spread over torch's number of
   threads (the kernel copies from the page cache, and the first touch of
   fresh parameter memory happens there, on every core). A dtype cast reads
   ``STAGING_BYTES`` at a time into one reused buffer and casts with
@@ -125,18 +126,25 @@ class Filler:
         """Copy ``ref``'s values into ``dst`` (same shape; dtypes cast as ``copy_`` does)."""
         if dst.numel() == 0:
             return
-        span = ref.file_span()
-        if span is not None:
-            _check_span(span)
-            if dst.device.type != "cpu":
-                self._fill_device(dst, ref, span)
-            elif not dst.is_contiguous():
-                self._copy_blocks(dst, mapped_view(ref))
-            elif ref.dtype.name == _dtype_name(dst):
-                self._read(byte_view(dst), span)
-            else:
-                self._cast(dst, ref, span)
-            return
+        spans = ref.file_spans()
+        if spans is not None:
+            for span in spans:
+                _check_span(span)
+            same = ref.dtype.name == _dtype_name(dst)
+            if dst.device.type == "cpu" and dst.is_contiguous() and same:
+                buf, pos = byte_view(dst), 0
+                for span in spans:   # one range, or the pieces of an assembled tensor
+                    self._read(buf[pos:pos + span[2]], span)
+                    pos += span[2]
+                return
+            if len(spans) == 1 and isinstance(ref, StoredTensor):
+                if dst.device.type != "cpu":
+                    self._fill_device(dst, ref, spans[0])
+                elif not dst.is_contiguous():
+                    self._copy_blocks(dst, mapped_view(ref))
+                else:
+                    self._cast(dst, ref, spans[0])
+                return
         if _mapped(ref):
             self._copy_blocks(dst, mapped_view(ref))   # strided stored bytes
             return
