@@ -48,7 +48,7 @@ import pickletools
 from collections import OrderedDict
 from typing import Any
 
-from ..errors import FormatError, UnsafePickleError
+from ..errors import CkptconvError, FormatError, UnsafePickleError
 from ..tree import ObjectRecord
 from .names import Global, is_dangerous, short_repr
 from .opcodes import _PUSH_ARG, NameAtEnd, decode_opcode, scan_globals
@@ -204,22 +204,48 @@ class RestrictedUnpickler:
             else:
                 buf = _read_one_pickle(data, self.display)
                 whole = False  # the rest of its last frame: CPython skips it too
-            root, end = self._run(buf, 0)
-            if end < len(buf) and whole:
-                self._judge_after_stop(buf, end)
-            return self.finish(root)
-        except _DECODE_ERRORS as e:
-            if isinstance(e, NameAtEnd) and is_dangerous(e.qualname) and \
-                    not self.allowed_global(e.qualname):
-                raise UnsafePickleError(f"{self.display}: pickle names {e.qualname} via "
-                                        f"{e.opcode} on its last line (CPython reading a file "
-                                        "looks it up before failing; refused, nothing was "
-                                        "executed)") from None
-            raise FormatError(f"{self.display}: corrupt or truncated pickle ({type(e).__name__}: "
-                              f"{' '.join(str(e).split())[:160]})") from e
+            try:
+                root, end = self._run(buf, 0)
+                if end < len(buf) and whole:
+                    self._judge_after_stop(buf, end)
+                return self.finish(root)
+            except _DECODE_ERRORS as e:
+                error = self._decode_error(e)
+            except FormatError as e:
+                error = e
+            # malformed for us: what CPython would still reach decides
+            self._refuse_named(buf, error)
+            raise error
         finally:
             if gc_was_on:
                 gc.enable()
+
+    def _decode_error(self, e: Exception) -> CkptconvError:
+        if isinstance(e, NameAtEnd) and is_dangerous(e.qualname) and \
+                not self.allowed_global(e.qualname):
+            return UnsafePickleError(f"{self.display}: pickle names {e.qualname} via {e.opcode} "
+                                     "on its last line (CPython reading a file looks it up "
+                                     "before failing; refused, nothing was executed)")
+        error = FormatError(f"{self.display}: corrupt or truncated pickle ({type(e).__name__}: "
+                            f"{' '.join(str(e).split())[:160]})")
+        error.__cause__ = e
+        return error
+
+    def _refuse_named(self, buf: bytes, error: CkptconvError) -> None:
+        """A pickle we call malformed is still unsafe if it, or a pickle after
+        it, names a global we refuse: ``pickle.load`` (and a reader loading
+        pickle after pickle) gets there before it fails, where we are stricter."""
+        if isinstance(error, UnsafePickleError):
+            return
+        for opcode, name in scan_globals(buf, every_pickle=True):
+            if opcode in ("EXT1", "EXT2", "EXT4") or (
+                    opcode in ("GLOBAL", "INST", "STACK_GLOBAL") and is_dangerous(name)
+                    and not self.allowed_global(name)):
+                msg = " ".join(str(error).split())
+                msg = msg[len(self.display) + 2:] if msg.startswith(f"{self.display}: ") else msg
+                raise UnsafePickleError(f"{self.display}: pickle names {name} via {opcode} "
+                                        f"(refused, nothing was executed; it is also malformed: "
+                                        f"{msg[:160]})") from None
 
     def _run(self, data: bytes, pos: int) -> tuple[Any, int]:
         """Run the pickle that starts at ``data[pos]`` up to its STOP; returns
@@ -482,7 +508,7 @@ class RestrictedUnpickler:
         elif name == "PERSID":
             stack.append(self.persistent_load(arg))
         elif name == "GLOBAL":
-            module, _, gname = str(arg).partition(" ")
+            module, gname = arg
             stack.append(self._global(module, gname))
         elif name == "SETITEMS":
             items = pop_mark()
@@ -564,7 +590,7 @@ class RestrictedUnpickler:
                 raise FormatError(f"{d}: corrupt pickle (STACK_GLOBAL needs two strings)")
             stack.append(self._global(module, gname, name))
         elif name == "INST":
-            module, _, gname = str(arg).partition(" ")
+            module, gname = arg
             args = tuple(pop_mark())
             stack.append(self._call(self._global(module, gname, "INST"), args, "INST"))
         elif name == "OBJ":

@@ -104,7 +104,8 @@ def decode_opcode(buf: bytes, pos: int, n: int) -> tuple[str, Any, int]:
             # CPython reading a file still looks the name up: the last line,
             # without its newline, loses its last character (``[:-1]``)
             raise NameAtEnd(name, start, module.decode(encoding), gname.decode(encoding), n)
-        arg = f"{module.decode(encoding)} {gname.decode(encoding)}"
+        # (module, name): a space-joined string would split "p six" wrongly
+        arg = (module.decode(encoding), gname.decode(encoding))
     else:  # rare opcodes: pickletools' reader knows their text formats
         stream = io.BytesIO(buf)
         stream.seek(pos)
@@ -136,39 +137,57 @@ class NameAtEnd(ValueError):
                          f"(CPython would still look up {self.qualname!r})")
 
 
-def iter_opcodes(buf: bytes):
-    """(opcode name, argument, position) for each opcode of an in-memory pickle.
+def iter_opcodes(buf: bytes, start: int = 0):
+    """(opcode name, argument, position) for each opcode of an in-memory pickle
+    (the one at ``start``), up to its STOP.
 
     The same stream ``pickletools.genops`` gives, several times faster for
     the opcodes torch pickles are made of; arguments are bounds-checked.
     """
     n = len(buf)
-    pos = 0
+    pos = start
     while pos < n:
-        start = pos
+        begin = pos
         name, arg, pos = decode_opcode(buf, pos, n)
-        yield name, arg, start
+        yield name, arg, begin
         if name == "STOP":
             return
 
 
-def scan_globals(data, display: str = "pickle") -> list[tuple[str, str]]:
+def scan_globals(data, display: str = "pickle", every_pickle: bool = False
+                 ) -> list[tuple[str, str]]:
     """Every (opcode, module.name) a pickle names, without interpreting it.
 
-    ``data``: the pickle's bytes (the listing ends at its first STOP). STACK_GLOBAL takes its two names from
-    the stack; a small symbolic stack follows strings through the memo
+    ``data``: the pickle's bytes; the listing ends at its first STOP, or with
+    ``every_pickle`` goes on through the pickles after it (what a reader
+    loading pickle after pickle reaches). STACK_GLOBAL takes its two names
+    from the stack; a small symbolic stack follows strings through the memo
     (``GET``) so obfuscated names are still listed. Also lists EXT codes and
-    persistent ids. A raw listing for reports; decisions come from
-    interpreting the pickle.
+    persistent ids. A raw listing for reports and for judging what does not
+    parse; decisions come from interpreting the pickle.
     """
+    data = bytes(data)
     found: list[tuple[str, str]] = []
+    pos = 0
+    while pos < len(data):
+        pos = _list_names(data, pos, found)
+        if not every_pickle:
+            break
+    return found
+
+
+def _list_names(data: bytes, start: int, found: list) -> int:
+    """List the names of the pickle at ``start``; the offset after its STOP
+    (the end of the data where it does not parse)."""
     sym: list[Any] = []          # strings where known, None for anything else
     memo: dict[int, Any] = {}
-    ops = iter_opcodes(bytes(data))
+    end = len(data)
     try:
-        for name, arg, _ in ops:
+        for name, arg, at in iter_opcodes(data, start):
+            if name == "STOP":
+                end = at + 1
             if name in ("GLOBAL", "INST"):
-                module, _, gname = str(arg).partition(" ")
+                module, gname = arg
                 found.append((name, f"{module}.{gname}"))
                 sym.append(None)
             elif name == "STACK_GLOBAL":
@@ -202,7 +221,7 @@ def scan_globals(data, display: str = "pickle") -> list[tuple[str, str]]:
         if isinstance(e, NameAtEnd):
             found.append((e.opcode, e.qualname))
         found.append(("ERROR", f"{type(e).__name__}: {' '.join(str(e).split())[:160]}"))
-    return found
+    return end
 
 
 _OPCODE_BYTES = frozenset(ord(op.code) for op in pickletools.opcodes)
