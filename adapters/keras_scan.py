@@ -108,3 +108,11 @@ def code_on_load(path: Path) -> list[str]:
         return sorted({r for c in configs for r in config_code_on_load(c, path.name)})
     config = model_config(path)
     return [] if config is None else config_code_on_load(config, path.name)
+
+
+def scan(path: Path):
+    """The adapter's ``scan`` hook (``ckptconv scan``): a report of the places
+    that run code on load."""
+    from ckptconv.safety import code_on_load_report
+
+    return code_on_load_report(path, "Keras model config", code_on_load(path))

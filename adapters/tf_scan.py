@@ -82,3 +82,11 @@ def code_on_load(path: Path) -> list[str]:
         out.append(f"{pb.name}: graph op {op} ({CODE_OPS[op]}) in node {nodes[0]}"
                    + (f" and {len(nodes) - 1} more" if len(nodes) > 1 else ""))
     return out
+
+
+def scan(path: Path):
+    """The adapter's ``scan`` hook (``ckptconv scan``): a report of the places
+    that run code on load."""
+    from ckptconv.safety import code_on_load_report
+
+    return code_on_load_report(path, "TensorFlow SavedModel graph", code_on_load(path))

@@ -556,8 +556,8 @@ def _scan_file(rep: ScanReport, p: Path, buf, display: str) -> None:
         rep.notes.append("0 bytes, no pickle")
         return
     # a SavedModel's files are found by their names, as TensorFlow finds them
-    fmt = _SAVED_MODEL_FILES.get(p.name) if (p.parent / "saved_model.pb").is_file() else None
-    fmt = fmt or _known_format(p)
+    saved_model_file = p.name in _SAVED_MODEL_FILES and (p.parent / "saved_model.pb").is_file()
+    fmt = _SAVED_MODEL_FILES[p.name] if saved_model_file else _known_format(p)
     if is_zip(head) or head[:4] == b"PK\x05\x06":
         _scan_zip(rep, p)
     elif _is_tar(head):
@@ -577,6 +577,8 @@ def _scan_file(rep: ScanReport, p: Path, buf, display: str) -> None:
         _scan_bare_pickle(rep, buf, display, fmt)
     elif fmt is not None:
         rep.kind = f"{fmt}, no pickles"
+    elif saved_model_file:
+        rep.kind = "TensorFlow SavedModel fingerprint (numbers only)"
     elif _is_text(head):
         rep.kind = "text, no pickle"
     else:
@@ -603,34 +605,36 @@ def _scan_bare_pickle(rep: ScanReport, buf, display: str, fmt: str | None) -> No
 
 # Files of a SavedModel folder (next to saved_model.pb) and who judges them
 _SAVED_MODEL_FILES = {"saved_model.pb": "tf", "keras_metadata.pb": "keras-h5",
-                      "fingerprint.pb": "TensorFlow SavedModel fingerprint (numbers only)"}
-
-# Code that runs on load outside pickles: format -> "module:function(path) -> reasons"
-_FORMAT_SCANS = {
-    "keras-h5": "ckptconv.adapters.keras_scan:code_on_load",
-    "hdf5": "ckptconv.adapters.keras_scan:code_on_load",
-    "tf": "ckptconv.adapters.tf_scan:code_on_load",
-    "onnx": "ckptconv.adapters.onnx_scan:code_on_load",
-}
+                      "fingerprint.pb": None}
 
 
 def _scan_format(rep: ScanReport, p: Path, fmt: str) -> None:
-    import importlib
+    """The format's ``scan`` hook, if it has one: code that runs on load
+    outside pickles (a Keras Lambda layer, a SavedModel's Python ops ...)."""
+    from .registry import available_formats, format_info, hook
 
-    target = _FORMAT_SCANS.get(fmt)
-    if target is None:
+    if fmt not in available_formats() or "scan" not in format_info(fmt).hooks:
         return
-    module, _, func = target.partition(":")
     try:
-        reasons = getattr(importlib.import_module(module), func)(p)
+        found = hook(fmt, "scan", p)(p)
     except CkptconvError as e:
         rep.fail(_line(e))
         return
     except ImportError as e:
         rep.fail(f"{p.name}: judging {fmt} content needs {e.name}; not scanned")
         return
+    for reason in found.reasons:
+        (rep.refuse if found.verdict == UNSAFE else rep.fail)(reason)
+    rep.notes += found.notes
+
+
+def code_on_load_report(path: Path, kind: str, reasons: list[str]) -> ScanReport:
+    """What an adapter's ``scan`` hook returns: unsafe with one reason per
+    place that runs code on load, else safe."""
+    rep = ScanReport(str(path), kind=kind)
     for reason in reasons:
         rep.refuse(reason)
+    return rep
 
 
 def _known_format(p: Path) -> str | None:

@@ -73,6 +73,12 @@ class HDF5Adapter(Adapter):
     extra = "hdf5"
     description = "plain HDF5 (numeric datasets, nested groups as '/' names, attributes)"
 
+    def scan(self, path: Path, **options):
+        """``ckptconv scan``'s hook: code that runs on load outside pickles."""
+        from ..keras_scan import scan
+
+        return scan(path)
+
     def read(self, path: Path, **options) -> Checkpoint:
         with h5_errors(path):
             src = H5Source(FileHandle(path))

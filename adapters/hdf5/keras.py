@@ -89,6 +89,12 @@ class KerasH5Adapter(Adapter):
     extra = "hdf5"
     description = "Keras weights: Keras 2 .h5 (weights or full model), Keras 3 .weights.h5 / .keras"
 
+    def scan(self, path: Path, **options):
+        """``ckptconv scan``'s hook: code that runs on load outside pickles."""
+        from ..keras_scan import scan
+
+        return scan(path)
+
     def read(self, path: Path, **options) -> Checkpoint:
         with h5_errors(path):
             return self._read(path)

@@ -60,6 +60,12 @@ class OnnxAdapter(Adapter):
     extra = "onnx"
     description = "ONNX (initializers, Constant nodes, subgraphs, external data)"
 
+    def scan(self, path: Path, **options):
+        """``ckptconv scan``'s hook: code that runs on load outside pickles."""
+        from ..onnx_scan import scan
+
+        return scan(path)
+
     def read(self, path: Path, **options) -> Checkpoint:
         scan = scan_onnx(path)
         tensors = {t.name: t.ref for t in scan.tensors}

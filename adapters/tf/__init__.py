@@ -49,6 +49,12 @@ class TFBundleAdapter(Adapter):
     extensions = (".ckpt", ".index")
     description = "TensorFlow checkpoint (prefix.index + prefix.data-*; TF1 and TF2; SavedModel variables/)"
 
+    def scan(self, path: Path, **options):
+        """``ckptconv scan``'s hook: code that runs on load outside pickles."""
+        from ..tf_scan import scan
+
+        return scan(path)
+
     def read(self, path: Path, verify: bool = False, **options) -> Checkpoint:
         return read_bundle(path, verify=verify)
 
