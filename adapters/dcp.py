@@ -169,7 +169,9 @@ def _tensor_item(fqn: str, rec, display: str) -> TensorItem:
     props = f.get("properties")
     if not isinstance(props, ObjectRecord) or props.cls.rsplit(".", 1)[-1] != "TensorProperties":
         raise FormatError(f"{where}: no TensorProperties")
-    if isinstance(props.state, tuple) and len(props.state) == 5:    # __getstate__ of torch >= 2.0
+    # __getstate__: (dtype, layout, requires_grad, memory format, pin_memory), torch 2.15
+    # adds the saved tensor's strides (values are the same whatever the strides)
+    if isinstance(props.state, tuple) and len(props.state) in (5, 6):
         dtype_g, layout, requires_grad = props.state[:3]
     elif isinstance(props.state, dict):
         dtype_g, layout = props.state.get("dtype"), props.state.get("layout")
@@ -556,16 +558,14 @@ class DcpAdapter(Adapter):
     def read(self, path: Path, allow_globals=(), **options) -> Checkpoint:
         return read_dcp(Path(path), allow_globals or ())
 
-    def verify(self, path: Path, report=None, **options):
-        """Chunk tiling and file ranges, added to ``report`` (or to the
-        generic checks' report when called as the verb's hook)."""
-        if report is None:
-            from ckptconv.integrity import verify as generic_checks
+    def verify(self, path: Path, **options):
+        """``ckptconv verify``: the checks below, then every tensor read in full."""
+        from ckptconv.integrity import verify_checkpoint
 
-            report = generic_checks(path)
+        return verify_checkpoint(path, self.name, self.check_integrity, **options)
+
+    def check_integrity(self, path: Path, report) -> None:
         verify_dcp(Path(path), report)
-        report.problems = list(dict.fromkeys(report.problems))
-        return report
 
     def layout(self, ckpt: Checkpoint) -> dict:
         return dict(ckpt.info.get("dcp", {}))

@@ -129,7 +129,7 @@ def _verify(folder: Path):
     from ckptconv.registry import get_adapter
 
     report = VerifyReport(str(folder), "dcp")
-    get_adapter("dcp").verify(folder, report)
+    get_adapter("dcp").check_integrity(folder, report)
     return report
 
 
