@@ -26,7 +26,7 @@ from ..errors import MappingError
 from ..reports import Report
 from ..tensor import TensorRef
 from ..tree import Checkpoint, join_path
-from .torch_fill import Filler, TorchMaterializer
+from .torch_fill import Filler, TorchMaterializer, gc_paused
 
 PREFERRED = ("state_dict", "model", "model_state", "model_state_dict", "module", "net")
 BATCH_BYTES = 64 << 20  # mapped tensors handed to load_state_dict at a time (hooked modules)
@@ -200,15 +200,26 @@ def load_into(module, ck: Checkpoint, mapping=None, strict: bool = False, device
     if device is not None:
         module.to(device)
         state = module.state_dict()
-    plain = plain_loading_names(module, state)
-    direct = [n for n in report.loaded if n in plain]
+    with gc_paused():
+        _fill_and_load(module, state, tensors, report.loaded, plain_loading_names(module, state))
+    if device is not None:
+        report.notes.append(f"module moved to {torch.device(device)}")
+    return report
+
+
+def _fill_and_load(module, state: dict, tensors: dict, names: list[str], plain: set[str]) -> None:
+    """Bytes into the memory of the ``plain`` names, then ``load_state_dict`` with
+    them and with mapped views of the others (``BATCH_BYTES`` at a time)."""
+    import torch
+
+    direct = [n for n in names if n in plain]
     with torch.no_grad(), Filler() as filler:
         for name in direct:
             filler.fill(state[name], tensors[name])
     batch = {name: state[name] for name in direct}
     size = 0
     materialize = TorchMaterializer(mmap=True)
-    for name in report.loaded:
+    for name in names:
         if name in plain:
             continue
         batch[name] = materialize(tensors[name])
@@ -218,9 +229,6 @@ def load_into(module, ck: Checkpoint, mapping=None, strict: bool = False, device
             batch, size, materialize = {}, 0, TorchMaterializer(mmap=True)
     if batch:
         _load_batch(module, batch)
-    if device is not None:
-        report.notes.append(f"module moved to {torch.device(device)}")
-    return report
 
 
 # Loaders that only copy the tensor of each name into the parameter or buffer

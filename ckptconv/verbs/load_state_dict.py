@@ -12,7 +12,7 @@ tensors are one tensor; views of one storage share it.
 from __future__ import annotations
 
 from ..tree import Checkpoint
-from .torch_fill import TorchMaterializer
+from .torch_fill import TorchMaterializer, gc_paused
 
 
 def load_state_dict(ck: Checkpoint, device="cpu", mmap: bool = True, select: str | None = None,
@@ -24,6 +24,7 @@ def load_state_dict(ck: Checkpoint, device="cpu", mmap: bool = True, select: str
         ck = mapping.apply(ck)
     materialize = TorchMaterializer(mmap=mmap, device=device)
     try:
-        return {name: materialize(ref) for name, ref in ck.tensors().items()}
+        with gc_paused():
+            return {name: materialize(ref) for name, ref in ck.tensors().items()}
     finally:
         materialize.close()
