@@ -214,8 +214,13 @@ def _fill_and_load(module, state: dict, tensors: dict, names: list[str], plain: 
 
     direct = [n for n in names if n in plain]
     with torch.no_grad(), Filler() as filler:
+        filled = set()
         for name in direct:
-            filler.fill(state[name], tensors[name])
+            t = state[name]
+            if t.data_ptr() in filled:   # a tied parameter's second name: after the first,
+                filler.wait()            # as load_state_dict's copies go one after another
+            filled.add(t.data_ptr())
+            filler.fill(t, tensors[name])
     batch = {name: state[name] for name in direct}
     size = 0
     materialize = TorchMaterializer(mmap=True)
