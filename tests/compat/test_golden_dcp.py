@@ -18,8 +18,8 @@ DCP = sorted(m.parent.name for m in GOLDEN.glob("torch-*/manifest.json")
              if "dcp" in json.loads(m.read_text()))
 
 
-def test_golden_dcp_from_torch_2_13_and_the_newest():
-    assert {"torch-2.13.0", "torch-2.15.0"} <= set(DCP), DCP
+def test_golden_dcp_from_the_oldest_and_newest_torch():
+    assert {"torch-2.4.1", "torch-2.13.0", "torch-2.15.0"} <= set(DCP), DCP
 
 
 @pytest.mark.parametrize("folder", DCP)
