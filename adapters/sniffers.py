@@ -19,6 +19,7 @@ import struct
 from pathlib import Path
 
 from ckptconv.errors import FormatError
+from ckptconv.remote import as_path, is_remote, open_source
 from ckptconv.tensor import FileHandle
 from ckptconv.ziputil import is_zip, read_members
 
@@ -43,7 +44,7 @@ def is_bare_pickle(head: bytes, path: Path | None = None) -> bool:
         return starts_a_pickle(head) and head[8:9] != b"{"
     if not head or head[:1].decode("latin1") not in PICKLE_OPCODES or path is None:
         return False
-    with open(path, "rb") as f:
+    with open_source(path) as f:
         return starts_a_pickle(f.read(TEXT_PICKLE_SNIFF))
 
 
@@ -80,7 +81,7 @@ def sniff_safetensors(head: bytes, path: Path) -> bool:
             return True
         if not path.is_file():
             return False
-        with open(path, "rb") as f:  # a long "metadata" can push it past the head
+        with open_source(path) as f:  # a long "metadata" can push it past the head
             return b'"weight_map"' in f.read(1 << 20)
     if len(head) < 10 or head[8:9] != b"{":
         return False
@@ -100,7 +101,7 @@ def has_table_magic(index: Path) -> bool:
         size = index.stat().st_size
         if size < FOOTER_SIZE:
             return False
-        with open(index, "rb") as f:
+        with open_source(index) as f:
             f.seek(size - 8)
             return struct.unpack("<Q", f.read(8))[0] == TABLE_MAGIC
     except OSError:
@@ -112,8 +113,9 @@ def has_data_files(prefix: str) -> bool:
     # tf.train.Checkpoint.write("dir/") makes: dir/.index, dir/.data-*)
     folder, base = os.path.split(prefix)
     try:
-        return any(DATA_FILE_RE.match(name) and name.startswith(base + ".data-")
-                   for name in os.listdir(folder or "."))
+        names = ([c.name for c in as_path(folder).iterdir()] if is_remote(prefix)
+                 else os.listdir(folder or "."))
+        return any(DATA_FILE_RE.match(name) and name.startswith(base + ".data-") for name in names)
     except OSError:
         return False
 
@@ -138,9 +140,9 @@ def _state_file_prefix(folder: Path) -> str:
     name = names[0]
     base = os.path.basename(name)
     # TF writes absolute paths; a copied or moved folder still means its own files
-    candidates = [os.path.join(folder, base), name if os.path.isabs(name) else os.path.join(folder, name)]
+    candidates = [f"{folder}/{base}", name if os.path.isabs(name) else f"{folder}/{name}"]
     for c in candidates:
-        if os.path.exists(c + ".index"):
+        if as_path(c + ".index").exists():
             return c
     raise FormatError(f"{folder.name}/checkpoint: points at '{name}' but '{base}.index' "
                       f"is not in {folder}")
@@ -154,17 +156,17 @@ def find_prefix(path: str | os.PathLike, strict: bool = True) -> str | None:
 
     ``strict=False`` (sniffing) returns None instead of raising.
     """
-    p = Path(path)
-    s = os.fspath(path)
+    p = as_path(path)
+    s = str(path) if is_remote(path) else os.fspath(path)
     try:
         if p.is_dir():
             if (p / "checkpoint").is_file():
                 return _state_file_prefix(p)
             for cand in (p / "variables" / "variables", p / "variables"):
-                if Path(str(cand) + ".index").is_file():
+                if as_path(str(cand) + ".index").is_file():
                     return str(cand)
             if (p / ".index").is_file():         # prefix "dir/": dir/.index + dir/.data-*
-                return os.path.join(str(p), "")
+                return str(p) + "/"
             if strict:
                 raise FormatError(f"{p}: folder has no 'checkpoint' state file, no "
                                   f"saved_model variables/, no variables.index and no .index")
@@ -176,7 +178,7 @@ def find_prefix(path: str | os.PathLike, strict: bool = True) -> str | None:
         m = DATA_FILE_RE.match(s)
         if m and p.is_file():
             return m.group("prefix")
-        if os.path.isfile(s + ".index"):
+        if as_path(s + ".index").is_file():
             return s
     except FormatError:
         if strict:
@@ -191,7 +193,7 @@ def sniff_tf(head: bytes, path: Path) -> bool:
     prefix = find_prefix(path, strict=False)
     if prefix is None:
         return False
-    index = Path(prefix + ".index")
+    index = as_path(prefix + ".index")
     return has_table_magic(index) or (index.is_file() and has_data_files(prefix))
 
 
@@ -210,7 +212,7 @@ def superblock_offset(head: bytes, path: Path) -> int | None:
         return None
     size = path.stat().st_size
     off = 512
-    with open(path, "rb") as f:
+    with open_source(path) as f:
         while off + 8 <= min(size, SUPERBLOCK_SEARCH_LIMIT):
             if off + 8 <= len(head):
                 signature = head[off:off + 8]

@@ -17,7 +17,7 @@ _EXPORTS = {
     "load": "api", "save": "api", "convert": "api", "inspect": "api", "load_into": "api",
     "load_state_dict": "api", "check": "api", "verify": "api", "scan": "api", "diff": "api",
     "sanitize": "api", "formats": "api", "presets": "api", "Mapping": "mapping", "Report": "reports",
-    "ls": "api", "pick": "api", "prune": "api",
+    "ls": "api", "pick": "api", "prune": "api", "batch": "api",
     "Checkpoint": "tree", "ObjectRecord": "tree",
     "TensorRef": "tensor", "StoredTensor": "tensor", "ArrayTensor": "tensor", "LazyTensor": "tensor",
     "CkptconvError": "errors", "FormatError": "errors", "IntegrityError": "errors",

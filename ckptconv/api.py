@@ -21,6 +21,8 @@ from .registry import (check_options, detect_format, format_for_target, format_i
                        formats_with_hook, given_options, hook, option_flag, read_checkpoint,
                        resolve_target, write_checkpoint)
 from .registry import source_format as registry_source_format
+from .remote import as_path, remote_stats, remote_use
+from .remote import storage_options as using_storage_options
 from .reports import Report
 from .tree import Checkpoint
 
@@ -59,6 +61,7 @@ class ConvertReport(Report):
     files: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     mapping: dict | None = None
+    remote: dict | None = None      # object-storage requests and bytes, when a URL was involved
 
     def __str__(self) -> str:
         from .tensor import human_bytes
@@ -97,18 +100,25 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str | None = Non
 
     ``options`` are the writer's (``shard_size``, ``template``, ...): each must
     be one the target format's writer takes (see ``formats()``)."""
+    with using_storage_options(storage_options):  # lazy reads during the write use them too
+        return _convert(src, dst, to, mapping, select, force, dtype, format, strict,
+                        allow_globals, manifest, progress, options)
+
+
+def _convert(src, dst, to, mapping, select, force, dtype, format, strict, allow_globals,
+             manifest, progress, options) -> ConvertReport:
     t0 = time.perf_counter()
-    src, dst = Path(src), Path(dst)
+    before = remote_stats()
+    src, dst = as_path(src), as_path(dst)
     if src.resolve() == dst.resolve():
         raise UsageError(f"{dst}: source and target are the same file")
     format_for_target(dst, to)       # no target format at all: a usage error, before reading
-    ck = load(src, format=format, allow_globals=allow_globals, storage_options=storage_options)
+    ck = load(src, format=format, allow_globals=allow_globals)
     source_format = ck.format
     # an ambiguous extension (.ckpt, .h5) takes the source's family, and says so
     target_format, target_note = resolve_target(dst, to, registry_source_format(ck))
     # before writing anything: an option the writer does not take is a usage error
-    write_options = check_options(target_format, "write",
-                                  dict(options, storage_options=storage_options))
+    write_options = check_options(target_format, "write", options)
     if select:
         ck = ck.select(select)
     report = ConvertReport(str(src), source_format, str(dst), target_format)
@@ -134,6 +144,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str | None = Non
         report.files.append(str(write_manifest(dst, report.files)))
     report.notes = ([target_note] if target_note else []) + list(info.get("notes", []))
     report.seconds = time.perf_counter() - t0
+    report.remote = remote_use(before, src, dst)
     return report
 
 
@@ -144,10 +155,12 @@ def inspect(path: str | os.PathLike, format: str | None = None, show_all: bool =
     """Format, tensors, dtypes, shapes, bytes, tree and metadata, from headers only."""
     from .verbs.inspect import inspect_checkpoint
 
+    before = remote_stats()
     ck = load(path, format=format, allow_globals=allow_globals, storage_options=storage_options)
     report = inspect_checkpoint(ck, show_all=show_all)
     if "layout" in format_info(ck.format).hooks:     # the format's own lines (its layout hook)
         report.layout = dict(hook(ck.format, "layout")(ck))
+    report.remote = remote_use(before, path)
     return report
 
 
@@ -235,6 +248,11 @@ def _format_verb(verb: str, path, fallback: str | None = None, **options):
     checked against the reader's). ``fallback`` ("module:function") serves the
     formats whose adapters have no hook yet; without one, a format lacking the
     hook is a one-line error naming the formats that have it."""
+    with using_storage_options(options.pop("storage_options", None)):
+        return _format_verb_here(verb, path, fallback, **options)
+
+
+def _format_verb_here(verb: str, path, fallback: str | None = None, **options):
     if fallback is None:
         fmt = detect_format(path)
     else:
@@ -243,9 +261,8 @@ def _format_verb(verb: str, path, fallback: str | None = None, **options):
         except CkptconvError:
             fmt = None
     if fmt is not None and (fallback is None or verb in format_info(fmt).hooks):
-        read_options = check_options(fmt, "read", {k: options.pop(k) for k in
-                                                   ("allow_globals", "storage_options")})
-        return hook(fmt, verb, path)(Path(path), **given_options(options), **read_options)
+        read_options = check_options(fmt, "read", {"allow_globals": options.pop("allow_globals")})
+        return hook(fmt, verb, path)(as_path(path), **given_options(options), **read_options)
     module, _, name = fallback.partition(":")
     import importlib
 
@@ -256,6 +273,11 @@ def _format_verb(verb: str, path, fallback: str | None = None, **options):
 def _call_passing(fn: Callable, verb: str, args: list, **options):
     """``fn(*args, **given options)``; an option given that ``fn`` does not
     take is a usage error, never silently dropped."""
+    with using_storage_options(options.pop("storage_options", None)):
+        return _call_here(fn, verb, args, **options)
+
+
+def _call_here(fn: Callable, verb: str, args: list, **options):
     given = given_options(options)
     params = _inspect.signature(fn).parameters
     takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
@@ -263,6 +285,74 @@ def _call_passing(fn: Callable, verb: str, args: list, **options):
         if name not in params and not takes_any:
             raise UsageError(f"{option_flag(name)} is not an option of {verb}")
     return fn(*args, **given)
+
+
+# --- many sources: folders, globs, several paths; local processes or a Dask cluster -------------
+
+BATCH_VERBS = ("convert", "inspect", "verify", "scan")
+
+
+def parse_storage_options(items: list[str] | None) -> dict:
+    """``["KEY=VALUE", ...]`` (``--storage-option``) -> ``storage_options=`` dict."""
+    from .remote import parse_storage_options as parse
+
+    return parse(items)
+
+
+def looks_like_many(paths: list[str]) -> bool:
+    """Several paths or a glob: run as a batch, one result per source."""
+    from .verbs.batch import looks_like_many as many
+
+    return many(paths)
+
+
+def batch(verb: str, sources: Iterable[str | os.PathLike], out_dir: str | os.PathLike | None = None,
+          *, jobs: int | None = None, scheduler: str | None = None, resume: bool = False,
+          storage_options: dict | None = None, progress: bool = False,
+          on_result: Callable | None = None, **options):
+    """Run ``verb`` (convert, inspect, verify, scan) on many sources: paths,
+    globs and folders, local or URLs. ``convert`` writes each under ``out_dir``
+    with its relative name and the ``to`` format's extension. One task per
+    source (per shard for verify/scan of a sharded checkpoint), in this process,
+    in ``jobs`` local processes, or on the Dask cluster at ``scheduler`` (or
+    ``$CKPTCONV_SCHEDULER``). ``on_result(result)`` is called as each source
+    finishes; a failure is that source's. ``resume`` skips a conversion whose
+    output exists and verifies. Returns a ``BatchReport``."""
+    from .verbs import batch as _batch
+    from .progress import batch_progress
+
+    if verb not in BATCH_VERBS:
+        raise UsageError(f"'{verb}' takes one source; many sources work with "
+                         f"{', '.join(BATCH_VERBS)}")
+    with using_storage_options(storage_options):
+        found = _batch.expand_sources([os.fspath(s) if isinstance(s, os.PathLike) else s
+                                       for s in sources], storage_options)
+    if verb in ("verify", "scan"):
+        found = _batch.shard_sources(found)
+    dsts = None
+    if verb == "convert":
+        if out_dir is None:
+            raise UsageError("converting many sources needs --out-dir DIR|URL")
+        to = options.get("to")
+        if not to:
+            raise UsageError("--out-dir needs --to FMT (the outputs' format and extension)")
+        dsts = _batch.plan_outputs(found, os.fspath(out_dir) if isinstance(
+            out_dir, os.PathLike) else out_dir, format_info(to).extensions[0])
+    elif out_dir is not None or resume:
+        raise UsageError(f"--out-dir and --resume are options of convert, not {verb}")
+    fn = {"convert": convert, "inspect": inspect, "verify": verify, "scan": scan}[verb]
+    report = _batch.BatchReport(verb)
+    with batch_progress(len(found), progress) as bar:
+        for result in _batch.run_many(fn, [s.path for s in found], dsts, options,
+                                      storage_options, jobs=jobs or 1, scheduler=scheduler,
+                                      resume=resume, verify_fn=verify if resume else None,
+                                      keep_report=verb == "inspect"):
+            report.results.append(result)
+            if bar is not None:
+                bar.finished(result)
+            if on_result is not None:
+                on_result(result)
+    return report
 
 
 # --- verbs on many checkpoints, on models, and listings ----------------------------------------

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .errors import CkptconvError, UsageError
+from .remote import as_path, is_remote
 
 
 class WriteError(CkptconvError):
@@ -135,8 +136,28 @@ def _new_temp(path: Path) -> Path:
 
 
 @contextlib.contextmanager
+def _remote_outputs(targets: list, force: bool) -> Iterator[list[Path]]:
+    """Local staging files for object-storage targets, uploaded at the end as
+    multipart uploads completed last and aborted on error (remote.uploads)."""
+    from .remote import uploads
+
+    for t in targets:
+        check_target(t, force)
+    try:
+        with uploads(targets) as staged:
+            yield [Path(s) for s in staged]
+    except OSError as e:
+        raise WriteError(_describe(e, targets[0])) from e
+
+
+@contextlib.contextmanager
 def atomic_file(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
-    """Yield a temp path next to ``path``; on success it replaces ``path``."""
+    """Yield a temp path next to ``path``; on success it replaces ``path``.
+    An object-storage URL gets a local temp file, uploaded on success."""
+    if is_remote(path):
+        with _remote_outputs([as_path(path)], force) as (tmp,):
+            yield tmp
+        return
     path = Path(path)
     check_target(path, force)
     tmp = _new_temp(path)
@@ -188,6 +209,11 @@ def atomic_dir(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
 @contextlib.contextmanager
 def atomic_files(paths: list[Path], force: bool = False) -> Iterator[list[Path]]:
     """Several outputs (shards + index) that appear together or not at all."""
+    if paths and is_remote(paths[0]):
+        with _remote_outputs([as_path(p) for p in paths], force) as tmps:
+            yield tmps
+        return
+    paths = [Path(p) for p in paths]
     for p in paths:
         check_target(p, force)
     with contextlib.ExitStack() as stack:

@@ -48,14 +48,29 @@ def _reading(sp: argparse.ArgumentParser) -> None:
     """Options of every verb that reads checkpoints."""
     sp.add_argument("--allow-global", dest="allow_globals", action="append", metavar="MODULE.NAME",
                     help="one more inert record type for this run (repeatable)")
+    sp.add_argument("--storage-option", dest="storage_option", action="append",
+                    metavar="KEY=VALUE", help="an fsspec backend option for URLs, e.g. "
+                    "endpoint_url=http://host:9000 or anon=true (repeatable)")
+
+
+def _many(sp: argparse.ArgumentParser, jobs: bool = True) -> None:
+    """Options of the verbs that take many sources (paths, globs, folders)."""
+    if jobs:
+        sp.add_argument("--jobs", type=int, metavar="N", help="run the sources in N local processes")
+    sp.add_argument("--scheduler", metavar="ADDRESS",
+                    help="run the sources on this Dask cluster (default: $CKPTCONV_SCHEDULER)")
 
 
 # --- one argument builder per verb: adds its arguments, and turns the parsed
 # arguments into the API call (positional args, keyword args) ---------------------------
 
 def _convert_arguments(c: argparse.ArgumentParser):
-    c.add_argument("src")
-    c.add_argument("dst")
+    c.add_argument("paths", nargs="+", metavar="PATH",
+                   help="SRC DST; or sources (files, folders, globs, URLs) with --out-dir")
+    c.add_argument("--out-dir", metavar="DIR|URL",
+                   help="convert every source into DIR, keeping relative names (needs --to)")
+    c.add_argument("--resume", action="store_true",
+                   help="with --out-dir: skip sources whose output exists and verifies")
     c.add_argument("--to", metavar="FMT", help="target format (see `ckptconv formats`)")
     c.add_argument("--from", dest="from_", metavar="FMT", help="force the source format")
     c.add_argument("--map", action="append", metavar="RULES_FILE|PRESET",
@@ -74,13 +89,19 @@ def _convert_arguments(c: argparse.ArgumentParser):
     c.add_argument("--torch-compat", metavar="VERSION",
                    help="torch: write what this torch version can load, or fail")
     c.add_argument("--manifest", action="store_true", help="also write <DST>.sha256.json")
-    c.add_argument("--jobs", type=int, metavar="N", help="write shards in parallel")
+    c.add_argument("--jobs", type=int, metavar="N",
+                   help="write shards in parallel; with --out-dir: N local processes")
     c.add_argument("--force", action="store_true", help="replace DST if it exists")
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
     _reading(c)
+    _many(c, jobs=False)
 
     def call(a):
-        return [a.src, a.dst], dict(
+        if a.out_dir is None and len(a.paths) != 2:
+            from .errors import UsageError
+
+            raise UsageError("convert takes SRC DST, or sources and --out-dir DIR|URL")
+        return list(a.paths), dict(
             to=a.to, format=a.from_, mapping=a.map, select=a.select, force=a.force,
             dtype=a.dtype, strict=a.strict, shard_size=a.shard_size, dedupe_tied=a.dedupe_tied,
             template=a.template, external_data=a.external_data, torch_compat=a.torch_compat,
@@ -90,11 +111,12 @@ def _convert_arguments(c: argparse.ArgumentParser):
 
 
 def _inspect_arguments(i: argparse.ArgumentParser):
-    i.add_argument("src")
+    i.add_argument("src", nargs="+", help="a checkpoint; or several (files, folders, globs, URLs)")
     i.add_argument("--from", dest="from_", metavar="FMT", help="force the source format")
     i.add_argument("--all", action="store_true", help="list every tensor (default: first 50)")
     _reading(i)
-    return lambda a: ([a.src], dict(format=a.from_, show_all=a.all, allow_globals=a.allow_globals))
+    _many(i)
+    return lambda a: (a.src, dict(format=a.from_, show_all=a.all, allow_globals=a.allow_globals))
 
 
 def _diff_arguments(d: argparse.ArgumentParser):
@@ -131,15 +153,17 @@ def _sanitize_arguments(s: argparse.ArgumentParser):
 
 
 def _verify_arguments(v: argparse.ArgumentParser):
-    v.add_argument("src")
+    v.add_argument("src", nargs="+", help="a checkpoint; or several (files, folders, globs, URLs)")
     v.add_argument("--manifest", action="store_true", help="also check <SRC>.sha256.json")
     _reading(v)
-    return lambda a: ([a.src], dict(manifest=a.manifest, allow_globals=a.allow_globals))
+    _many(v)
+    return lambda a: (a.src, dict(manifest=a.manifest, allow_globals=a.allow_globals))
 
 
 def _scan_arguments(sc: argparse.ArgumentParser):
     sc.add_argument("src", nargs="+")
     _reading(sc)
+    _many(sc)
     return lambda a: ([a.src], dict(allow_globals=a.allow_globals))
 
 
@@ -241,9 +265,51 @@ def run(args: argparse.Namespace) -> int:
     from . import api
 
     positional, keywords = args.api_call(args)
+    if getattr(args, "storage_option", None):
+        keywords["storage_options"] = api.parse_storage_options(args.storage_option)
+    if _is_batch(args, positional):
+        return _run_batch(args, positional, keywords)
+    if args.verb in ("inspect", "verify"):
+        positional = positional[:1]
     report = getattr(api, VERBS[args.verb][0])(*positional, **keywords)
     _emit(report, args.json)
     return getattr(report, "exit_code", EXIT_OK)
+
+
+def _is_batch(args: argparse.Namespace, positional: list) -> bool:
+    """Many sources (or the flags that run them as tasks): one result per source."""
+    if args.verb == "convert":
+        return args.out_dir is not None
+    if args.verb not in ("inspect", "verify", "scan"):
+        return False
+    if (args.jobs or 1) > 1 or args.scheduler:
+        return True
+    if args.verb == "scan":   # scan walks several paths itself, into one report
+        return False
+    from . import api
+
+    return api.looks_like_many(positional)
+
+
+def _run_batch(args: argparse.Namespace, positional: list, keywords: dict) -> int:
+    """Print each source's result as it finishes (one JSON object a line with
+    --json), then a summary line; exit 1 if any failed."""
+    from . import api
+
+    sources = positional[0] if args.verb == "scan" else positional
+    options = dict(keywords)
+    jobs = options.pop("jobs", None) if args.verb == "convert" else args.jobs
+    progress = options.pop("progress", False) or _progress_enabled(args)
+
+    def show(result):
+        print(json.dumps(result.to_dict(), default=str) if args.json else str(result), flush=True)
+
+    report = api.batch(args.verb, sources, out_dir=getattr(args, "out_dir", None), jobs=jobs,
+                       scheduler=args.scheduler, resume=getattr(args, "resume", False),
+                       progress=progress, on_result=show, **options)
+    if not args.json:
+        print(str(report))
+    return report.exit_code
 
 
 class _Terminated(BaseException):

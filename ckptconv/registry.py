@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import FormatError, MissingDependencyError, UnsupportedError, UsageError
+from .remote import as_path, open_source, storage_options
 from .tree import Checkpoint
 
 HEAD_BYTES = 4096
@@ -275,14 +276,14 @@ def _plugin_infos_quietly():
 def read_head(path: Path) -> bytes:
     if path.is_dir():
         return b""
-    with open(path, "rb") as f:
+    with open_source(path) as f:
         return f.read(HEAD_BYTES)
 
 
 def detect_format(path: str | os.PathLike) -> str:
-    """The format of an existing file or folder, from its content."""
-    p = Path(path)
-    if not p.exists() and not Path(str(p) + ".index").exists():
+    """The format of an existing file or folder (or URL), from its content."""
+    p = as_path(path)
+    if not p.exists() and not as_path(str(p) + ".index", getattr(p, "options", None)).exists():
         raise FormatError(f"{p}: no such file or folder")
     if p.is_file() and p.stat().st_size == 0:
         raise FormatError(f"{p.name}: file is empty (0 bytes)")
@@ -310,7 +311,7 @@ def format_for_target(path: str | os.PathLike, to: str | None = None) -> str:
     if best is None:   # the plugins' extensions (this loads them)
         best = _longest_extension_match(p, _plugin_infos_quietly())
     if best is None:
-        raise UsageError(f"{Path(path).name}: cannot tell the target format from the extension; "
+        raise UsageError(f"{as_path(path).name}: cannot tell the target format from the extension; "
                          f"use --to ({', '.join(available_formats())})")
     return best
 
@@ -426,7 +427,7 @@ def hook(fmt: str, name: str, path: str | os.PathLike | None = None) -> Callable
     one-line error naming the format and the formats that have it."""
     if name not in format_info(fmt).hooks:
         have = formats_with_hook(name)
-        where = Path(path).name + ": " if path is not None else ""
+        where = as_path(path).name + ": " if path is not None else ""
         offer = f"{name} is for {', '.join(have)} files" if have else f"no format has {name}"
         raise UnsupportedError(f"{where}{offer}; this is {fmt}")
     adapter = get_adapter(fmt)
@@ -441,15 +442,16 @@ def read_checkpoint(path: str | os.PathLike, format: str | None = None,
     """Open a checkpoint lazily with the adapter of its format (detected from
     the content unless ``format`` is given); options are checked against the
     reader's declared options."""
-    p = Path(path)
-    fmt = format or detect_format(p)
-    given = check_options(fmt, "read", options)
-    info = format_info(fmt)
-    if not info.reads:
-        raise UsageError(f"format '{fmt}' can be written but not read")
-    adapter = get_adapter(fmt)
-    adapter.check_available("reading")
-    ck = adapter.read(p, **given)
+    with storage_options(options.pop("storage_options", None)):
+        p = as_path(path)
+        fmt = format or detect_format(p)
+        given = check_options(fmt, "read", options)
+        info = format_info(fmt)
+        if not info.reads:
+            raise UsageError(f"format '{fmt}' can be written but not read")
+        adapter = get_adapter(fmt)
+        adapter.check_available("reading")
+        ck = adapter.read(p, **given)
     ck.format = ck.format or fmt
     ck.path = ck.path or str(p)
     return ck
@@ -462,6 +464,12 @@ def write_checkpoint(ck: Checkpoint, path: str | os.PathLike, format: str | None
     are checked against the writer's declared options. What the format cannot
     hold is named in the notes, or, with ``lossless``, an error before
     anything is written."""
+    options = dict(options)
+    with storage_options(options.pop("storage_options", None)):
+        return _write_checkpoint(ck, as_path(path), format, force, lossless, options)
+
+
+def _write_checkpoint(ck, path, format, force, lossless, options) -> dict[str, Any]:
     fmt, chosen = resolve_target(path, format, source_format(ck))
     given = check_options(fmt, "write", options)
     if not format_info(fmt).writes:
@@ -470,11 +478,11 @@ def write_checkpoint(ck: Checkpoint, path: str | os.PathLike, format: str | None
     if not adapter.can_write:
         raise UsageError(f"format '{fmt}' can be read but not written")
     adapter.check_available("writing")
-    lost = adapter.losses(ck, Path(path))
+    lost = adapter.losses(ck, path)
     if lost and lossless:
-        raise UnsupportedError(f"{Path(path).name}: {fmt} cannot hold " + "; ".join(lost)
+        raise UnsupportedError(f"{path.name}: {fmt} cannot hold " + "; ".join(lost)
                                + " (strict: nothing may be lost)")
-    info = dict(adapter.write(ck, Path(path), force=force, **given) or {})
+    info = dict(adapter.write(ck, path, force=force, **given) or {})
     info["notes"] = ([chosen] if chosen else []) + [f"not kept: {x}" for x in lost] \
         + list(info.get("notes", []))
     return info

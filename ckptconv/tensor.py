@@ -31,7 +31,21 @@ def human_bytes(n: float) -> str:
 
 
 class FileHandle:
-    """One opened input file, shared by all the sources that point into it."""
+    """One opened input file, shared by all the sources that point into it.
+
+    ``FileHandle(url)`` (an fsspec URL or ``remote.RemotePath``) gives the
+    remote kind, ``remote.RemoteFile``: the same reads, as range requests."""
+
+    is_remote = False
+
+    def __new__(cls, path, display=None):
+        # pathlib paths are os.PathLike; URLs are strings with "://" or RemotePaths
+        if not isinstance(path, os.PathLike) and (not isinstance(path, str) or "://" in path):
+            from .remote import RemoteFile, is_remote
+
+            if is_remote(path):
+                return RemoteFile(path, display)  # (not a FileHandle: __init__ is not run)
+        return object.__new__(cls)
 
     def __init__(self, path: str | os.PathLike, display: str | None = None):
         self.path = os.fspath(path)
@@ -62,6 +76,16 @@ class FileHandle:
             offset += len(b)
             length -= len(b)
         return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def pread_many(self, ranges: list[tuple[int, int]], what: str = "data") -> list[bytes]:
+        """Several small ranges (offset, length); remote files fetch them concurrently."""
+        return [self.pread(o, n, what) for o, n in ranges]
+
+    def fetch_many(self, spans: list[tuple[int, int]]) -> Iterator[bytes]:
+        """The bytes of ``spans`` in order, in bounded pieces (remote: several in flight)."""
+        for off, n in spans:
+            for i in range(0, n, CHUNK_BYTES):
+                yield self.pread(off + i, min(CHUNK_BYTES, n - i))
 
     def close(self) -> None:
         if self._fd is not None:

@@ -98,7 +98,8 @@ def read_members(handle: FileHandle, start: int = 0, size: int | None = None) ->
     members: dict[str, Member] = {}
     pos = 0
     end = cd_size
-    fd = handle.fileno()
+    fd = None if handle.is_remote else handle.fileno()
+    entries = []
     for _ in range(count):
         if pos + 46 > end:
             raise FormatError(f"{name}: corrupt zip central directory (entry past its end)")
@@ -129,17 +130,31 @@ def read_members(handle: FileHandle, start: int = 0, size: int | None = None) ->
             raise FormatError(f"{name}: zip member '{mname}' escapes the archive")
         if hoff + 30 > size:
             raise FormatError(f"{name}: zip member '{mname}' starts past the end of the file")
-        lsig, _, _, _, _, _, _, _, _, lnlen, lxlen = _LOCAL.unpack(os.pread(fd, 30, start + hoff))
-        if lsig != 0x04034B50:
-            raise FormatError(f"{name}: corrupt zip: bad local header for '{mname}'")
-        data_start = hoff + 30 + lnlen + lxlen
-        if data_start + csize > size:
-            raise FormatError(
-                f"{name}: truncated zip archive (member '{mname}' needs "
-                f"{human_bytes(csize)} at offset {start + data_start}, file ends at "
-                f"{start + size})")
-        members[mname] = Member(mname, start + data_start, csize, usize, crc, method)
+        if fd is None:
+            entries.append((mname, hoff, csize, usize, crc, method))
+            members[mname] = None
+            continue
+        members[mname] = _member(os.pread(fd, 30, start + hoff), mname, hoff, csize, usize, crc,
+                                 method, name, start, size)
+    if fd is None:  # remote: all the local headers in one batch of concurrent range requests
+        heads = handle.pread_many([(start + e[1], 30) for e in entries], "zip local header")
+        for head, e in zip(heads, entries):
+            members[e[0]] = _member(head, *e, name, start, size)
     return members
+
+
+def _member(head: bytes, mname: str, hoff: int, csize: int, usize: int, crc: int, method: int,
+            name: str, start: int, size: int) -> Member:
+    lsig, _, _, _, _, _, _, _, _, lnlen, lxlen = _LOCAL.unpack(head)
+    if lsig != 0x04034B50:
+        raise FormatError(f"{name}: corrupt zip: bad local header for '{mname}'")
+    data_start = hoff + 30 + lnlen + lxlen
+    if data_start + csize > size:
+        raise FormatError(
+            f"{name}: truncated zip archive (member '{mname}' needs "
+            f"{human_bytes(csize)} at offset {start + data_start}, file ends at "
+            f"{start + size})")
+    return Member(mname, start + data_start, csize, usize, crc, method)
 
 
 def _zip64_fields(extra: bytes, usize: int, csize: int, hoff: int, name: str):

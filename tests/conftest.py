@@ -35,6 +35,26 @@ def run_cli(*args, block=(), env=None, timeout=120):
                           text=True, env={**os.environ, **(env or {})}, timeout=timeout)
 
 
+class _Run:
+    """The CLI's main() run in this process (no interpreter start-up per call)."""
+
+    def __init__(self, returncode: int, stdout: str, stderr: str):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+@pytest.fixture
+def cli(capsys):
+    """``cli(*args)``: ``ckptconv.cli.main`` in this process; returncode/stdout/stderr."""
+    from ckptconv.cli import main
+
+    def run(*args) -> _Run:
+        capsys.readouterr()
+        code = main([str(a) for a in args])
+        out, err = capsys.readouterr()
+        return _Run(code, out, err)
+    return run
+
+
 def assert_one_line_error(proc, code, *fragments):
     assert proc.returncode == code, (proc.returncode, proc.stdout, proc.stderr)
     lines = proc.stderr.strip().splitlines()
@@ -164,3 +184,68 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         terminalreporter.section("safety and integrity")
         for what, n in SAFETY_COUNTS.items():
             terminalreporter.write_line(f"{what}: {n}")
+
+
+# --- object storage: a real S3 API (moto's server) on a free port ----------------
+
+class S3Endpoint:
+    """A running moto S3 server: ``endpoint``, ``env`` (for subprocesses),
+    ``fs`` (an s3fs client, for arranging objects), ``bucket()`` (a fresh bucket)."""
+
+    def __init__(self, endpoint: str):
+        import s3fs
+
+        self.endpoint = endpoint
+        self.env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                    "AWS_DEFAULT_REGION": "us-east-1", "FSSPEC_S3_ENDPOINT_URL": endpoint}
+        self.fs = s3fs.S3FileSystem(endpoint_url=endpoint, key="testing", secret="testing",
+                                    use_listings_cache=False)
+        self._n = 0
+        self._client = None
+
+    def bucket(self) -> str:
+        self._n += 1
+        name = f"b{os.getpid()}-{self._n}"
+        self.fs.mkdir(name)
+        return name
+
+    def pending_uploads(self, bucket: str) -> list:
+        """Multipart uploads started and neither completed nor aborted."""
+        if self._client is None:
+            import boto3
+
+            self._client = boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
+                                        aws_access_key_id="testing",
+                                        aws_secret_access_key="testing")
+        return self._client.list_multipart_uploads(Bucket=bucket).get("Uploads", [])
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    server_mod = pytest.importorskip("moto.server")
+    pytest.importorskip("s3fs")
+    import logging
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    srv = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    srv.start()
+    host, port = srv.get_host_and_port()
+    ep = S3Endpoint(f"http://{host}:{port}")
+    saved = {k: os.environ.get(k) for k in ep.env if k != "FSSPEC_S3_ENDPOINT_URL"}
+    os.environ.update({k: v for k, v in ep.env.items() if k != "FSSPEC_S3_ENDPOINT_URL"})
+    try:
+        yield ep
+    finally:
+        srv.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch):
+    """The S3 server with its endpoint in FSSPEC_S3_ENDPOINT_URL for this test."""
+    monkeypatch.setenv("FSSPEC_S3_ENDPOINT_URL", s3_server.endpoint)
+    return s3_server

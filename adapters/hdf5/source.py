@@ -55,7 +55,7 @@ class _Window(io.RawIOBase):
     def readinto(self, buf) -> int:
         n = max(0, min(len(buf), self.size - self.pos))
         if n:
-            data = os.pread(self.handle.fileno(), n, self.base + self.pos)
+            data = self.handle.pread(self.base + self.pos, n)
             buf[:len(data)] = data
             n = len(data)
         self.pos += n
@@ -86,7 +86,7 @@ class H5Source:
             import h5py
 
             try:
-                if self.whole_file:
+                if self.whole_file and not self.handle.is_remote:
                     self._file = h5py.File(self.handle.path, "r")
                 else:
                     self._file = h5py.File(_Window(self.handle, self.base, self.size), "r")

@@ -146,7 +146,7 @@ def _pwrite_tensor(fd: int, ref: TensorRef, offset: int, target: Path) -> None:
         handle, src_off, n = span
         if src_off + n > handle.size:
             handle.pread(src_off, n)  # raises the one-line truncation error
-        can_copy = hasattr(os, "copy_file_range")
+        can_copy = hasattr(os, "copy_file_range") and not handle.is_remote
         while done < n:
             k = 0
             if can_copy:

@@ -445,8 +445,13 @@ def scan_onnx(path: Path) -> OnnxScan:
     handle = FileHandle(path)
     if handle.size == 0:
         raise FormatError(f"{handle.display}: file is empty")
-    with open(path, "rb") as f:
-        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    if handle.is_remote:
+        from ckptconv.remote import RemoteBuffer
+
+        buf = RemoteBuffer(handle)
+    else:
+        with open(path, "rb") as f:
+            buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     try:
         try:
             return _Scanner(path, handle, buf).model()

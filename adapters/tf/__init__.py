@@ -40,6 +40,7 @@ from pathlib import Path
 from ckptconv.registry import Adapter
 from ckptconv.tree import Checkpoint
 from ckptconv.views import flat_format_losses
+from ckptconv.remote import as_path
 
 from .bundle import check_bundle, read_bundle
 
@@ -77,5 +78,5 @@ class TFBundleAdapter(Adapter):
               shard_size: int | None = None, jobs: int = 1, **options) -> dict:
         from .writer import write_bundle
 
-        return write_bundle(ckpt, Path(path), force=force, shard_size=shard_size, jobs=jobs)
+        return write_bundle(ckpt, as_path(path), force=force, shard_size=shard_size, jobs=jobs)
 

@@ -18,6 +18,7 @@ from ckptconv.errors import FormatError, IntegrityError, UnsupportedError
 from ckptconv.tensor import (CHUNK_BYTES, FileHandle, FileSource, StoredTensor, TensorRef,
                              human_bytes)
 from ckptconv.tree import Checkpoint, ObjectRecord, tree_from_metadata
+from ckptconv.remote import as_path
 
 from .._io import DecodeError, crc32c, unmask_crc
 from ..sniffers import find_prefix
@@ -177,7 +178,7 @@ class Bundle:
                               f"{self.header.num_shards} shards")
         if k not in self._shards:
             path = data_filename(self.prefix, k, self.header.num_shards)
-            if not os.path.isfile(path):
+            if not as_path(path).is_file():
                 raise FormatError(f"{os.path.basename(path)}: data shard is missing "
                                   f"(tensor '{name}' lives there)")
             self._shards[k] = FileHandle(path)

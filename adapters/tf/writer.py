@@ -16,6 +16,7 @@ from ckptconv.errors import FormatError, UnsupportedError
 from ckptconv.streaming import PARALLEL_CRC_MIN, OutFile, crc_of_span
 from ckptconv.tensor import TensorRef
 from ckptconv.tree import TREE_KEY, Checkpoint, ObjectRecord, iter_tensors, tree_to_metadata
+from ckptconv.remote import as_path
 
 from .._io import crc32c, mask_crc, unmask_crc
 from .bundle import RAW_ENTRY_CLASS
@@ -48,7 +49,7 @@ class _Planned:
 def _target_prefix(path: Path) -> Path:
     s = str(path)
     if s.endswith(".index"):
-        return Path(s[: -len(".index")])
+        return as_path(s[: -len(".index")])
     if path.is_dir():
         return path / "model.ckpt"
     return path
@@ -189,8 +190,8 @@ def write_bundle(ckpt: Checkpoint, path: Path, force: bool = False, shard_size: 
     display = prefix.name or str(prefix)
     planned, metadata, notes = _plan(ckpt, display)
     n = _shard_plan(planned, shard_size)
-    data_paths = [Path(data_filename(str(prefix), k, n)) for k in range(n)]
-    index_path = Path(str(prefix) + ".index")
+    data_paths = [as_path(data_filename(str(prefix), k, n)) for k in range(n)]
+    index_path = as_path(str(prefix) + ".index")
     state = prefix.parent / "checkpoint"
     targets = data_paths + [index_path]
     write_state = force or not state.exists()

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ckptconv.remote import open_source
 from ckptconv.errors import FormatError
 from ckptconv.registry import Adapter
 from ckptconv.sharding import read_sharded
@@ -28,7 +29,7 @@ class TorchAdapter(Adapter):
         allow = tuple(allow_globals or ())
         if path.name.endswith(".index.json"):
             return self._read_sharded(path, allow)
-        with open(path, "rb") as f:
+        with open_source(path) as f:
             head = f.read(16)
         if head.startswith(b"PK"):
             return read_zip_checkpoint(path, allow)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from ckptconv.remote import open_source
 from ckptconv._lazy import np
 
 from ckptconv.errors import EXIT_OK, EXIT_UNSAFE, FormatError, UnsafePickleError
@@ -154,7 +155,7 @@ def _pickle_streams(path: Path, ck) -> list[bytes]:
         return [read_member_bytes(handle, members[f"{prefix}data.pkl"])]
     out = []
     count = 5 if ck.info.get("torch_format") == "legacy" else 1
-    with open(path, "rb") as f:
+    with open_source(path) as f:
         for _ in range(count):  # legacy: magic, protocol, sys_info, main pickle, storage keys
             start = f.tell()
             try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+from ckptconv.remote import open_source
 from ckptconv._lazy import np
 
 from ckptconv import dtypes as _dt
@@ -48,7 +49,7 @@ def read_legacy_checkpoint(path: Path, allow_globals=()) -> Checkpoint:
         up = RestrictedUnpickler(f"{display} ({what})")
         return up.load(f)
 
-    with open(path, "rb") as f:
+    with open_source(path) as f:
         magic = plain(f, "magic number")
         if magic != LEGACY_MAGIC:
             raise FormatError(f"{display}: not a torch legacy file (bad magic number)")

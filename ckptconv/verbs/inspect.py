@@ -31,6 +31,7 @@ class InspectReport(Report):
     info: dict[str, Any] = field(default_factory=dict)
     show_all: bool = False
     layout: dict[str, Any] = field(default_factory=dict)   # from the format's layout hook
+    remote: dict | None = None  # object-storage requests and bytes (URL sources)
 
     @property
     def total_bytes(self) -> int:
@@ -46,7 +47,8 @@ class InspectReport(Report):
                 "names": len(self.tensors), "total_bytes": self.total_bytes,
                 "dtypes": self.dtype_summary(), "tensors": self.tensors, "tied": self.tied,
                 "values": self.values, "metadata": self.metadata, "info": self.info,
-                **({"layout": self.layout} if self.layout else {})}
+                **({"layout": self.layout} if self.layout else {}),
+                **({"remote": self.remote} if self.remote else {})}
 
     def __str__(self) -> str:
         unique = len(self.tensors) - len(self.tied)
