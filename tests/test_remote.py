@@ -232,7 +232,8 @@ def test_sigterm_during_upload_aborts_the_multipart_upload(s3, tmp_path):
     import safetensors.torch
 
     src = tmp_path / "big.safetensors"
-    safetensors.torch.save_file({f"w{i}": torch.zeros(1024, 1024) for i in range(24)}, src)
+    # 64 MiB in 5 MiB parts: a dozen part uploads, a window wide enough to land the signal in
+    safetensors.torch.save_file({f"w{i}": torch.zeros(1024, 1024) for i in range(64)}, src)
     bucket = s3.bucket()
     code = ("import sys; from ckptconv.cli import main; sys.exit(main(sys.argv[1:]))")
     proc = subprocess.Popen([sys.executable, "-c", code, "convert", str(src),
@@ -242,7 +243,7 @@ def test_sigterm_during_upload_aborts_the_multipart_upload(s3, tmp_path):
     while not s3.pending_uploads(bucket):
         assert proc.poll() is None, ("finished before it could be interrupted", proc.stderr.read())
         assert time.monotonic() < deadline
-        time.sleep(0.02)
+        time.sleep(0.01)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM, err
