@@ -22,6 +22,7 @@ import pytest
 import ckptconv
 from ckptconv.errors import UnsupportedError
 
+from test_framework_objects import hf_checkpoint, lightning_ckpt, torch_load  # noqa: F401
 from test_hdf5 import h5_datasets
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -384,3 +385,33 @@ def test_ckpt_target_takes_the_source_family(tf, sources, tmp_path):
     report = ckptconv.convert(sources["tf"][0], tmp_path / "t.bin")
     assert report.target_format == "torch" and any("'.bin' is written as torch" in n
                                                     for n in report.notes), report.notes
+
+
+# --- real training files (made by Lightning and transformers.Trainer: the fixtures of
+# tests/test_framework_objects.py) --------------------------------------------------------
+
+def test_lightning_ckpt_through_safetensors_is_a_lightning_ckpt_again(lightning_ckpt, tmp_path):
+    """A Lightning .ckpt -> safetensors -> .ckpt is a torch file again (the
+    family travels in the metadata), equal to the original as torch loads it."""
+    st = tmp_path / "l.safetensors"
+    ckptconv.convert(lightning_ckpt, st)
+    report = ckptconv.convert(st, tmp_path / "back.ckpt")
+    assert report.target_format == "torch", report.notes
+    want, got = torch_load(lightning_ckpt), torch_load(tmp_path / "back.ckpt")
+    assert {k: repr(v) for k, v in got.items()} == {k: repr(v) for k, v in want.items()}
+    assert list(got["state_dict"]) == list(want["state_dict"])
+
+
+def test_hf_trainer_weights_to_every_target(hf_checkpoint, tf, tmp_path):
+    """transformers' model.safetensors (format "pt": a torch file's family)
+    to every target, read back by the target's own library."""
+    from safetensors.numpy import load_file
+
+    src = hf_checkpoint / "model.safetensors"
+    want = load_file(str(src))
+    for target in ("torch", "tf", "hdf5", "onnx"):
+        dst = tmp_path / TARGET_FILE[target]
+        report = ckptconv.convert(src, dst, to=target)
+        assert not [n for n in report.notes if n.startswith("not kept: ")], report.notes
+        _same_values(want, load_as_target(tf, target, dst), f"hf -> {target}")
+    assert ckptconv.convert(src, tmp_path / "x.ckpt").target_format == "torch"
