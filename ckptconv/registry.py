@@ -186,12 +186,13 @@ FORMATS: dict[str, FormatInfo] = _formats(
                description="NumPy .npz (zip of .npy; np.savez, np.savez_compressed)"),
     FormatInfo("dcp", (), "ckptconv.adapters.dcp:DcpAdapter", _sniffer("sniff_dcp"),
                description="torch.distributed.checkpoint folder (.metadata + *.distcp)",
-               read_options=frozenset({"allow_globals"}), hooks=frozenset({"verify", "layout"})),
+               read_options=frozenset({"allow_globals"}), hooks=frozenset({"verify", "layout"}),
+               family="torch"),
     FormatInfo("deepspeed", (), "ckptconv.adapters.deepspeed:DeepSpeedAdapter",
                _sniffer("sniff_deepspeed"),
                description="DeepSpeed ZeRO 1/2/3 folder, consolidated to fp32 (read)",
                writes=False, read_options=frozenset({"allow_globals"}),
-               hooks=frozenset({"layout"})),
+               hooks=frozenset({"layout"}), family="torch"),
 )
 
 _adapters: dict[str, Adapter] = {}
