@@ -214,18 +214,10 @@ def check_manifest(src: Path, ck, digests: dict[str, dict] | None, report: Verif
 # --- the verb ---------------------------------------------------------------------------
 
 def verify(path: str | os.PathLike, manifest: bool = False, **read_options) -> VerifyReport:
-    """Every integrity check the format allows (see the module docstring):
-    the adapter's ``verify`` hook where it has one, else the format-neutral
-    checks alone."""
-    from .registry import detect_format, format_info, get_adapter
-
-    try:
-        fmt = detect_format(path)
-    except CkptconvError:
-        fmt = None                  # verify_checkpoint reports it
-    if fmt is not None and "verify" in format_info(fmt).hooks:
-        return get_adapter(fmt).verify(Path(path), manifest=manifest, **read_options)
-    return verify_checkpoint(path, fmt, manifest=manifest, **read_options)
+    """The format-neutral checks alone: the ``verify`` verb of formats whose
+    adapter has no hook (``api.verify`` picks the hook where there is one), and
+    what a hook adds its own checks to."""
+    return verify_checkpoint(path, manifest=manifest, **read_options)
 
 
 def verify_checkpoint(path: str | os.PathLike, format: str | None = None,

@@ -155,7 +155,7 @@ def samples(tmp_path_factory):
 def exercise(path: Path) -> None:
     """What a user does with a file: open it, read every tensor, inspect, verify."""
     from ckptconv.verbs.inspect import inspect_checkpoint
-    from ckptconv.integrity import verify
+    from ckptconv.api import verify   # the verb: the format's own hook
 
     try:
         ck = ckptconv.load(path)
@@ -372,7 +372,7 @@ def test_readers_stay_within_memory_and_time_bounds(samples):
 
 # --- verify: checksums catch flipped bits ------------------------------------------------------
 
-from ckptconv.integrity import verify  # noqa: E402
+from ckptconv.api import verify  # noqa: E402  (the verb: the format's own hook)
 
 _VERIFY = settings(max_examples=int(os.environ.get("CKPTCONV_VERIFY_EXAMPLES", "40")),
                    deadline=timedelta(seconds=TIME_LIMIT_S), derandomize=not os.environ.get("CKPTCONV_FUZZ_RANDOM"),
