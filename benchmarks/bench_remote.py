@@ -36,24 +36,48 @@ PY = sys.executable
 MiB = 1 << 20
 
 
+# Each contender (a python command) runs under this wrapper, which reports the
+# peak RSS of its own address space (VmHWM): a forked child's ru_maxrss would
+# also count the pages of this process (the inputs, moto's objects) it started from.
+_WRAP = """
+import runpy, sys
+args = sys.argv[1:]
+try:
+    if args[0] == "-m":
+        sys.argv = [args[1]] + args[2:]
+        runpy.run_module(args[1], run_name="__main__", alter_sys=True)
+    else:
+        sys.argv = ["-c"] + args[2:]
+        exec(compile(args[1], "<bench>", "exec"), {"__name__": "__main__"})
+finally:
+    with open("/proc/self/status") as f:
+        hwm = next(line.split()[1] for line in f if line.startswith("VmHWM"))
+    sys.stderr.write(f"\\nVmHWM_KB {hwm}\\n")
+"""
+
+
 def timed(cmd: list[str], env: dict) -> tuple[float, float, str]:
-    """(seconds, peak RSS MiB, stdout) of one command in a fresh process."""
-    out = tempfile.TemporaryFile()
+    """(seconds, peak RSS MiB, stdout) of one python command in a fresh process."""
+    out, err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
+    cmd = [cmd[0], "-c", _WRAP, *cmd[1:]]
     t0 = time.perf_counter()
     pid = os.fork()
     if pid == 0:  # child
         try:
             os.dup2(out.fileno(), 1)
+            os.dup2(err.fileno(), 2)
             os.execvpe(cmd[0], cmd, env)
         finally:
             os._exit(127)
-    _, status, ru = os.wait4(pid, 0)
+    _, status, _ = os.wait4(pid, 0)
     elapsed = time.perf_counter() - t0
     out.seek(0)
-    text = out.read().decode()
+    err.seek(0)
+    text, errors = out.read().decode(), err.read().decode()
     if status != 0:
-        raise SystemExit(f"benchmark command failed ({status}): {' '.join(cmd)}")
-    return elapsed, ru.ru_maxrss / 1024, text
+        raise SystemExit(f"benchmark command failed ({status}): {' '.join(cmd[3:])}\n{errors}")
+    hwm = [line.split()[1] for line in errors.splitlines() if line.startswith("VmHWM_KB")]
+    return elapsed, int(hwm[-1]) / 1024 if hwm else float("nan"), text
 
 
 def ckptconv(*args: str) -> list[str]:
@@ -88,12 +112,10 @@ def make_inputs(work: Path, size: int) -> dict[str, Path]:
 
 def requests_of(stdout: str) -> str:
     try:
-        lines = [json.loads(x) for x in stdout.splitlines() if x.startswith("{")] or \
-            [json.loads(stdout)]
+        report = json.loads(stdout)
     except ValueError:
         return "-"
-    r = lines[-1].get("remote") or {}
-    return str(r.get("requests", "-"))
+    return str((report.get("remote") or {}).get("requests", "-"))
 
 
 def main(argv=None) -> int:

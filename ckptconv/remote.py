@@ -230,6 +230,19 @@ class _ReadCache:
         self.lock = threading.Lock()
         self.blocks: OrderedDict[int, bytes] = OrderedDict()
         self.ahead, self.next = READAHEAD_MIN, -1
+        self.window: tuple[int, bytes] | None = None   # the last FETCH_STEP window read
+
+    def window_read(self, offset: int, length: int, size: int, fetch) -> bytes:
+        """``length`` (< FETCH_STEP) bytes at ``offset`` from the current window,
+        or from a new one starting there."""
+        with self.lock:
+            w = self.window
+            if w is not None and w[0] <= offset and offset + length <= w[0] + len(w[1]):
+                return w[1][offset - w[0]:offset - w[0] + length]
+        data = fetch(offset, min(size, offset + FETCH_STEP))
+        with self.lock:
+            self.window = (offset, data)
+        return data[:length]
 
     def read(self, offset: int, length: int, size: int, fetch) -> bytes:
         with self.lock:
@@ -519,8 +532,8 @@ class RemoteFile:
         self._check(offset, length, what)
         if length == 0:
             return b""
-        if length >= READAHEAD:
-            return b"".join(self.fetch_many([(offset, length)]))
+        if length >= READAHEAD:  # exactly these bytes (a sniffer's 1 MiB read stays 1 MiB)
+            return b"".join(self._pieces([(offset, length)]))
         return self._cache.read(offset, length, self.size, self._fetch)
 
     def pread_many(self, ranges: list[tuple[int, int]], what: str = "data") -> list[bytes]:
@@ -544,6 +557,15 @@ class RemoteFile:
     def fetch_many(self, spans: list[tuple[int, int]]) -> Iterator[bytes]:
         """The bytes of ``spans`` (offset, length) in order, in pieces of at
         most FETCH_STEP, FETCH_PARALLEL requests in flight: bounded memory."""
+        if all(n < FETCH_STEP for _, n in spans):
+            # tensors of a few MiB, stored one after the other: one request per
+            # FETCH_STEP window serves several of them (as `aws s3 cp` reads in parts)
+            for o, n in spans:
+                yield self._cache.window_read(o, n, self.size, self._fetch)
+            return
+        yield from self._pieces(spans)
+
+    def _pieces(self, spans: list[tuple[int, int]]) -> Iterator[bytes]:
         pieces = [(o + i, min(FETCH_STEP, n - i)) for o, n in spans for i in range(0, n, FETCH_STEP)]
         for i in range(0, len(pieces), FETCH_PARALLEL):
             batch = pieces[i:i + FETCH_PARALLEL]
