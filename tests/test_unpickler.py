@@ -433,3 +433,23 @@ def test_data_after_stop_is_judged(after, verdict, words):
     data = pickle.dumps([1, 2], protocol=2) + after
     got, _, msg = ckptconv_outcome(data)
     assert got == verdict and words in msg and "after the pickle's STOP (offset 11)" in msg, msg
+
+
+def test_nul_in_a_number_line_is_refused():
+    """The C unpickler parses INT/LONG/FLOAT/PUT/GET lines as C strings (up
+    to a NUL byte); the pure-Python one fails on them. Found by the long
+    differential run: a PUT line `0\\x00V` let the C reader go on to a GLOBAL."""
+    data = b"I1\x00x\n."
+    assert pickle.loads(data) == 1                   # the C reader
+    with pytest.raises(ValueError):
+        pickle._loads(data)                           # the reference
+    verdict, _, msg = ckptconv_outcome(data)
+    assert verdict == "unsafe" and "NUL byte" in msg and "offset 0" in msg, msg
+    assert_no_differential(b"(dp0\x00V\np1\ncposix\nsystem\np2\n(Ntp3\nRp4\ns.N.")
+
+
+def test_a_space_in_a_module_name_stays_in_the_module():
+    """GLOBAL names are (module, name) pairs: `p six` + `system` is not `p` + `six system`."""
+    up = _torch_unpickler()
+    with pytest.raises(UnsafePickleError, match="p six.system"):
+        up.load(b"cp six\nsystem\n.")

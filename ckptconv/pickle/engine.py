@@ -51,7 +51,7 @@ from typing import Any
 from ..errors import CkptconvError, FormatError, UnsafePickleError
 from ..tree import ObjectRecord
 from .names import Global, is_dangerous, short_repr
-from .opcodes import _PUSH_ARG, NameAtEnd, decode_opcode, scan_globals
+from .opcodes import _PUSH_ARG, NameAtEnd, NulInLine, decode_opcode, scan_globals
 
 # Nesting deeper than this is refused: the tree walkers after us recurse
 # (two or three Python frames a level), and real checkpoints nest < 30 deep.
@@ -221,6 +221,8 @@ class RestrictedUnpickler:
                 gc.enable()
 
     def _decode_error(self, e: Exception) -> CkptconvError:
+        if isinstance(e, NulInLine):
+            return UnsafePickleError(f"{self.display}: {e}; refused, nothing was executed")
         if isinstance(e, NameAtEnd) and is_dangerous(e.qualname) and \
                 not self.allowed_global(e.qualname):
             return UnsafePickleError(f"{self.display}: pickle names {e.qualname} via {e.opcode} "

@@ -107,6 +107,12 @@ def decode_opcode(buf: bytes, pos: int, n: int) -> tuple[str, Any, int]:
         # (module, name): a space-joined string would split "p six" wrongly
         arg = (module.decode(encoding), gname.decode(encoding))
     else:  # rare opcodes: pickletools' reader knows their text formats
+        if name in _C_STRING_LINES:
+            line_end = buf.find(b"\n", pos, n)
+            if b"\0" in buf[pos:line_end if line_end >= 0 else n]:
+                raise NulInLine(f"{name} at offset {start} has a NUL byte in its argument line "
+                                "(the C unpickler reads the number up to it, the pure-Python "
+                                "one fails)")
         stream = io.BytesIO(buf)
         stream.seek(pos)
         arg = _CODE2OP[code].arg.reader(stream)
@@ -123,6 +129,15 @@ def _line(buf: bytes, pos: int, n: int) -> tuple[bytes, int, bool]:
     if end < 0:
         return buf[pos:n][:-1], n, False
     return buf[pos:end], end + 1, True
+
+
+# text opcodes whose number the C unpickler parses as a C string (strtol,
+# PyLong_FromString): it stops at a NUL byte where Python's int() fails
+_C_STRING_LINES = frozenset(("INT", "LONG", "FLOAT", "PUT", "GET"))
+
+
+class NulInLine(ValueError):
+    """A number line that CPython's two unpicklers read differently."""
 
 
 class NameAtEnd(ValueError):
