@@ -54,6 +54,29 @@ def peak_rss_mib(cmd: list[str], env: dict | None = None) -> tuple[float, float]
     return usage.ru_maxrss / 1024, seconds
 
 
+_HWM_WRAPPER = """
+import runpy, sys
+sys.argv = ["ckptconv"] + sys.argv[1:]
+try:
+    runpy.run_module("ckptconv", run_name="__main__", alter_sys=True)
+finally:
+    hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM"))
+    sys.stderr.write("\\nckptconv-peak-rss-kib " + hwm.split()[1] + "\\n")
+"""
+
+
+def ckptconv_peak_rss_mib(args: list[str]) -> float:
+    """Peak RSS (MiB) of ``ckptconv ARGS`` as the process itself saw it
+    (``VmHWM``). ``wait4``'s figure would count the pages of the process that
+    forked it (Linux records the old memory's high-water mark at ``exec``),
+    and a pytest process with torch imported holds hundreds of MiB."""
+    out = subprocess.run([sys.executable, "-c", _HWM_WRAPPER, *map(str, args)],
+                         capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"ckptconv {args} failed: {out.stderr[-2000:]}")
+    return int(out.stderr.rsplit("ckptconv-peak-rss-kib ", 1)[1].split()[0]) / 1024
+
+
 def dcp_big_save(out: str, mib: str = "1024") -> None:
     """A ``mib`` MiB DCP folder from two ranks: 16 fp32 tensors of 1024
     columns, rows split over the ranks (DTensor ``Shard(0)``); element

@@ -238,13 +238,13 @@ def test_dcp_to_dcp_round_trip_is_exact(fsdp2_dcp, tmp_path):
 
 @pytest.mark.slow
 def test_1gib_dcp_consolidates_with_flat_memory(tmp_path):
-    from dist_workers import peak_rss_mib
+    from dist_workers import ckptconv_peak_rss_mib
 
     src = tmp_path / "big"
     launch("dcp_big_save", src, 1024)
     assert sum(f.stat().st_size for f in src.iterdir()) >= 1 << 30
     out = tmp_path / "big.pt"
-    rss, _ = peak_rss_mib([sys.executable, "-m", "ckptconv", "convert", str(src), str(out)])
+    rss = ckptconv_peak_rss_mib(["convert", src, out])
     assert rss <= 256, f"peak RSS {rss:.0f} MiB"
     got = torch.load(out, mmap=True, weights_only=True)
     rows = torch.arange(got["model"]["layers.0.weight"].shape[0], dtype=torch.float32) % 997

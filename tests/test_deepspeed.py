@@ -97,14 +97,13 @@ def test_missing_rank_file_is_one_line_error(zero_folders, tmp_path):
 
 @pytest.mark.slow
 def test_1gib_zero3_consolidates_with_flat_memory(tmp_path):
-    from dist_workers import peak_rss_mib
+    from dist_workers import ckptconv_peak_rss_mib
 
     src = tmp_path / "big"
     launch("deepspeed_big_save", src, 22, timeout=900)
     assert sum(f.stat().st_size for f in src.rglob("*.pt")) >= 1 << 30
     out = tmp_path / "model.safetensors"
-    rss, _ = peak_rss_mib([sys.executable, "-m", "ckptconv", "convert", str(src), str(out),
-                           "--select", "module"])
+    rss = ckptconv_peak_rss_mib(["convert", src, out, "--select", "module"])
     assert rss <= 256, f"peak RSS {rss:.0f} MiB"
     from safetensors.torch import load_file
 
