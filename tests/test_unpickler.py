@@ -453,3 +453,14 @@ def test_a_space_in_a_module_name_stays_in_the_module():
     up = _torch_unpickler()
     with pytest.raises(UnsafePickleError, match="p six.system"):
         up.load(b"cp six\nsystem\n.")
+
+
+def test_frame_crossing_with_an_undecodable_tail_is_unsafe():
+    """Found by the long differential run: a GLOBAL whose first line runs past
+    its frame, with bytes in the frame's tail that are not UTF-8. The C reader
+    drops the tail and reads `os` from after the frame; read straight through,
+    the line does not decode. It is a frame crossing (unsafe), not just malformed."""
+    data = mc.P4 + _frame(b"c\xff\x01") + b"os\nsystem\n(S'x'\ntR."
+    assert "os.system" in cpython_reaches(data)
+    verdict, _, msg = ckptconv_outcome(data)
+    assert verdict == "unsafe" and "GLOBAL at offset 11 runs past the end of its frame" in msg, msg

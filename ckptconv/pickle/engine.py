@@ -51,7 +51,7 @@ from typing import Any
 from ..errors import CkptconvError, FormatError, UnsafePickleError
 from ..tree import ObjectRecord
 from .names import Global, is_dangerous, short_repr
-from .opcodes import _PUSH_ARG, NameAtEnd, NulInLine, decode_opcode, scan_globals
+from .opcodes import _NAMES, _PUSH_ARG, NameAtEnd, NulInLine, decode_opcode, opcode_extent, scan_globals
 
 # Nesting deeper than this is refused: the tree walkers after us recurse
 # (two or three Python frames a level), and real checkpoints nest < 30 deep.
@@ -432,12 +432,12 @@ class RestrictedUnpickler:
             "on such a pickle; nothing was executed)")
 
     def _check_frame_crossing(self, data: bytes, at: int, frame_end: int) -> None:
-        """The opcode at ``data[at]`` failed to decode inside its frame: if it
-        decodes when the frame's end is ignored, it runs past the frame."""
-        try:
-            name, _, end = decode_opcode(data, at, len(data))
-        except _DECODE_ERRORS:
-            return
+        """The opcode at ``data[at]`` failed to decode inside its frame: if its
+        layout (length field, newlines) reaches past the frame's end, it runs
+        past the frame, whatever its content (the C reader would take the
+        rest from after the frame: an undecodable tail hides nothing)."""
+        end = opcode_extent(data, at)
+        name = _NAMES[data[at]] or f"opcode {data[at]:#04x}"
         if end > frame_end:
             raise UnsafePickleError(
                 f"{self.display}: {name} at offset {at} runs past the end of its frame at offset "

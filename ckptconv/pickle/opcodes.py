@@ -122,6 +122,31 @@ def decode_opcode(buf: bytes, pos: int, n: int) -> tuple[str, Any, int]:
     return name, arg, pos
 
 
+def opcode_extent(buf: bytes, at: int) -> int:
+    """Where the opcode at ``buf[at]`` ends, from its layout alone (its
+    argument's length field or newlines), whether or not its content is
+    valid; past ``len(buf)`` when the data ends first."""
+    op = _CODE2OP.get(buf[at])
+    if op is None or op.arg is None:
+        return at + 1
+    n, p, end = op.arg.n, at + 1, len(buf)
+    if n >= 0:
+        return p + n
+    if n == pickletools.UP_TO_NEWLINE:
+        for _ in range(2 if op.name in ("GLOBAL", "INST") else 1):
+            i = buf.find(b"\n", p)
+            if i < 0:
+                return end + 1
+            p = i + 1
+        return p
+    width = {pickletools.TAKEN_FROM_ARGUMENT1: 1, pickletools.TAKEN_FROM_ARGUMENT4: 4,
+             pickletools.TAKEN_FROM_ARGUMENT4U: 4, pickletools.TAKEN_FROM_ARGUMENT8U: 8}[n]
+    if p + width > end:
+        return end + 1
+    return p + width + max(0, int.from_bytes(buf[p:p + width], "little",
+                                             signed=n == pickletools.TAKEN_FROM_ARGUMENT4))
+
+
 def _line(buf: bytes, pos: int, n: int) -> tuple[bytes, int, bool]:
     """(the line at ``pos`` without its newline, the offset after it, whether
     it had one); a line cut off at ``n`` as ``readline()[:-1]`` leaves it."""
