@@ -181,7 +181,7 @@ def diff(a, b, mapping=None, suggest: bool = False, tensors: bool = True, values
 
 def check(path: str | os.PathLike, *, allow_globals=None, storage_options: dict | None = None):
     """Loadability by the format's own library; for torch files: the minimum
-    torch, and what blocks ``torch.load(weights_only=True)``."""
+    torch, and what blocks torch's weights-only loader."""
     return _format_verb("check", path, allow_globals=allow_globals,
                         storage_options=storage_options)
 
@@ -190,7 +190,7 @@ def sanitize(src: str | os.PathLike, dst: str | os.PathLike, force: bool = False
              torch_compat: str | None = None, *, to: str | None = None, allow_globals=None,
              storage_options: dict | None = None):
     """Rewrite ``src`` (any format) so that the target format's own safe loader
-    loads it (torch: ``torch.load(weights_only=True)``): the target format's
+    loads it (torch: torch's weights-only loader): the target format's
     ``sanitize`` hook. The target is ``to``, else from ``dst``'s extension, else
     the one format that has the hook."""
     src_p, dst_p = Path(src), Path(dst)

@@ -235,7 +235,7 @@ class RestrictedUnpickler:
 
     def _refuse_named(self, buf: bytes, error: CkptconvError) -> None:
         """A pickle we call malformed is still unsafe if it, or a pickle after
-        it, names a global we refuse: ``pickle.load`` (and a reader loading
+        it, names a global we refuse: CPython's unpickler (and a reader loading
         pickle after pickle) gets there before it fails, where we are stricter."""
         if isinstance(error, UnsafePickleError):
             return
@@ -765,7 +765,7 @@ def _merge_state(old, new):
 
 def _read_one_pickle(stream, display: str) -> bytes:
     """The bytes of the pickle at a stream's position, which is left where
-    ``pickle.load`` leaves it: after its STOP, or after the end of the frame
+    CPython's unpickler leaves it: after its STOP, or after the end of the frame
     that holds the STOP (CPython reads whole frames). If its opcodes do not
     parse to a STOP, up to 64 MiB from there: the engine then finds the
     fault (or a refusal before it) as it does in bytes."""

@@ -268,10 +268,10 @@ _OPCODE_BYTES = frozenset(ord(op.code) for op in pickletools.opcodes)
 
 
 def starts_a_pickle(prefix: bytes) -> bool:
-    """Whether ``pickle.load`` of bytes starting with ``prefix`` would do
+    """Whether CPython's unpickler, given bytes starting with ``prefix`` would do
     anything: PROTO 0-5 and an opcode next; or a pickle (protocol 0/1 has no
     PROTO) that parses to its STOP within ``prefix``; or opcodes that name a
-    dangerous global before they stop parsing (``pickle.load`` runs what
+    dangerous global before they stop parsing (CPython's unpickler runs what
     comes before the fault)."""
     from .names import is_dangerous
 

@@ -1,6 +1,6 @@
 """``load_into``: load what fits of a checkpoint into a torch module, and say what did not.
 
-The counterpart of ``module.load_state_dict(torch.load of path ["model_state"],
+The counterpart of ``module.load_state_dict(torch's loader on path ["model_state"],
 strict=False)`` that works on any format ckptconv reads, never runs a pickle,
 finds the weights inside a training checkpoint on its own, loads only the
 keys whose name and shape fit (instead of failing on the first size

@@ -4,7 +4,7 @@ The shape of safetensors' ``load_file``: flat tensor names (a training
 checkpoint's ``model_state.fc.weight``; ``select=`` picks a subtree and keeps
 its own names) to torch tensors, from every format ckptconv reads, without
 running a pickle. With ``mmap=True`` (the default) tensors on the CPU view a
-private, copy-on-write map of the file, as ``torch.load(mmap=True)`` and
+private, copy-on-write map of the file, as torch's loader with ``mmap=True`` and
 ``load_file`` give them; with ``mmap=False`` they are read into fresh memory.
 Another ``device`` is filled through bounded pinned staging buffers. Tied
 tensors are one tensor; views of one storage share it.

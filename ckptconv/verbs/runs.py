@@ -15,7 +15,7 @@ made of:
 For each entry ``ls`` reports the time (from a timestamp in the name, else
 the modification time), epoch, step, loss and other scalar metrics (top-level
 scalars, ``metrics.*``, small metadata values, ``trainer_state.json``), the
-tensor count, the minimum torch and whether ``torch.load(weights_only=True)``
+tensor count, the minimum torch and whether torch's weights-only loader
 loads it (torch files), and a status: ``ok``, ``corrupt`` (headers do not
 parse, data ranges past the end of the file) or ``unsafe`` (a pickle names
 code). Only headers are read, and tensors of one element for their value.

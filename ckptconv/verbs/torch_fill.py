@@ -19,7 +19,7 @@ array of the whole tensor:
   transpose or permute of a stored tensor is copied from a permuted view of
   the map, a block of rows at a time.
 - ``TorchMaterializer``: ``TensorRef`` -> torch tensor backed by a private
-  (copy-on-write) map of the file, as ``torch.load(mmap=True)`` and
+  (copy-on-write) map of the file, as torch's loader with ``mmap=True`` and
   safetensors' ``load_file`` make them, or read into fresh memory by
   ``Filler``; tensors sharing a byte source share one torch storage, and one
   ``TensorRef`` at two names is one tensor (ties stay ties).
