@@ -73,6 +73,40 @@ def test_select_reaches_optimizer_state(zero_folders, stage, tmp_path):
     assert ck.tree["epoch"] == 2 and ck.tree["global_steps"] == 2
 
 
+@pytest.mark.slow
+def test_bf16_zero_folders_equal_deepspeed(tmp_path):
+    """bf16 training (DeepSpeed's bf16 optimizer files, bf16 frozen weights,
+    ``param_slice_mappings`` of ``fragment_address`` records): weights equal
+    ``get_fp32_state_dict_from_zero_checkpoint``, optimizer state equals
+    DeepSpeed's own per-parameter view, the fragment addresses are inert records."""
+    from safetensors.torch import load_file
+
+    from ckptconv.tree import ObjectRecord
+
+    launch("deepspeed_save", tmp_path, ",".join(map(str, STAGES)), "1", timeout=600)
+    for stage in STAGES:
+        folder = tmp_path / f"zero{stage}"
+        assert next((folder / "global_step2").glob("bf16_zero_pp_rank_0_*optim_states.pt"))
+        expected = oracle(folder)
+        ckptconv.convert(folder, tmp_path / f"m{stage}.pt", select="module")
+        got = torch.load(tmp_path / f"m{stage}.pt", weights_only=True)
+        assert list(got) == list(expected)
+        for name, t in expected.items():
+            assert got[name].dtype == t.dtype and torch.equal(got[name], t), (stage, name)
+        reference = torch.load(tmp_path / f"zero{stage}-optimizer-reference.pt", weights_only=True)
+        ckptconv.convert(folder, tmp_path / f"o{stage}.safetensors", select="optimizer.state")
+        states = load_file(tmp_path / f"o{stage}.safetensors")
+        for name, per_key in reference.items():
+            for key, t in per_key.items():
+                assert torch.equal(states[f"{name}.{key}"], t), (stage, name, key)
+        if stage < 3:
+            mappings = ckptconv.load(folder).tree["optimizer"]["param_slice_mappings"][0]
+            address = mappings["emb.weight"]
+            assert isinstance(address, ObjectRecord)
+            assert address.cls == "deepspeed.utils.tensor_fragment.fragment_address"
+            assert address.state == {"numel": 66, "start": 0}
+
+
 def test_inspect_shows_stage_and_ranks(zero_folders):
     rep = ckptconv.inspect(zero_folders / "zero3")
     assert rep.format == "deepspeed"
@@ -104,6 +138,7 @@ def test_1gib_zero3_consolidates_with_flat_memory(tmp_path):
     assert sum(f.stat().st_size for f in src.rglob("*.pt")) >= 1 << 30
     out = tmp_path / "model.safetensors"
     rss = ckptconv_peak_rss_mib(["convert", src, out, "--select", "module"])
+    print(f"ckptconv peak RSS {rss:.0f} MiB")
     assert rss <= 256, f"peak RSS {rss:.0f} MiB"
     from safetensors.torch import load_file
 

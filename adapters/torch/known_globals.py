@@ -68,6 +68,8 @@ KNOWN_GLOBALS: dict[str, str] = {
     **_names("deepspeed.runtime.zero.offload_config", ENUM, "OffloadDeviceEnum",
              "OffloadStateTypeEnum"),
     **_names("deepspeed.runtime.fp16.loss_scaler", RECORD, "LossScaler", "DynamicLossScaler"),
+    # bf16 ZeRO optimizer states: param_slice_mappings of (numel, start) dataclasses
+    **_names("deepspeed.utils.tensor_fragment", RECORD, "fragment_address"),
     # Lightning hyper-parameters
     **_names("lightning.fabric.utilities.data", DICT, "AttributeDict"),
     **_names("lightning_fabric.utilities.data", DICT, "AttributeDict"),
