@@ -30,6 +30,7 @@ from typing import Any
 from ckptconv import dtypes as _dt
 from ckptconv.atomic import atomic_dir
 from ckptconv.errors import FormatError, UnsupportedError
+from ckptconv.pickle import Global, Pending, short_repr
 from ckptconv.registry import Adapter
 from ckptconv.streaming import OutFile
 from ckptconv.tensor import (ArrayTensor, BufferSource, ConcatTensor, FileHandle, FileSource,
@@ -37,7 +38,6 @@ from ckptconv.tensor import (ArrayTensor, BufferSource, ConcatTensor, FileHandle
                              human_bytes)
 from ckptconv.ziputil import ZipWriter
 from ckptconv.tree import Checkpoint, ObjectRecord
-from ckptconv.unpickler import Global, Pending, short_repr
 
 from .torch import TorchUnpickler, read_torch_blob, write_zip_archive
 from .torch.unpickling import int_tuple, torch_dtype

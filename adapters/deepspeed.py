@@ -30,10 +30,10 @@ from pathlib import Path
 from typing import Any
 
 from ckptconv.errors import FormatError
+from ckptconv.pickle import short_repr
 from ckptconv.registry import Adapter
 from ckptconv.tensor import ByteSource, ConcatTensor, FileHandle, StoredTensor, TensorRef, cast
 from ckptconv.tree import Checkpoint, ObjectRecord
-from ckptconv.unpickler import short_repr
 
 
 from .torch import read_torch_blob

@@ -48,13 +48,14 @@ import os
 import pickletools
 import struct
 import tarfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
 from .errors import (EXIT_BAD_INPUT, EXIT_OK, EXIT_UNSAFE, CkptconvError, FormatError,
                      UnsafePickleError)
 from .pickle import starts_a_pickle
+from .reports import Report
 
 SAFE, UNSAFE, UNSCANNED = "safe", "unsafe", "unscanned"
 _NPY_MAGIC = b"\x93NUMPY"
@@ -67,7 +68,7 @@ _PICKLE_OPCODES = frozenset(op.code.encode("latin1") for op in pickletools.opcod
 
 
 @dataclass
-class PickleReport:
+class PickleReport(Report):
     """One pickle inside a file: where it is, what it names, what we decided."""
 
     where: str                      # member name, "pickle #N at offset K", ...
@@ -79,8 +80,10 @@ class PickleReport:
 
 
 @dataclass
-class ScanReport:
+class ScanReport(Report):
     """The verdict on one file, with every pickle it holds."""
+
+    dict_properties = ("records", "exit_code")
 
     path: str
     kind: str = "unknown"
@@ -117,12 +120,6 @@ class ScanReport:
         self.verdict = UNSAFE
         self.reasons.append(reason)
 
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["records"] = self.records
-        d["exit_code"] = self.exit_code
-        return d
-
     def __str__(self) -> str:
         n = len(self.pickles)
         verdict = SAFE if self.verdict == SAFE else self.verdict.upper()
@@ -136,7 +133,7 @@ class ScanReport:
 
 
 @dataclass
-class ScanSummary:
+class ScanSummary(Report):
     """``scan_paths``: every file under the given paths."""
 
     files: list[ScanReport] = field(default_factory=list)

@@ -239,7 +239,9 @@ def test_every_verb_is_an_api_function():
 
 def test_reports_share_one_base(st_file):
     reports = [ckptconv.convert(st_file, st_file.with_name("b.pt")), ckptconv.inspect(st_file),
-               ckptconv.formats(), ckptconv.presets()]
+               ckptconv.formats(), ckptconv.presets(), ckptconv.scan(st_file),
+               ckptconv.scan([st_file])]
+    reports += ckptconv.scan(st_file.with_name("b.pt")).pickles
     for r in reports:
         assert isinstance(r, Report)
         assert json.dumps(r.to_dict(), default=str)
