@@ -32,7 +32,9 @@ def model_config(path: Path) -> str | None:
     from ckptconv.tensor import FileHandle
     from ckptconv.ziputil import is_zip, read_member_bytes, read_members
 
-    with open(path, "rb") as f:
+    from ckptconv.remote import open_source, path_or_reader
+
+    with open_source(path) as f:  # local, or a URL read by range requests
         head = f.read(4)
     if is_zip(head):
         handle = FileHandle(path)
@@ -41,7 +43,7 @@ def model_config(path: Path) -> str | None:
         return None if m is None else read_member_bytes(handle, m, _MAX_CONFIG).decode("utf-8")
     import h5py
 
-    with h5py.File(path, "r") as f:
+    with path_or_reader(path) as src, h5py.File(src, "r") as f:
         config = f.attrs.get("model_config")
     if config is None:
         return None

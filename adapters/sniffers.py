@@ -19,7 +19,7 @@ import struct
 from pathlib import Path
 
 from ckptconv.errors import FormatError
-from ckptconv.remote import as_path, is_remote, open_source
+from ckptconv.remote import as_path, is_remote, open_source, path_or_reader
 from ckptconv.tensor import FileHandle
 from ckptconv.ziputil import is_zip, read_members
 
@@ -283,7 +283,7 @@ def sniff_keras_h5(head: bytes, path: Path) -> bool:
     except ImportError:
         return False
     try:
-        with h5py.File(path, "r") as f:
+        with path_or_reader(path) as src, h5py.File(src, "r") as f:
             return keras_layout(f) is not None
     except (OSError, ValueError, RuntimeError):
         return False

@@ -651,6 +651,24 @@ class RemoteBuffer:
             self._load(i, 1)
         return self.block[i - self.start]
 
+    def find(self, sub: bytes, start: int = 0) -> int:
+        """``bytes.find`` over the object, a block at a time (a pickle's text
+        opcodes end at a newline; the scanner looks for it)."""
+        pos, size, overlap = max(0, start), self.handle.size, max(0, len(sub) - 1)
+        while pos < size:
+            chunk = self[pos:min(size, pos + self.BLOCK)]
+            i = chunk.find(sub)
+            if i >= 0:
+                return pos + i
+            if pos + len(chunk) >= size:
+                break
+            pos += max(1, len(chunk) - overlap)
+        return -1
+
+    def __bytes__(self) -> bytes:
+        """The whole object (a bare pickle is judged whole)."""
+        return self.handle.pread(0, self.handle.size) if self.handle.size else b""
+
     def close(self) -> None:
         self.block = b""
 
@@ -660,6 +678,17 @@ def open_source(path):
     if is_remote(path):
         return as_path(path).open("rb")
     return open(path, "rb")
+
+
+@contextlib.contextmanager
+def path_or_reader(path) -> Iterator[Any]:
+    """What a library that opens files itself (h5py) is handed: a local path
+    as it is, a URL as a seekable file object read by range requests."""
+    if not is_remote(path):
+        yield path
+        return
+    with as_path(path).open("rb") as f:
+        yield f
 
 
 # --- writing ------------------------------------------------------------------------

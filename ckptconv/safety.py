@@ -55,6 +55,7 @@ from typing import Any, Iterable
 from .errors import (EXIT_BAD_INPUT, EXIT_OK, EXIT_UNSAFE, CkptconvError, FormatError,
                      UnsafePickleError)
 from .pickle import starts_a_pickle
+from .remote import as_path, expand_remote, is_remote, open_source
 from .reports import Report
 
 SAFE, UNSAFE, UNSCANNED = "safe", "unsafe", "unscanned"
@@ -428,7 +429,7 @@ def _scan_tar(rep: ScanReport, path: Path, display: str) -> None:
     from .tree import ObjectRecord
 
     rep.kind = "tar archive"
-    with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
+    with open_source(path) as f, tarfile.open(fileobj=f, mode="r:") as tar:
         members = [m for m in tar.getmembers() if m.isfile()]
         if {m.name for m in members} >= set(_TAR_PICKLE_MEMBERS):
             rep.kind = "torch legacy tar"
@@ -507,6 +508,14 @@ _IN_MEMORY = 256 << 20  # smaller files are scanned from bytes (faster), bigger 
 
 
 def _open_buffer(path: Path):
+    """The file's bytes as the scanners index them: bytes (small local files),
+    a map (big ones), or, for a URL, a view read by range requests (only the
+    ranges judged are fetched: a torch zip's storages never are)."""
+    if is_remote(path):
+        from .remote import RemoteBuffer
+        from .tensor import FileHandle
+
+        return RemoteBuffer(FileHandle(path))
     size = path.stat().st_size
     if size == 0:
         return b""
@@ -518,7 +527,7 @@ def _open_buffer(path: Path):
 
 def scan(path: str | os.PathLike) -> ScanReport:
     """The safety verdict on one file (see the module docstring)."""
-    p = Path(path)
+    p = as_path(path)  # a local Path, or a RemotePath for a URL
     rep = ScanReport(str(p))
     display = p.name
     try:
@@ -532,7 +541,7 @@ def scan(path: str | os.PathLike) -> ScanReport:
         try:
             _scan_file(rep, p, buf, display)
         finally:
-            if isinstance(buf, mmap.mmap):
+            if not isinstance(buf, bytes):
                 buf.close()
     except UnsafePickleError as e:
         rep.verdict = UNSAFE
@@ -660,6 +669,9 @@ def _is_legacy_magic_at_start(buf) -> bool:
 def iter_files(paths: Iterable[str | os.PathLike]) -> Iterable[Path]:
     """Files named, and every file under folders named (sorted, links not followed)."""
     for raw in paths:
+        if is_remote(raw):  # a URL: the object, everything under the prefix, or a glob's matches
+            yield from expand_remote(str(raw))
+            continue
         p = Path(raw)
         if p.is_dir():
             for root, dirs, files in os.walk(p):

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -113,6 +114,64 @@ def test_api_counts_requests_and_reads_lazily(s3, local_sources):
     for k, v in sd.items():
         assert torch.equal(got[k], v), k
     assert stats_since(before)["bytes_read"] >= sum(v.numel() * v.element_size() for v in sd.values())
+
+
+CODE_ON_LOAD = Path(__file__).resolve().parent / "code_on_load"
+# protocol 0: os.system named by GLOBAL; refused, never run
+EVIL_PICKLE = b"cos\nsystem\n(S'echo owned'\ntR."
+
+
+def test_scan_on_s3_reads_ranges_and_judges_like_local(cli, s3, tmp_path):
+    """scan of URLs: the same verdicts as the same files scanned locally (pickles,
+    Keras Lambda layers in .h5 and .keras), by range requests: a 24 MiB torch zip
+    moves its pickle and directory, not its storages."""
+    import ckptconv
+    from ckptconv.remote import remote_stats, stats_since
+
+    bucket = s3.bucket()
+    torch.save(_state(12, 2048), tmp_path / "big.pt")
+    (tmp_path / "evil.pkl").write_bytes(EVIL_PICKLE)
+    locals_ = {"big.pt": tmp_path / "big.pt", "evil.pkl": tmp_path / "evil.pkl"}
+    for name in ("lambda.h5", "lambda.keras", "dense.h5", "dense.keras"):
+        locals_[name] = CODE_ON_LOAD / name
+    for name, local in locals_.items():
+        _put(s3, bucket, local, f"run/{name}")
+    before = remote_stats()
+    rep = ckptconv.scan(f"s3://{bucket}/run/big.pt")
+    used = stats_since(before)
+    assert rep.verdict == "safe" and rep.kind == "torch zip", rep
+    assert 0 < used["bytes_read"] <= 1 * MiB, used
+    for name, local in locals_.items():
+        got, want = ckptconv.scan(f"s3://{bucket}/run/{name}"), ckptconv.scan(local)
+        assert (got.verdict, got.kind, got.reasons) == (want.verdict, want.kind, want.reasons), name
+    assert ckptconv.scan(f"s3://{bucket}/run/lambda.keras").verdict == "unsafe"
+    # a prefix and a glob of URLs: every object under it, one verdict each
+    summary = ckptconv.scan([f"s3://{bucket}/run"])
+    assert {f.path.rsplit("/", 1)[1]: f.verdict for f in summary.files} == {
+        "big.pt": "safe", "dense.h5": "safe", "dense.keras": "safe", "evil.pkl": "unsafe",
+        "lambda.h5": "unsafe", "lambda.keras": "unsafe"}
+    assert [f.path for f in ckptconv.scan([f"s3://{bucket}/run/*.keras"]).files] == [
+        f"s3://{bucket}/run/dense.keras", f"s3://{bucket}/run/lambda.keras"]
+    proc = cli("scan", f"s3://{bucket}/run/evil.pkl")
+    assert proc.returncode == 3 and "os.system" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_keras_archive_on_s3_reads_in_place(s3, tmp_path):
+    """A .keras zip on S3: its stored model.weights.h5 member is opened by h5py
+    through range reads; converting it gives the local conversion's bytes."""
+    import ckptconv
+    from ckptconv.remote import remote_stats, stats_since
+
+    bucket = s3.bucket()
+    url = _put(s3, bucket, CODE_ON_LOAD / "dense.keras", "m/dense.keras")
+    before = remote_stats()
+    ck = ckptconv.load(url)
+    assert ck.format == "keras-h5"
+    ckptconv.convert(url, tmp_path / "remote.safetensors")
+    ckptconv.convert(CODE_ON_LOAD / "dense.keras", tmp_path / "local.safetensors")
+    assert (tmp_path / "remote.safetensors").read_bytes() == \
+        (tmp_path / "local.safetensors").read_bytes()
+    assert stats_since(before)["requests"] > 0
 
 
 def _h5_content(data: bytes) -> dict:

@@ -24,6 +24,7 @@ from ckptconv._lazy import np
 from ckptconv.atomic import atomic_file
 from ckptconv.errors import FormatError, UnsupportedError
 from ckptconv.registry import Adapter
+from ckptconv.remote import open_source
 from ckptconv.reports import name_list
 from ckptconv.tensor import FileHandle, FileSource, StoredTensor, TensorRef
 from ckptconv.tree import Checkpoint, iter_leaves, iter_tensors, join_path
@@ -271,7 +272,7 @@ class KerasH5Adapter(Adapter):
 
 
 def _is_zip_file(path: Path) -> bool:
-    with open(path, "rb") as f:
+    with open_source(path) as f:  # a local file or a URL (one small range request)
         return is_zip(f.read(4))
 
 

@@ -21,6 +21,7 @@ from ckptconv._lazy import np
 
 from ckptconv import dtypes as _dt
 from ckptconv.errors import CkptconvError, FormatError
+from ckptconv.remote import open_source
 from ckptconv.tensor import FileHandle
 from ckptconv.ziputil import read_member_bytes, read_members
 
@@ -129,7 +130,7 @@ def open_keras_archive(path: Path) -> tuple[H5Source, dict[str, str]]:
     # once, streaming, into a temporary file that is unlinked at once.
     fd, tmp = tempfile.mkstemp(prefix="ckptconv-", suffix=".weights.h5")
     try:
-        with os.fdopen(fd, "wb") as out, zipfile.ZipFile(path) as zf, \
+        with os.fdopen(fd, "wb") as out, open_source(path) as raw, zipfile.ZipFile(raw) as zf, \
                 zf.open(KERAS_WEIGHTS_MEMBER) as src:
             while True:
                 chunk = src.read(8 << 20)
