@@ -49,8 +49,10 @@ def start_writeback(fd: int, offset: int, nbytes: int) -> None:
         _sync_range(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)  # advisory: errors ignored
 
 
-# A span at least this big gets its checksum from ``crc_of_span`` in a thread
-# while the kernel copies it; smaller ones are checksummed as they are written.
+# A local span at least this big gets its checksum from ``crc_of_span`` in a
+# thread while the kernel copies it; smaller ones are checksummed as they are
+# written, and so are remote ones (``OutFile.copy_from(checksum=)``: the bytes
+# pass through us anyway, and a second range read would double the transfer).
 PARALLEL_CRC_MIN = 1 << 20
 
 
@@ -137,12 +139,22 @@ class OutFile:
             self._write_all(self.view[:self.fill])
             self.fill = 0
 
-    def copy_from(self, handle: FileHandle, offset: int, nbytes: int) -> None:
-        """Append ``nbytes`` of ``handle`` starting at ``offset``."""
+    def copy_from(self, handle: FileHandle, offset: int, nbytes: int, checksum=None) -> int | None:
+        """Append ``nbytes`` of ``handle`` starting at ``offset``. With
+        ``checksum`` (``update(data, crc)``: zlib.crc32, crc32c) on a remote
+        handle, also return the checksum of those bytes, computed as they pass
+        through (one read of the source; local bytes are copied in the kernel
+        and never pass through us: ``crc_of_span`` reads them beside the copy)."""
         if handle.is_remote:  # range requests, a few in flight, bounded pieces
+            crc = 0
             for piece in handle.fetch_many([(offset, nbytes)]):
+                if checksum is not None:
+                    crc = checksum(piece, crc)
                 self.write(piece)
-            return
+            return crc if checksum is not None else None
+        if checksum is not None:
+            raise ValueError("copy_from(checksum=) is for remote sources (local bytes are "
+                             "copied in the kernel)")
         if nbytes < _DIRECT_MIN:
             if offset + nbytes > handle.size:
                 handle.pread(offset, nbytes)  # raises the one-line truncation error

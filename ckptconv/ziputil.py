@@ -251,9 +251,13 @@ class ZipWriter:
             if spans is not None and (crc is not None or
                                       sum(n for _, _, n in spans) >= PARALLEL_CRC_MIN):
                 for span in spans:
-                    if crc is None:
+                    if crc is None and span[0].is_remote:  # checksummed as it passes: one read
+                        pieces.append((self.out.copy_from(*span, checksum=zlib.crc32), span[2]))
+                    elif crc is None:
                         pieces.append((self._crc_pool().submit(crc_of_span, *span), span[2]))
-                    self.out.copy_from(*span)
+                        self.out.copy_from(*span)
+                    else:
+                        self.out.copy_from(*span)
                     advance(span[2])
                     written += span[2]
                 continue

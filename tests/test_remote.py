@@ -221,6 +221,32 @@ def test_convert_is_byte_identical_to_local(s3, local_sources, tmp_path, directi
     assert report.target == str(dst)
 
 
+@pytest.mark.parametrize("to,name", [("torch", "out.pt"), ("tf", "tf/model.ckpt")])
+def test_remote_source_is_read_once_checksums_on_the_way(s3, tmp_path, to, name):
+    """Targets with checksums (torch zip CRC-32, TF bundle CRC-32C): the
+    checksum is computed from the bytes as they are copied, so each source
+    byte crosses the network once (a second reader for the checksum would
+    double the transfer); the output equals the local conversion's."""
+    import safetensors.torch
+
+    import ckptconv
+
+    src = tmp_path / "src.safetensors"
+    safetensors.torch.save_file({f"w{i}": torch.randn(1024, 1024) for i in range(6)}  # 6 x 4 MiB
+                                | {"big": torch.randn(4096, 1024)}, src)              # + 16 MiB
+    size = src.stat().st_size
+    url = _put(s3, s3.bucket(), src, "src.safetensors")
+    report = ckptconv.convert(url, tmp_path / "remote" / name, to=to)
+    ckptconv.convert(src, tmp_path / "local" / name, to=to)
+    for got in sorted((tmp_path / "remote").rglob("*")):
+        if got.is_file():
+            want = tmp_path / "local" / got.relative_to(tmp_path / "remote")
+            assert got.read_bytes() == want.read_bytes(), got.name
+    used = report.remote
+    assert size <= used["bytes_read"] <= size + 1 * MiB, (used, size)
+    assert used["requests"] <= 20, used
+
+
 def test_tf_bundle_on_s3_both_ways(s3, local_sources, tmp_path):
     """A TF checkpoint is several objects under one prefix: read and written on S3."""
     import ckptconv

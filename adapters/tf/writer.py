@@ -157,6 +157,8 @@ def _write_shard(path: Path, planned: list[_Planned], display: str) -> None:
                 if p.ref is None:
                     out.write(p.payload)
                     crc = p.crc
+                elif span is not None and span[0].is_remote:  # checksummed as it passes
+                    crc = out.copy_from(*span, checksum=crc32c)
                 elif span is not None and span[2] >= PARALLEL_CRC_MIN:
                     # bytes copied in the kernel; their checksum read beside the copy
                     if pool is None:
