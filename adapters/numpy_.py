@@ -42,9 +42,10 @@ from ckptconv.registry import Adapter
 from ckptconv.streaming import OutFile
 from ckptconv.tensor import (ByteSource, FileHandle, FileSource, StoredTensor, TensorRef,
                              contiguous_strides, human_bytes)
-from ckptconv.tree import (Checkpoint, iter_tensors, to_canonical, tree_from_metadata,
-                           tree_to_metadata)
-from ckptconv.pickle import Global, Pending, RestrictedUnpickler, short_repr
+from ckptconv.tree import (Checkpoint, ObjectRecord, iter_tensors, to_canonical,
+                           tree_from_metadata, tree_to_metadata)
+from ckptconv.pickle import (Global, Pending, RestrictedUnpickler, checked_allow_globals,
+                             python3_name, short_repr)
 from ckptconv.ziputil import ZipWriter, read_member_bytes, read_members
 
 from .sniffers import NPY_MAGIC as MAGIC
@@ -153,14 +154,14 @@ def _fortran_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def _read_array(header: NpyHeader, source_at: Callable[[int], ByteSource], read, size: int,
-                display: str, notes: list[str]):
+                display: str, notes: list[str], allow_globals=()):
     """The tree value of one array: a lazy tensor, a text list or an object-array value."""
     descr = header.descr
     if is_object_descr(descr):
         nbytes = size - header.data_offset
         if nbytes > MAX_PICKLE:
             raise FormatError(f"{display}: object array pickle of {human_bytes(nbytes)} is too big")
-        return read_object_array(bytes(read(header.data_offset, nbytes)), display)
+        return read_object_array(bytes(read(header.data_offset, nbytes)), display, allow_globals)
     if not isinstance(descr, str):
         raise FormatError(f"{display}: structured numpy arrays ({short_repr(descr)}) are not "
                           "supported")
@@ -333,13 +334,22 @@ def _nested(flat: list, shape: tuple[int, ...]) -> list:
 
 class NumpyPickleReader(RestrictedUnpickler):
     """The pickle of an object array: numpy arrays, dtypes and scalars are rebuilt
-    by us; other classes become inert records; anything that can run code is refused."""
+    by us; other classes become inert records; anything that can run code is refused.
+    ``allow_globals``: this run's extra names (``--allow-global``), whose calls
+    (an Enum member, a class with its own ``__reduce__``) are recorded, never made."""
+
+    def __init__(self, display: str = "pickle", allow_globals=()):
+        super().__init__(display)
+        self.allowed_calls = frozenset(python3_name(n) for n in checked_allow_globals(allow_globals))
 
     def allowed_global(self, qualname: str) -> bool:
         return qualname in _NAMED
 
     def call(self, func: Global, args: tuple, opcode: str):
         q, d = func.qualname, self.display
+        if python3_name(q) in self.allowed_calls:
+            self.records.append(q)
+            return ObjectRecord(python3_name(q), None, args, kind="reduce")
         if q in _RECONSTRUCT and len(args) == 3 and args[0] == Global("numpy", "ndarray"):
             return _ArrayCall(d)
         if q == "numpy.dtype" and 1 <= len(args) <= 3:
@@ -363,19 +373,19 @@ class NumpyPickleReader(RestrictedUnpickler):
         return super().call(func, args, opcode)
 
 
-def read_object_array(data: bytes, display: str):
+def read_object_array(data: bytes, display: str, allow_globals=()):
     """The value an object array's pickle describes (a dict for ``np.save(dict)``)."""
-    return to_canonical(NumpyPickleReader(f"{display} (object array)").load(data))
+    return to_canonical(NumpyPickleReader(f"{display} (object array)", allow_globals).load(data))
 
 
 # --- reading -----------------------------------------------------------------------------
 
-def read_npy(path: Path) -> Checkpoint:
+def read_npy(path: Path, allow_globals=()) -> Checkpoint:
     handle = FileHandle(path)
     notes: list[str] = []
     header = parse_npy_header(handle.pread, handle.size, handle.display)
     value = _read_array(header, lambda n: FileSource(handle, header.data_offset, n, "array data"),
-                        handle.pread, handle.size, handle.display, notes)
+                        handle.pread, handle.size, handle.display, notes, allow_globals)
     tree = value if is_object_descr(header.descr) and isinstance(value, dict) \
         else {SINGLE_NAME: value}
     return Checkpoint(tree, {}, "npy", str(path), {"notes": notes} if notes else {})
@@ -387,7 +397,7 @@ def _member_source(handle: FileHandle, m, skip: int, nbytes: int) -> ByteSource:
     return InflatedSource(handle, m, skip, nbytes)
 
 
-def read_npz(path: Path) -> Checkpoint:
+def read_npz(path: Path, allow_globals=()) -> Checkpoint:
     handle = FileHandle(path)
     notes: list[str] = []
     values: dict[str, Any] = {}
@@ -407,7 +417,7 @@ def read_npz(path: Path) -> Checkpoint:
             read = lambda offset, n: whole[offset:offset + n]  # noqa: E731
         key = name[:-4]
         value = _read_array(header, lambda n: _member_source(handle, m, header.data_offset, n),
-                            read, m.size, display, notes)
+                            read, m.size, display, notes, allow_globals)
         if key == SIDE_MEMBER and isinstance(value, str):
             side = value
         else:
@@ -481,8 +491,9 @@ class NpyAdapter(Adapter):
     extensions = (".npy",)
     description = "NumPy .npy (one array; np.save)"
 
-    def read(self, path: Path, **options) -> Checkpoint:
-        return read_npy(path)
+    def read(self, path: Path, allow_globals=None, **options) -> Checkpoint:
+        """``allow_globals``: ``MODULE.NAME``s an object array may call, read as inert records."""
+        return read_npy(path, tuple(allow_globals or ()))
 
     def write(self, ckpt: Checkpoint, path: Path, force: bool = False, **options) -> dict:
         tensors = list(iter_tensors(ckpt.tree))
@@ -511,8 +522,9 @@ class NpzAdapter(Adapter):
     extensions = (".npz",)
     description = "NumPy .npz (zip of .npy; np.savez, np.savez_compressed)"
 
-    def read(self, path: Path, **options) -> Checkpoint:
-        return read_npz(path)
+    def read(self, path: Path, allow_globals=None, **options) -> Checkpoint:
+        """``allow_globals``: ``MODULE.NAME``s an object array may call, read as inert records."""
+        return read_npz(path, tuple(allow_globals or ()))
 
     def write(self, ckpt: Checkpoint, path: Path, force: bool = False, **options) -> dict:
         entries = list(iter_tensors(ckpt.tree))

@@ -3,6 +3,7 @@ np.lib.format.write_array) read by ckptconv, and ckptconv's outputs read back
 by ``np.load(allow_pickle=False)``: values, dtypes, order and bytes compared."""
 from __future__ import annotations
 
+import enum
 import io
 import json
 import zipfile
@@ -177,6 +178,40 @@ def test_unsafe_object_array_refused(tmp_path):
         proc = run_cli("convert", p, tmp_path / "out.safetensors")
         assert_one_line_error(proc, 3, "posix.system", "nothing was executed")
     assert not (tmp_path / "out.safetensors").exists()
+
+
+class Phase(enum.Enum):
+    """Pickled as a call of the class with its value (REDUCE): refused unless allowed."""
+    TRAIN = "train"
+
+
+def test_allow_global_reads_object_arrays_naming_it(tmp_path, cli):
+    """``allow_globals=`` / ``--allow-global`` for npy and npz: a class the object
+    array's pickle calls is read as an inert record (never called) when the run
+    names it, refused otherwise; names that can run code stay refused."""
+    np.save(tmp_path / "p.npy", {"phase": Phase.TRAIN, "epoch": 3})
+    np.savez(tmp_path / "p.npz", w=np.ones(2), meta={"phase": Phase.TRAIN})
+    name = f"{Phase.__module__}.Phase"
+    oracle = np.load(tmp_path / "p.npy", allow_pickle=True).item()["phase"]  # numpy's own reader
+    for p in (tmp_path / "p.npy", tmp_path / "p.npz"):
+        with pytest.raises(UnsafePickleError, match=name):
+            ckptconv.load(p)
+        ck = ckptconv.load(p, allow_globals=[name])
+        rec = ck.tree["phase"] if p.suffix == ".npy" else ck.tree["meta"]["phase"]
+        assert (rec.cls, rec.args) == (name, (oracle.value,))
+        assert cli("inspect", p).returncode == 3
+        proc = cli("inspect", p, "--allow-global", name, "--json")
+        assert proc.returncode == 0, proc.stderr
+    proc = cli("inspect", tmp_path / "p.npy", "--allow-global", "os.system")
+    assert_one_line_error(proc, 2, "os.system")
+    with pytest.raises(UnsafePickleError, match="posix.system"):  # allowing a class allows nothing else
+        ckptconv.load(_write(tmp_path / "evil.npy", npy_object_file(_system_p2())),
+                      allow_globals=[name])
+
+
+def _write(path, data: bytes):
+    path.write_bytes(data)
+    return path
 
 
 def _npy_bytes(a) -> bytes:

@@ -133,16 +133,9 @@ def inert_roles(allow_globals=()) -> dict[str, str]:
     but a call with non-plain arguments, like torch's ``add_safe_globals``)."""
     if not allow_globals:
         return KNOWN_GLOBALS
-    from ckptconv.errors import UsageError
-    from ckptconv.pickle import is_dangerous
+    from ckptconv.pickle import checked_allow_globals
 
     roles = dict(KNOWN_GLOBALS)
-    for name in allow_globals:
-        if not isinstance(name, str) or name.count(".") < 1 or not all(
-                part.isidentifier() for part in name.split(".")):
-            raise UsageError(f"--allow-global {name!r}: not a MODULE.NAME")
-        if is_dangerous(name) and name not in KNOWN_GLOBALS:
-            raise UsageError(f"--allow-global {name}: refused, a name that can run code "
-                             "(a file naming it would run it when torch.load reads it)")
+    for name in checked_allow_globals(allow_globals, known=KNOWN_GLOBALS):
         roles.setdefault(py3_qualname(name), "allowed")
     return roles

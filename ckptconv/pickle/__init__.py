@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from .engine import (MAX_DEPTH, MAX_EXPANSION, MAX_KEY_NODES, MAX_MEMO, Pending,
                      RestrictedUnpickler)
-from .names import DANGEROUS_MODULES, Global, is_dangerous, python3_name, short_repr
+from .names import (DANGEROUS_MODULES, Global, checked_allow_globals, is_dangerous, python3_name,
+                    short_repr)
 from .opcodes import decode_opcode, iter_opcodes, scan_globals, starts_a_pickle
 
-__all__ = ["DANGEROUS_MODULES", "Global", "MAX_DEPTH", "MAX_EXPANSION",
+__all__ = ["DANGEROUS_MODULES", "Global", "MAX_DEPTH", "checked_allow_globals", "MAX_EXPANSION",
            "MAX_KEY_NODES", "MAX_MEMO", "Pending", "RestrictedUnpickler", "decode_opcode",
            "is_dangerous", "iter_opcodes", "python3_name", "scan_globals", "short_repr", "starts_a_pickle"]

@@ -81,6 +81,25 @@ def is_dangerous(qualname: str) -> bool:
     return _is_dangerous(q)
 
 
+def checked_allow_globals(allow_globals, known=()) -> tuple[str, ...]:
+    """This run's ``--allow-global MODULE.NAME`` names (``allow_globals=``), checked:
+    each a dotted name of identifiers, none that can run code unless ``known``
+    (a reader's shipped list of inert framework names) has it. A bad one is a
+    usage error naming it."""
+    from ..errors import UsageError
+
+    names = []
+    for name in allow_globals or ():
+        if not isinstance(name, str) or name.count(".") < 1 or not all(
+                part.isidentifier() for part in name.split(".")):
+            raise UsageError(f"--allow-global {name!r}: not a MODULE.NAME")
+        if is_dangerous(name) and name not in known:
+            raise UsageError(f"--allow-global {name}: refused, a name that can run code "
+                             "(a file naming it would run it when it is unpickled)")
+        names.append(name)
+    return tuple(names)
+
+
 def python3_name(qualname: str) -> str:
     """The name CPython's ``find_class`` imports for a protocol 0-2 pickle's
     ``module.name`` (``Lib/_compat_pickle.py``: ``NAME_MAPPING``, ``IMPORT_MAPPING``)."""
