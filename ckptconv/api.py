@@ -404,24 +404,29 @@ def presets(name: str | None = None):
 
 # --- verbs on a run of checkpoints -----------------------------------------------------------
 
-def ls(paths, sort: str = "time"):
-    """The checkpoints of a run (folders, files, globs): time, epoch, step, loss, status."""
+def ls(paths, sort: str = "time", *, storage_options: dict | None = None):
+    """The checkpoints of a run (folders, files, globs; local or URLs): time,
+    epoch, step, loss, status."""
     from .verbs.runs import ls as list_run
 
-    return list_run(paths, sort=sort)
+    with using_storage_options(storage_options):
+        return list_run(paths, sort=sort)
 
 
-def pick(path, latest: bool = True, best: str | None = None, maximize: bool = False) -> str:
+def pick(path, latest: bool = True, best: str | None = None, maximize: bool = False, *,
+         storage_options: dict | None = None) -> str:
     """The path of the newest intact checkpoint at ``path``, or the best by ``best``."""
     from .verbs.runs import pick as pick_checkpoint
 
-    return pick_checkpoint(path, latest=latest, best=best, maximize=maximize)
+    with using_storage_options(storage_options):
+        return pick_checkpoint(path, latest=latest, best=best, maximize=maximize)
 
 
 def prune(path, keep_last: int = 3, keep_best: str | None = None, maximize: bool = False,
-          dry_run: bool = False):
+          dry_run: bool = False, *, storage_options: dict | None = None):
     """Remove the intact checkpoints of a run beyond the newest ``keep_last`` and the best."""
     from .verbs.runs import prune as prune_run
 
-    return prune_run(path, keep_last=keep_last, keep_best=keep_best, maximize=maximize,
-                     dry_run=dry_run)
+    with using_storage_options(storage_options):
+        return prune_run(path, keep_last=keep_last, keep_best=keep_best, maximize=maximize,
+                         dry_run=dry_run)

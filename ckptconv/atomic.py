@@ -138,8 +138,8 @@ def _new_temp(path: Path) -> Path:
 @contextlib.contextmanager
 def _remote_outputs(targets: list, force: bool) -> Iterator[list[Path]]:
     """Local staging files for object-storage targets, uploaded at the end as
-    multipart uploads completed last and aborted on error (remote.uploads)."""
-    from .remote import uploads
+    multipart uploads completed last and aborted on error (uploads.uploads)."""
+    from .uploads import uploads
 
     for t in targets:
         check_target(t, force)

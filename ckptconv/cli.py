@@ -48,6 +48,11 @@ def _reading(sp: argparse.ArgumentParser) -> None:
     """Options of every verb that reads checkpoints."""
     sp.add_argument("--allow-global", dest="allow_globals", action="append", metavar="MODULE.NAME",
                     help="one more inert record type for this run (repeatable)")
+    _storage(sp)
+
+
+def _storage(sp: argparse.ArgumentParser) -> None:
+    """``--storage-option``: of every verb that takes URLs."""
     sp.add_argument("--storage-option", dest="storage_option", action="append",
                     metavar="KEY=VALUE", help="an fsspec backend option for URLs, e.g. "
                     "endpoint_url=http://host:9000 or anon=true (repeatable)")
@@ -180,6 +185,7 @@ def _ls_arguments(ls: argparse.ArgumentParser):
     ls.add_argument("paths", nargs="+", metavar="PATH", help="folders, files or globs")
     ls.add_argument("--sort", default="time", metavar="KEY",
                     help="time (default), path, size, epoch, step, loss or a metric")
+    _storage(ls)
     return lambda a: ([a.paths], dict(sort=a.sort))
 
 
@@ -189,6 +195,7 @@ def _pick_arguments(pk: argparse.ArgumentParser):
     how.add_argument("--latest", action="store_true", help="the newest intact checkpoint")
     how.add_argument("--best", metavar="KEY", help="the lowest KEY (loss, val_loss, ...)")
     pk.add_argument("--max", action="store_true", help="with --best: the highest value wins")
+    _storage(pk)
     return lambda a: ([a.path], dict(latest=a.latest, best=a.best, maximize=a.max))
 
 
@@ -199,6 +206,7 @@ def _prune_arguments(pn: argparse.ArgumentParser):
     pn.add_argument("--keep-best", metavar="KEY", help="also keep the best by KEY (lowest)")
     pn.add_argument("--max", action="store_true", help="with --keep-best: the highest wins")
     pn.add_argument("--dry-run", action="store_true", help="print what would go, remove nothing")
+    _storage(pn)
     return lambda a: ([a.path], dict(keep_last=a.keep_last, keep_best=a.keep_best,
                                      maximize=a.max, dry_run=a.dry_run))
 

@@ -12,8 +12,8 @@ from a few cached blocks, big ones are fetched exactly, in bounded pieces,
 several at once (``fs.cat_ranges``). Nothing is ever downloaded whole.
 Requests and bytes are counted (``remote_stats``) for reports and benchmarks.
 
-Writing: writers write a local temp file (``atomic.atomic_file``), which is
-then streamed up. On S3, GCS and Azure that is a multipart upload completed
+Writing (``ckptconv.uploads``): writers write a local temp file
+(``atomic.atomic_file``), which is then streamed up. On S3, GCS and Azure that is a multipart upload completed
 only at the very end and aborted on any error or signal, so a failed
 conversion leaves no object at the destination; other backends upload to a
 hidden temp name and move it into place.
@@ -30,7 +30,6 @@ import contextlib
 import contextvars
 import io
 import json
-import os
 import posixpath
 import re
 import threading
@@ -51,14 +50,14 @@ _BACKENDS = {
 }
 # Backends whose files commit a multipart upload only when told to
 # (``open(..., autocommit=False)`` + ``commit()``); the rest go via temp + move.
-_MULTIPART = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"}
+MULTIPART_PROTOCOLS = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"}
 
 READAHEAD_MIN = 64 << 10  # a small read after a jump fetches this much ...
 READAHEAD = 1 << 20       # ... and up to this much while reads run on sequentially
 _CACHED_BLOCKS = 8       # read-ahead blocks kept per open file
 FETCH_STEP = 8 << 20     # big reads are fetched in pieces of this size ...
 FETCH_PARALLEL = 4       # ... this many at a time (what `aws s3 cp` does too)
-PART_SIZE = 16 << 20     # multipart upload part size (S3 allows 10,000 parts)
+MERGE_GAP = 64 << 10     # small ranges this close are fetched in one request
 
 
 def url_protocol(path: Any) -> str | None:
@@ -158,7 +157,7 @@ def filesystem(protocol: str, options: dict | None = None):
         raise MissingDependencyError(
             f"{protocol}:// URLs need fsspec: pip install 'ckptconv[remote]'") from e
     kw = _env_options(protocol)
-    if protocol in _MULTIPART:
+    if protocol in MULTIPART_PROTOCOLS:
         # other processes (Dask workers, --jobs) write the same prefixes: never
         # answer "no such object" from a listing cached before they did
         kw["use_listings_cache"] = False
@@ -186,7 +185,8 @@ _stats_lock = threading.Lock()
 _stats = {"requests": 0, "bytes_read": 0, "bytes_written": 0}
 
 
-def _count(requests: int = 0, read: int = 0, written: int = 0) -> None:
+def count_transfer(requests: int = 0, read: int = 0, written: int = 0) -> None:
+    """Add requests made and bytes moved to this process's counts (remote_stats)."""
     with _stats_lock:
         _stats["requests"] += requests
         _stats["bytes_read"] += read
@@ -213,10 +213,30 @@ def remote_use(before: dict[str, int], *paths) -> dict[str, int] | None:
 # --- paths ------------------------------------------------------------------------
 
 class _Stat:
-    def __init__(self, size: int, is_dir: bool = False):
+    def __init__(self, size: int, is_dir: bool = False, mtime: float = 0.0):
         self.st_size = size
         self.st_mode = 0o040755 if is_dir else 0o100644
-        self.st_mtime = 0.0
+        self.st_mtime = mtime
+
+
+def _mtime(info: dict) -> float:
+    """Seconds since the epoch when the object was last written (0.0 if the
+    backend does not say): s3fs ``LastModified``, gcsfs ``updated``, adlfs
+    ``last_modified``, local/memory ``mtime``/``created``."""
+    import datetime as _dt
+
+    for key in ("LastModified", "last_modified", "updated", "mtime", "created"):
+        v = info.get(key)
+        if isinstance(v, _dt.datetime):
+            return (v if v.tzinfo else v.replace(tzinfo=_dt.timezone.utc)).timestamp()
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return float(v)
+        if isinstance(v, str):
+            try:
+                return _dt.datetime.fromisoformat(v.replace("Z", "+00:00")).timestamp()
+            except ValueError:
+                continue
+    return 0.0
 
 
 _UNKNOWN = object()
@@ -311,9 +331,11 @@ class RemotePath:
     def parts(self) -> tuple[str, ...]:
         return tuple(p for p in self._key().split("/") if p)
 
-    def _new(self, url: str) -> "RemotePath":
+    def _new(self, url: str, info: dict | None = None) -> "RemotePath":
         p = RemotePath(url, self.options)
         p._fs = self._fs
+        if info is not None:  # a listing already said what it is: no request to ask again
+            p._info = info
         return p
 
     def __truediv__(self, other) -> "RemotePath":
@@ -395,7 +417,7 @@ class RemotePath:
         once per RemotePath (sniffing asks exists/is_file/stat in a row)."""
         if self._info is not _UNKNOWN:
             return self._info
-        _count(requests=1)
+        count_transfer(requests=1)
         try:
             self._info = self.fs.info(self.fs_path)
         except (FileNotFoundError, NotADirectoryError):
@@ -429,19 +451,31 @@ class RemotePath:
         i = self.info()
         if i is None:
             raise FileNotFoundError(self.url)
-        return _Stat(int(i.get("size") or 0), i.get("type") == "directory")
+        return _Stat(int(i.get("size") or 0), i.get("type") == "directory", _mtime(i))
+
+    def is_symlink(self) -> bool:
+        return False
 
     def iterdir(self) -> Iterator["RemotePath"]:
-        _count(requests=1)
-        for entry in self.fs.ls(self.fs_path, detail=False):
-            name = posixpath.basename(entry.rstrip("/"))
+        count_transfer(requests=1)
+        for info in self.fs.ls(self.fs_path, detail=True):
+            name = posixpath.basename(info["name"].rstrip("/"))
             if name:
-                yield self / name
+                yield self._new((self / name).url, info)
 
     def glob(self, pattern: str) -> list["RemotePath"]:
-        _count(requests=1)
-        found = self.fs.glob(posixpath.join(self.fs_path, pattern))
-        return [self._new(self.fs.unstrip_protocol(f)) for f in sorted(found)]
+        """Objects and prefixes under this one matching ``pattern`` (``*.index``)."""
+        return glob_urls(posixpath.join(self.url, pattern), self.options, self._fs)
+
+    def rglob(self, pattern: str) -> list["RemotePath"]:
+        """Every object below this prefix whose name matches ``pattern`` (object
+        stores list files, not folders)."""
+        import fnmatch
+
+        count_transfer(requests=1)
+        found = self.fs.find(self.fs_path, detail=True)
+        return [self._new(self.fs.unstrip_protocol(f), info) for f, info in sorted(found.items())
+                if fnmatch.fnmatchcase(posixpath.basename(f), pattern)]
 
     def open(self, mode: str = "rb", **_):
         if mode not in ("rb", "r"):
@@ -459,12 +493,12 @@ class RemotePath:
 
     def mkdir(self, parents: bool = False, exist_ok: bool = False) -> None:
         """Object stores have no folders to make; other backends get them made."""
-        if self.protocol not in _MULTIPART:
+        if self.protocol not in MULTIPART_PROTOCOLS:
             with contextlib.suppress(OSError):
                 self.fs.makedirs(self.fs_path, exist_ok=True)
 
     def unlink(self, missing_ok: bool = False) -> None:
-        _count(requests=1)
+        count_transfer(requests=1)
         try:
             self.fs.rm_file(self.fs_path)
         except FileNotFoundError:
@@ -516,7 +550,7 @@ class RemoteFile:
         except OSError as e:
             raise FormatError(f"{self.path}: read failed at offset {start}: "
                               f"{_describe(e)}") from e
-        _count(requests=1, read=len(data))
+        count_transfer(requests=1, read=len(data))
         if len(data) != end - start:
             raise FormatError(f"{self.display}: object changed while being read "
                               f"(asked {end - start} bytes at {start}, got {len(data)})")
@@ -537,22 +571,37 @@ class RemoteFile:
         return self._cache.read(offset, length, self.size, self._fetch)
 
     def pread_many(self, ranges: list[tuple[int, int]], what: str = "data") -> list[bytes]:
-        """Many small exact ranges (zip local headers) in concurrent requests."""
+        """Many small exact ranges (zip local headers) in concurrent requests;
+        ranges less than MERGE_GAP apart share one request (up to FETCH_STEP):
+        a round trip costs more than the bytes between them (a torch zip of
+        small tensors: one request for all its local headers, not one each)."""
         for off, n in ranges:
             self._check(off, n, what)
         if not ranges:
             return []
+        groups: list[list] = []  # [start, end, indices of the ranges it serves]
+        for i in sorted(range(len(ranges)), key=lambda i: ranges[i][0]):
+            off, n = ranges[i]
+            g = groups[-1] if groups else None
+            if g is not None and off - g[1] <= MERGE_GAP and max(g[1], off + n) - g[0] <= FETCH_STEP:
+                g[1] = max(g[1], off + n)
+                g[2].append(i)
+            else:
+                groups.append([off, off + n, [i]])
         try:
-            got = self._fs.cat_ranges([self._fs_path] * len(ranges),
-                                      [o for o, _ in ranges], [o + n for o, n in ranges],
-                                      on_error="raise")
+            got = self._fs.cat_ranges([self._fs_path] * len(groups), [g[0] for g in groups],
+                                      [g[1] for g in groups], on_error="raise")
         except OSError as e:
             raise FormatError(f"{self.path}: read failed: {_describe(e)}") from e
-        _count(requests=len(ranges), read=sum(len(g) for g in got))
-        for (off, n), g in zip(ranges, got):
-            if len(g) != n:
+        count_transfer(requests=len(groups), read=sum(len(d) for d in got))
+        out: list[bytes] = [b""] * len(ranges)
+        for (start, end, served), data in zip(groups, got):
+            if len(data) != end - start:
                 raise FormatError(f"{self.display}: object changed while being read")
-        return got
+            for i in served:
+                off, n = ranges[i]
+                out[i] = data[off - start:off - start + n] if len(served) > 1 else data
+        return out
 
     def fetch_many(self, spans: list[tuple[int, int]]) -> Iterator[bytes]:
         """The bytes of ``spans`` (offset, length) in order, in pieces of at
@@ -691,96 +740,26 @@ def path_or_reader(path) -> Iterator[Any]:
         yield f
 
 
-# --- writing ------------------------------------------------------------------------
-
-def _part_size() -> int:
-    return max(5 << 20, int(os.environ.get("CKPTCONV_PART_SIZE") or PART_SIZE))  # S3's minimum
-
-
-def _remote_file_writer(fs, fs_path: str, size: int):
-    part = max(_part_size(), -(-size // 9000))
-    return fs.open(fs_path, "wb", block_size=part, autocommit=False)
-
-
-def _copy_into(f, local: str) -> int:
-    done = 0
-    with open(local, "rb") as src:
-        while True:
-            chunk = src.read(FETCH_STEP)
-            if not chunk:
-                break
-            f.write(chunk)
-            done += len(chunk)
-    return done
-
-
-@contextlib.contextmanager
-def uploads(targets: list[RemotePath]) -> Iterator[list[str]]:
-    """Local staging files for ``targets``; after the block they are uploaded
-    and made visible together at the end (multipart uploads completed last),
-    or, on any error or signal, aborted and removed: nothing appears."""
-    import shutil
-    import tempfile
-
-    staging = tempfile.mkdtemp(prefix="ckptconv-upload-", dir=os.environ.get("CKPTCONV_TMPDIR"))
-    locals_ = [os.path.join(staging, f"{i}-{t.name or 'object'}") for i, t in enumerate(targets)]
-    try:
-        for p in locals_:
-            open(p, "wb").close()
-        yield locals_
-        publish_uploads(targets, locals_)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def publish_uploads(targets: list[RemotePath], locals_: list[str]) -> None:
-    opened: list = []   # (target, file) with an upload in progress, not yet committed
-    temps: list = []    # (target, temp path) for backends without multipart
-    committed = False
-    try:
-        for t, local in zip(targets, locals_):
-            size = os.path.getsize(local)
-            fs = t.fs
-            if t.protocol in _MULTIPART:
-                f = _remote_file_writer(fs, t.fs_path, size)
-                opened.append((t, f))
-                _copy_into(f, local)
-                f.close()  # uploads the last part; not visible until commit
-            else:
-                tmp = posixpath.join(posixpath.dirname(t.fs_path),
-                                     f".{t.name}.{os.getpid()}.{os.urandom(4).hex()}.ckptconv-tmp")
-                temps.append((t, tmp))
-                fs.put_file(local, tmp)
-            _count(requests=max(1, -(-size // _part_size())), written=size)
-        for t, f in opened:
-            f.commit()
-            _count(requests=1)
-        for t, tmp in temps:
-            t.fs.mv(tmp, t.fs_path)
-            _count(requests=1)
-        committed = True
-        for t in targets:
-            t.forget()
-    finally:  # (an OSError goes up to atomic.py, which names the target in a WriteError)
-        if not committed:
-            for t, f in opened:
-                with contextlib.suppress(Exception):
-                    f.discard()  # aborts the multipart upload
-            for t, tmp in temps:
-                with contextlib.suppress(Exception):
-                    t.fs.rm_file(tmp)
-
-
 # --- many sources -----------------------------------------------------------------------
 
 _GLOB_CHARS = re.compile(r"[*?\[]")
+
+
+def glob_urls(pattern: str, storage_options: dict | None = None, fs=None) -> list[RemotePath]:
+    """The objects and prefixes a URL glob (``s3://bucket/run/*.pth``) matches, sorted."""
+    root = as_path(pattern, storage_options)
+    if fs is not None:
+        root._fs = fs
+    count_transfer(requests=1)
+    found = root.fs.glob(root.fs_path, detail=True)
+    return [root._new(root.fs.unstrip_protocol(f), info) for f, info in sorted(found.items())]
 
 
 def expand_remote(pattern: str, storage_options: dict | None = None) -> list[RemotePath]:
     """The objects a URL names: itself, everything under a prefix, or a glob's matches."""
     root = as_path(pattern, storage_options)
     fs = root.fs
-    _count(requests=1)
+    count_transfer(requests=1)
     if _GLOB_CHARS.search(root._key()):
         found = fs.glob(root.fs_path)
         files = [f for f in found if fs.isfile(f)]

@@ -379,3 +379,47 @@ def test_unsafe_pickle_hidden_beside_the_weights_is_unsafe(tmp_path):
     assert rows["ok_1.pt"]["status"] == "ok"
     assert rows["hidden_2.pt"]["status"] == "unsafe" and "posix.system" in rows["hidden_2.pt"]["reason"]
     assert ckptconv.pick(tmp_path) == str(tmp_path / "ok_1.pt")
+
+
+# --- a run in object storage (moto's S3 server) ------------------------------------------------
+
+def _upload(s3, local_dir, bucket: str, prefix: str) -> str:
+    for f in sorted(local_dir.rglob("*")):
+        if f.is_file():
+            s3.fs.put_file(str(f), f"{bucket}/{prefix}/{f.relative_to(local_dir).as_posix()}")
+    return f"s3://{bucket}/{prefix}"
+
+
+_SAME = ("format", "size", "epoch", "step", "loss", "metrics", "tensors", "min_torch",
+         "weights_only", "status")
+
+
+def test_ls_pick_prune_a_run_in_s3(s3, run_dir, hf_run, capsys):
+    """ls/pick/prune of URLs: an S3 prefix, a glob of URLs, Trainer folders under a
+    prefix; the same rows as for the local folder (times from the names), paths as URLs."""
+    pytest.importorskip("s3fs")
+    bucket = s3.bucket()
+    url = _upload(s3, run_dir, bucket, "run")
+    local = ckptconv.ls(run_dir).to_dict()
+    remote = ckptconv.ls(url).to_dict()
+    assert [r["path"] for r in remote] == [f"{url}/{os.path.basename(r['path'])}" for r in local]
+    for r, want in zip(remote, local):
+        assert {k: r[k] for k in _SAME} == {k: want[k] for k in _SAME}, r["path"]
+        assert r["time"] == want["time"] and r["time_from"] == "name"
+    globbed = ckptconv.ls([f"{url}/*.pth"]).to_dict()
+    assert [r["path"] for r in globbed] == [r["path"] for r in remote]
+    assert ckptconv.pick(url, best="loss") == f"{url}/checkpoint_{GOOD[1][0]}.pth"
+    code, out, err = cli(capsys, "pick", f"{url}/*.pth", "--latest", "--storage-option",
+                         f"endpoint_url={s3.endpoint}")
+    assert code == 0 and out.strip() == f"{url}/checkpoint_{GOOD[-1][0]}.pth", err
+    # Trainer checkpoint folders under a prefix: one row each, trainer_state.json read
+    hf = ckptconv.ls(_upload(s3, hf_run, bucket, "hf"), sort="step").to_dict()
+    assert [(os.path.basename(r["path"]), r["step"], r["format"]) for r in hf] == [
+        (f"checkpoint-{s}", s, "safetensors") for s in (500, 1000, 1500)]
+    # prune removes the objects of what it does not keep, and nothing else
+    report = ckptconv.prune(url, keep_last=1, keep_best="loss")
+    assert {os.path.basename(r["path"]) for r in report.removed} == {
+        f"checkpoint_{GOOD[i][0]}.pth" for i in (0, 2)}
+    left = sorted(p.rsplit("/", 1)[1] for p in s3.fs.ls(f"{bucket}/run", detail=False))
+    assert left == sorted(["config.json", "notes.txt", TRUNCATED, UNSAFE,
+                           f"checkpoint_{GOOD[1][0]}.pth", f"checkpoint_{GOOD[3][0]}.pth"])

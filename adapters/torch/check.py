@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from ckptconv.remote import open_source
+from ckptconv.remote import as_path, open_source
 from ckptconv._lazy import np
 
 from ckptconv.errors import EXIT_OK, EXIT_UNSAFE, FormatError, UnsafePickleError
@@ -296,7 +296,7 @@ def check_torch_file(path: str | os.PathLike, read: Callable[[Path], Checkpoint]
 
     ``read``: the torch reader (with this run's options, e.g. extra inert globals).
     """
-    p = Path(path)
+    p = as_path(path)  # a local Path, or a RemotePath for a URL
     report = CheckReport(str(p), "torch")
     try:
         ck = read(p)

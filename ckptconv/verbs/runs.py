@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from ..errors import EXIT_OK, CkptconvError, FormatError, UnsafePickleError, UsageError
+from ..remote import as_path, glob_urls, is_remote
 from ..reports import Report
 from ..tensor import TensorRef, human_bytes
 
@@ -101,21 +102,19 @@ class Entry:
 # --- finding the checkpoints ------------------------------------------------------------
 
 def _expand(paths: Iterable[str | os.PathLike]) -> list[Path]:
-    """Each argument as a path; globs expanded, sorted."""
+    """Each argument as a path (a ``RemotePath`` for a URL); globs expanded, sorted."""
     out = []
     for raw in paths:
-        text = os.fspath(raw)
-        if "://" in text:
-            raise UsageError(f"{text}: runs of checkpoints on remote storage are not listed yet; "
-                             "list a local folder")
+        text = str(raw) if is_remote(raw) else os.fspath(raw)
         if any(c in text for c in "*?["):
-            hits = sorted(glob.glob(text))
+            hits = glob_urls(text) if is_remote(text) else \
+                [Path(h) for h in sorted(glob.glob(text))]
             if not hits:
                 raise UsageError(f"{text}: no file matches")
-            out += [Path(h) for h in hits]
+            out += hits
         else:
-            p = Path(text)
-            if not p.exists() and not Path(text + ".index").exists():
+            p = as_path(text)
+            if not p.exists() and not as_path(text + ".index").exists():
                 raise UsageError(f"{text}: no such file or folder")
             out.append(p)
     return out
@@ -269,15 +268,15 @@ def examine(entry: Entry) -> Entry:
     """Fill in ``entry`` from its name, its headers and a quick verify."""
     from ..registry import read_checkpoint
 
-    paths = [Path(f) for f in entry.files]
+    paths = [as_path(f) for f in entry.files]
     entry.size = sum(p.stat().st_size for p in paths if p.exists())
-    stamp = name_time(Path(entry.path).name)
+    stamp = name_time(as_path(entry.path).name)
     if stamp is not None:
         entry.time, entry.time_from = stamp.isoformat(), "name"
     else:
         mtime = max((p.stat().st_mtime for p in paths if p.exists()), default=0)
         entry.time = datetime.fromtimestamp(mtime).isoformat(timespec="seconds")
-    folder = Path(entry.path)
+    folder = as_path(entry.path)
     if folder.is_dir() and (folder / "trainer_state.json").is_file():
         _trainer_state(entry, folder / "trainer_state.json")
     if entry.status != OK or entry.load_path is None:
@@ -311,9 +310,10 @@ def _torch_checks(entry: Entry) -> None:
     from ..registry import format_info, hook
     from ..safety import scan
 
-    if "check" not in format_info(entry.format).hooks or Path(entry.load_path).is_dir():
+    load_path = as_path(entry.load_path)
+    if "check" not in format_info(entry.format).hooks or load_path.is_dir():
         return
-    report = hook(entry.format, "check", entry.load_path)(Path(entry.load_path))
+    report = hook(entry.format, "check", entry.load_path)(load_path)
     if getattr(report, "unsafe", None):
         raise UnsafePickleError(report.unsafe)
     entry.min_torch = report.min_torch
@@ -455,7 +455,7 @@ def _known_keys(entries: list[Entry]) -> list[str]:
 def _intact(entries: list[Entry], where: str) -> list[Entry]:
     intact = [e for e in entries if e.status == OK]
     if not intact:
-        bad = ", ".join(f"{Path(e.path).name} ({e.status})" for e in entries[:4])
+        bad = ", ".join(f"{as_path(e.path).name} ({e.status})" for e in entries[:4])
         raise FormatError(f"{where}: no intact checkpoint" + (f" ({bad})" if bad else ""))
     return intact
 
@@ -565,15 +565,12 @@ def prune(path, keep_last: int = 3, keep_best: str | None = None, maximize: bool
 
 
 def _remove(e: Entry) -> None:
-    p = Path(e.path)
-    if p.is_dir() and not p.is_symlink():
+    p = as_path(e.path)
+    if not is_remote(p) and p.is_dir() and not p.is_symlink():
         shutil.rmtree(p)
         return
-    for f in e.files:
-        try:
-            os.remove(f)
-        except FileNotFoundError:
-            pass
+    for f in e.files:  # (an object store's "folder" is its objects: each removed)
+        as_path(f).unlink(missing_ok=True)
 
 
 # --- the ls report --------------------------------------------------------------------------
