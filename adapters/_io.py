@@ -16,17 +16,35 @@ from __future__ import annotations
 
 import struct
 from functools import lru_cache
-from typing import Iterator, Union
+from pathlib import Path
+from typing import Callable, Iterator, TypeVar, Union
 
 from ckptconv._lazy import np, numpy_loaded
 
 from ckptconv.crc import CRC32C_POLY, gf2_compose, shift, zeros_operator
+from ckptconv.errors import FormatError
 
 Bytes = Union[bytes, bytearray, memoryview]
 
 
 class DecodeError(ValueError):
     """Malformed bytes (varint, protobuf field, compressed block)."""
+
+
+T = TypeVar("T")
+
+
+def decode_file(path: Path, decode: Callable[[bytes], T], what: str, limit: int) -> T:
+    """``decode`` of a whole file of at most ``limit`` bytes (a protobuf a scan
+    hook judges); too big, or a ``DecodeError``, is a one-line FormatError
+    naming the file."""
+    size = path.stat().st_size
+    if size > limit:
+        raise FormatError(f"{path.name}: {size} bytes is too big to judge")
+    try:
+        return decode(path.read_bytes())
+    except DecodeError as e:
+        raise FormatError(f"{path.name}: not {what} ({e})") from None
 
 
 # --- crc32c ------------------------------------------------------------------

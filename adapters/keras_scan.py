@@ -98,23 +98,12 @@ def saved_metadata_configs(pb: bytes) -> list[str]:
 def code_on_load(path: Path) -> list[str]:
     """The ``scan`` hook's findings for a Keras or HDF5 file, or a tf_keras
     SavedModel's ``keras_metadata.pb``."""
-    from ._io import DecodeError
+    from ._io import decode_file
 
     if path.name == "keras_metadata.pb":
-        if path.stat().st_size > _MAX_CONFIG:
-            raise FormatError(f"{path.name}: too big to judge")
-        try:
-            configs = saved_metadata_configs(path.read_bytes())
-        except DecodeError as e:
-            raise FormatError(f"{path.name}: not a Keras SavedModel metadata protobuf ({e})") from None
+        configs = decode_file(path, saved_metadata_configs, "a Keras SavedModel metadata protobuf",
+                              _MAX_CONFIG)
         return sorted({r for c in configs for r in config_code_on_load(c, path.name)})
     config = model_config(path)
     return [] if config is None else config_code_on_load(config, path.name)
 
-
-def scan(path: Path):
-    """The adapter's ``scan`` hook (``ckptconv scan``): a report of the places
-    that run code on load."""
-    from ckptconv.safety import code_on_load_report
-
-    return code_on_load_report(path, "Keras model config", code_on_load(path))

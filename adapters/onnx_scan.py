@@ -51,10 +51,3 @@ def code_on_load(path: Path) -> list[str]:
             + ": its ops run code the loader registers, not ONNX operators"
             for d, ops in sorted(found.items())]
 
-
-def scan(path: Path):
-    """The adapter's ``scan`` hook (``ckptconv scan``): a report of the places
-    that run code on load."""
-    from ckptconv.safety import code_on_load_report
-
-    return code_on_load_report(path, "ONNX graph", code_on_load(path))

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ckptconv.errors import FormatError
-
-from ._io import DecodeError, iter_fields
+from ._io import decode_file, iter_fields
 
 # op -> why it matters
 CODE_OPS = {
@@ -70,12 +68,7 @@ def code_on_load(path: Path) -> list[str]:
     pb = path / "saved_model.pb" if path.is_dir() else path
     if pb.name != "saved_model.pb" or not pb.is_file():
         return []
-    if pb.stat().st_size > _MAX_PB:
-        raise FormatError(f"{pb.name}: {pb.stat().st_size} bytes is too big to judge")
-    try:
-        ops = graph_ops(pb.read_bytes())
-    except DecodeError as e:
-        raise FormatError(f"{pb.name}: not a SavedModel protobuf ({e})") from None
+    ops = decode_file(pb, graph_ops, "a SavedModel protobuf", _MAX_PB)
     out = []
     for op in sorted({op for op, _ in ops if op in CODE_OPS}):
         nodes = sorted({n for o, n in ops if o == op})
@@ -83,10 +76,3 @@ def code_on_load(path: Path) -> list[str]:
                    + (f" and {len(nodes) - 1} more" if len(nodes) > 1 else ""))
     return out
 
-
-def scan(path: Path):
-    """The adapter's ``scan`` hook (``ckptconv scan``): a report of the places
-    that run code on load."""
-    from ckptconv.safety import code_on_load_report
-
-    return code_on_load_report(path, "TensorFlow SavedModel graph", code_on_load(path))

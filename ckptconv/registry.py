@@ -32,7 +32,8 @@ HEAD_BYTES = 4096
 
 # Format-specific verbs an adapter may implement as methods of the same name:
 #   verify(path, **o) -> Report      integrity (CRCs, offsets, sizes)
-#   scan(path, **o) -> Report        pickle safety, never executes
+#   scan(path, report, **o) -> None  pickle safety, never executes: adds what it finds
+#                                    to the ScanReport (ckptconv.safety)
 #   check(path, **o) -> Report       loadability by the format's own library
 #   sanitize(src, dst, **o) -> Report
 #   layout(ckpt) -> dict             format-specific lines for `inspect`
@@ -117,6 +118,10 @@ class FormatInfo:
     # extensions this format writes when the source is of its family, though
     # another format is the default for them (".ckpt": TF bundle, or Lightning's torch file)
     shared_extensions: tuple[str, ...] = ()
+    # its loader unpickles files it does not otherwise recognise (torch.load):
+    # ``scan`` gives it bare pickles and tars, and judges every pickle it finds
+    # with its adapter's ``interpret_pickle(data, display, listing)``
+    reads_pickles: bool = False
 
     def sniffer(self) -> Callable[[bytes, Path], bool]:
         if callable(self.sniff):
@@ -147,8 +152,8 @@ FORMATS: dict[str, FormatInfo] = _formats(
                description="PyTorch torch.save (zip and legacy), TorchScript weights",
                read_options=frozenset({"allow_globals"}),
                write_options=frozenset({"torch_compat"}),
-               hooks=frozenset({"check", "sanitize", "verify"}),
-               shared_extensions=(".ckpt",)),
+               hooks=frozenset({"check", "sanitize", "verify", "scan"}),
+               shared_extensions=(".ckpt",), reads_pickles=True),
     FormatInfo("safetensors", (".safetensors", ".safetensors.index.json"),
                "ckptconv.adapters.safetensors_:SafetensorsAdapter", _sniffer("sniff_safetensors"),
                description="safetensors (single file or sharded *.index.json)",
@@ -412,6 +417,14 @@ def _takes_quietly(name: str, kind: str, option: str) -> bool:
         return option in format_info(name).takes(kind)
     except Exception:  # noqa: BLE001 - a broken plugin takes nothing
         return False
+
+
+def pickle_format() -> str:
+    """The format whose loader unpickles files (the first row that says so)."""
+    for info in FORMATS.values():
+        if info.reads_pickles:
+            return info.name
+    raise UnsupportedError("no format reads pickles")
 
 
 def formats_with_hook(hook: str) -> list[str]:

@@ -14,14 +14,13 @@ names. A file can carry pickles in more places than its ``data.pkl``, so
   included; object-dtype ``.npy`` members go through the restricted
   unpickler; encrypted members, other compressions and archives inside the
   archive are *unscanned*; a torch zip's raw storages are data;
-- torch legacy files (magic number pickle, protocol, sys_info, main pickle,
-  storage keys) and the older legacy *tar* layout (``sys_info``, ``pickle``,
-  and the pickles between the raw bytes of ``storages`` and ``tensors``);
 - numpy ``.npy`` files of object dtype (their data is a pickle);
-- bare pickles of any protocol (0 and 1 are text), data after the STOP
-  included, and any other file that *starts* with a pickle: torch.load
-  unpickles the first bytes of every file that is not a zip or a tar, so an
-  HDF5 file with a pickle in its user block is a pickle too;
+- any file that *starts* with a pickle: a loader that unpickles the first
+  bytes of every file it does not otherwise recognise (torch.load) runs it,
+  so an HDF5 file with a pickle in its user block is a pickle too;
+- the layouts of the format whose loader unpickles files (the registry's
+  ``pickle_format()``: torch's legacy, tar and zip layouts, bare pickles),
+  through that format's ``scan`` hook, which builds on the helpers here;
 - code that runs on load outside pickles, through the format's scan hook:
   Keras Lambda layers and functions in a model config, TensorFlow SavedModel
   graphs with Python or file/system ops, ONNX custom-op domains.
@@ -30,14 +29,14 @@ Archives we cannot open (7z, rar, gzip, ...) and binary files of no format
 we know are *unscanned*.
 
 Each pickle gets a raw listing of the names it mentions
-(``ckptconv.pickle.scan_globals``) and a real interpretation with torch's
-allowlist (``check_pickle``), which decides: *safe* (only allowlisted
+(``ckptconv.pickle.scan_globals``) and a real interpretation by the pickle
+format's adapter (``interpret_pickle``: its allowlist over the restricted
+engine of ``ckptconv.pickle``), which decides: *safe* (only allowlisted
 calls; other classes kept as inert records, listed), *unsafe* (the first
 refused callable, named) or *unscanned* (malformed: the reason).
 
-Sources of truth: ``torch/serialization.py`` (``_load``, ``_legacy_load`` and
-its tar branch ``legacy_load``), numpy ``lib/format.py`` (``.npy`` header),
-APPNOTE.TXT (zip general purpose flags: bit 0 = encrypted).
+Sources of truth: numpy ``lib/format.py`` (``.npy`` header), APPNOTE.TXT
+(zip general purpose flags: bit 0 = encrypted).
 """
 from __future__ import annotations
 
@@ -48,9 +47,10 @@ import os
 import pickletools
 import struct
 import tarfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 from .errors import (EXIT_BAD_INPUT, EXIT_OK, EXIT_UNSAFE, CkptconvError, FormatError,
                      UnsafePickleError)
@@ -62,10 +62,10 @@ SAFE, UNSAFE, UNSCANNED = "safe", "unsafe", "unscanned"
 _NPY_MAGIC = b"\x93NUMPY"
 _PICKLE_SUFFIXES = (".pkl", ".debug_pkl")
 _MAX_PICKLES = 10_000          # concatenated pickles in one file or member
-_MAX_MEMBER = 1 << 31          # bytes of one pickle member we are willing to interpret
+MAX_MEMBER = 1 << 31           # bytes of one pickle member we are willing to interpret
 _MAX_PARTIAL = 64 << 20        # bytes of a malformed pickle judged for what it names
-_TAR_PICKLE_MEMBERS = ("sys_info", "pickle", "storages", "tensors")
-_PICKLE_OPCODES = frozenset(op.code.encode("latin1") for op in pickletools.opcodes)
+SNIFF = 1 << 16                # bytes of a file or member its kind is told from
+PICKLE_OPCODES = frozenset(op.code.encode("latin1") for op in pickletools.opcodes)
 
 
 @dataclass
@@ -121,6 +121,11 @@ class ScanReport(Report):
         self.verdict = UNSAFE
         self.reasons.append(reason)
 
+    def refuse_all(self, reasons: Iterable[str]) -> None:
+        """A format's ``scan`` hook: each place that runs code on load."""
+        for reason in reasons:
+            self.refuse(reason)
+
     def __str__(self) -> str:
         n = len(self.pickles)
         verdict = SAFE if self.verdict == SAFE else self.verdict.upper()
@@ -169,28 +174,38 @@ class ScanSummary(Report):
 
 # --- one pickle -----------------------------------------------------------------------
 
-def check_pickle_bytes(data: bytes, display: str, where: str) -> tuple[PickleReport, Any]:
+def judge_pickle(data: bytes, display: str, where: str) -> tuple[PickleReport, Any]:
     """Raw listing + interpretation of one pickle; (report, value or None)."""
-    from .adapters.torch import check_pickle
     from .pickle import scan_globals
 
     listing = scan_globals(data, display)
     names = sorted({n for op, n in listing if op != "ERROR"})
     try:
-        up = check_pickle(data, display, listing)
+        judged = _interpret_pickle()(data, display, listing)
     except UnsafePickleError as e:
-        return PickleReport(where, UNSAFE, _line(e), names), None
+        return PickleReport(where, UNSAFE, one_line(e), names), None
     except FormatError as e:
-        return PickleReport(where, UNSCANNED, _line(e), names), None
-    return PickleReport(where, SAFE, None, names, sorted(up.calls_seen),
-                        sorted(set(up.records))), up.result
+        return PickleReport(where, UNSCANNED, one_line(e), names), None
+    return PickleReport(where, SAFE, None, names, sorted(judged.calls_seen),
+                        sorted(set(judged.records))), judged.result
 
 
-def _line(e: BaseException) -> str:
+def _interpret_pickle() -> Callable:
+    """``interpret_pickle(data, display, listing)`` of the pickle format's
+    adapter: raises UnsafePickleError (the first refused callable) or
+    FormatError (malformed), else returns what it judged (``calls_seen``,
+    ``records``, ``result``)."""
+    from .registry import get_adapter, pickle_format
+
+    return get_adapter(pickle_format()).interpret_pickle
+
+
+def one_line(e: BaseException) -> str:
+    """An error's message on one line (a report's reason)."""
     return " ".join(str(e).split())
 
 
-def _pickle_end(buf, start: int) -> tuple[int, bool]:
+def pickle_end(buf, start: int) -> tuple[int, bool]:
     """(offset just past the STOP of the pickle at ``start``, True), or
     (an offset at or past where parsing failed, False)."""
     from .pickle import iter_opcodes
@@ -240,8 +255,8 @@ class _View(io.RawIOBase):
         return True
 
 
-def _scan_pickle_run(rep: ScanReport, buf, start: int, display: str, label: str,
-                     limit: int | None = None) -> tuple[int, list]:
+def scan_pickle_run(rep: ScanReport, buf, start: int, display: str, label: str,
+                    limit: int | None = None) -> tuple[int, list]:
     """Pickles one after another from ``start`` (up to ``limit`` of them), as
     formats made of pickles in a row hold them (torch legacy files). A pickle
     that does not parse is reported (unscanned, or unsafe if it names
@@ -251,9 +266,9 @@ def _scan_pickle_run(rep: ScanReport, buf, start: int, display: str, label: str,
     pos = start
     count = 0
     while pos < len(buf) and count < (limit or _MAX_PICKLES):
-        end, complete = _pickle_end(buf, pos)
+        end, complete = pickle_end(buf, pos)
         where = f"{label} #{count + 1} at offset {pos}" if label else f"pickle at offset {pos}"
-        pr, value = check_pickle_bytes(bytes(buf[pos:end]), display, where)
+        pr, value = judge_pickle(bytes(buf[pos:end]), display, where)
         if not complete:
             # judge the part that parses: pickle.load would run it before failing
             if pr.verdict == SAFE:  # parses alone but not here: still malformed
@@ -271,35 +286,42 @@ def _scan_pickle_run(rep: ScanReport, buf, start: int, display: str, label: str,
 
 # --- containers ---------------------------------------------------------------------------
 
-def _scan_zip(rep: ScanReport, path: Path) -> None:
+# a format's zip layout: member names -> (kind of archive, which members are raw data)
+ZipLayout = Callable[[list], "tuple[str, Callable[[str], bool]]"]
+
+
+def _plain_zip(names: list[str]) -> tuple[str, Callable[[str], bool]]:
+    return "zip archive", lambda name: False
+
+
+def scan_zip(rep: ScanReport, path: Path, layout: ZipLayout = _plain_zip) -> None:
+    """Every member of a zip archive, sniffed by its content whatever its name
+    (a pickle named ``data.txt`` is a pickle), but those ``layout`` says are
+    raw data."""
     from .tensor import FileHandle
     from .ziputil import is_zip, read_member_bytes, read_members
 
     handle = FileHandle(path)
     members = read_members(handle)
     names = list(members)
-    # torch zips: <root>/data.pkl, raw storages in <root>/data/ (never unpickled)
-    roots = [n[:-len("data.pkl")] for n in names if n == "data.pkl" or n.endswith("/data.pkl")]
-    rep.kind = "torch zip" if roots else "zip archive"
-    if any(n.endswith("constants.pkl") or "/code/" in n for n in names):
-        rep.kind = "TorchScript archive"
+    rep.kind, is_raw_data = layout(names)
     for name in names:
         m = members[name]
         display = f"{handle.display}:{name}"
-        if any(name.startswith(f"{r}data/") for r in roots) or name.endswith("/") and not m.size:
+        if is_raw_data(name) or name.endswith("/") and not m.size:
             continue
         if m.compress_type not in (0, 8):
             rep.fail(f"{display}: zip member compressed with method {m.compress_type}; not scanned")
             continue
         head = _member_head(handle, m)
         if name.endswith(_PICKLE_SUFFIXES) or starts_a_pickle(head):
-            data = read_member_bytes(handle, m, _MAX_MEMBER)
-            rep.add(check_pickle_bytes(data, display, name)[0])
+            data = read_member_bytes(handle, m, MAX_MEMBER)
+            rep.add(judge_pickle(data, display, name)[0])
         elif head.startswith(_NPY_MAGIC):
             if _is_object_npy(head, display):
-                _scan_npy(rep, read_member_bytes(handle, m, _MAX_MEMBER), display, name)
-        elif is_zip(head) or archive_kind(head) or _is_tar(head):
-            kind = archive_kind(head) or ("tar" if _is_tar(head) else "zip")
+                _scan_npy(rep, read_member_bytes(handle, m, MAX_MEMBER), display, name)
+        elif is_zip(head) or archive_kind(head) or is_tar(head):
+            kind = archive_kind(head) or ("tar" if is_tar(head) else "zip")
             rep.fail(f"{display}: a {kind} archive inside the archive; not scanned")
     if not rep.pickles and rep.verdict == SAFE:
         rep.notes.append("no pickle members")
@@ -319,9 +341,6 @@ def archive_kind(head: bytes) -> str | None:
         if head.startswith(magic):
             return kind
     return None
-
-
-_SNIFF = 1 << 16
 
 
 def _is_text(head: bytes) -> bool:
@@ -363,7 +382,7 @@ def _npy_is_object(descr) -> bool:
     return descr in ("|O", "O") or (isinstance(descr, list) and "O" in repr(descr))
 
 
-def _is_tar(head: bytes) -> bool:
+def is_tar(head: bytes) -> bool:
     """A valid tar header block (tarfile accepts checksummed V7 headers without
     the "ustar" magic, and so does torch's legacy loader)."""
     if len(head) < 512:
@@ -410,96 +429,9 @@ def _scan_npy(rep: ScanReport, buf, display: str, where: str) -> None:
     descr = header.get("descr")
     # object arrays are written as a pickle of the array after the header
     if _npy_is_object(descr):
-        rep.add(check_pickle_bytes(bytes(buf[data_start:]), display, f"{where} (object array)")[0])
+        rep.add(judge_pickle(bytes(buf[data_start:]), display, f"{where} (object array)")[0])
     elif rep.kind == "numpy .npy":
         rep.notes.append(f"plain {descr} array, no pickle")
-
-
-def _scan_legacy(rep: ScanReport, buf, display: str) -> None:
-    """magic, protocol, sys_info, main pickle, storage keys; raw storages follow."""
-    rep.kind = "torch legacy"
-    pos, values = _scan_pickle_run(rep, buf, 0, display, "legacy pickle", limit=5)
-    if rep.verdict == SAFE and len(values) < 5:
-        rep.fail(f"{display}: truncated legacy checkpoint ({len(values)} of 5 pickles)")
-
-
-def _scan_tar(rep: ScanReport, path: Path, display: str) -> None:
-    """torch < 0.4's tar layout (``legacy_load`` in torch/serialization.py)."""
-    from . import dtypes as _dt
-    from .tree import ObjectRecord
-
-    rep.kind = "tar archive"
-    with open_source(path) as f, tarfile.open(fileobj=f, mode="r:") as tar:
-        members = [m for m in tar.getmembers() if m.isfile()]
-        if {m.name for m in members} >= set(_TAR_PICKLE_MEMBERS):
-            rep.kind = "torch legacy tar"
-        for m in members:
-            if m.size > _MAX_MEMBER:
-                rep.notes.append(f"member {m.name} ({m.size} bytes) not scanned: too big")
-                continue
-            fh = tar.extractfile(m)
-            data = fh.read() if fh is not None else b""
-            mdisplay = f"{display}:{m.name}"
-            if m.name == "storages":
-                _scan_tar_records(rep, data, mdisplay, _tar_storage_skip(_dt, ObjectRecord))
-            elif m.name == "tensors":
-                _scan_tar_records(rep, data, mdisplay, _tar_tensor_skip)
-            elif m.name in _TAR_PICKLE_MEMBERS or starts_a_pickle(data[:_SNIFF]):
-                rep.add(check_pickle_bytes(data, mdisplay, m.name)[0])
-
-
-def _tar_storage_skip(_dt, ObjectRecord):
-    def skip(args, data: bytes, pos: int, display: str) -> int:
-        # (key, location, storage_type) then int64 element count and the raw bytes
-        if not (isinstance(args, tuple) and len(args) == 3):
-            raise FormatError(f"{display}: bad storage record {args!r:.80}")
-        stype = args[2]
-        name = stype.cls.rsplit(".", 1)[-1] if isinstance(stype, ObjectRecord) else None
-        if not name:
-            raise FormatError(f"{display}: storage type is not a torch storage class")
-        itemsize = _dt.from_storage_class(name).itemsize
-        if pos + 8 > len(data):
-            raise FormatError(f"{display}: truncated storage")
-        (numel,) = struct.unpack_from("<q", data, pos)
-        end = pos + 8 + numel * itemsize
-        if numel < 0 or end > len(data):
-            raise FormatError(f"{display}: storage of {numel} elements past the member's end")
-        return end
-    return skip
-
-
-def _tar_tensor_skip(args, data: bytes, pos: int, display: str) -> int:
-    # (key, storage_id, type) then int32 ndim, 4 padding bytes, sizes, strides, offset
-    if pos + 8 > len(data):
-        raise FormatError(f"{display}: truncated tensor record")
-    (ndim,) = struct.unpack_from("<i", data, pos)
-    end = pos + 8 + 16 * ndim + 8
-    if ndim < 0 or end > len(data):
-        raise FormatError(f"{display}: tensor record of {ndim} dims past the member's end")
-    return end
-
-
-def _scan_tar_records(rep: ScanReport, data: bytes, display: str, skip) -> None:
-    """count pickle, then count x (record pickle + raw bytes), for storages also
-    a final storage-views pickle."""
-    pos, values = _scan_pickle_run(rep, data, 0, display, "count", limit=1)
-    if rep.verdict != SAFE:
-        return
-    count = values[0] if values else None
-    if not isinstance(count, int) or count < 0 or count > len(data):
-        rep.fail(f"{display}: bad record count {count!r:.40}")
-        return
-    try:
-        for i in range(count):
-            pos, vals = _scan_pickle_run(rep, data, pos, display, f"record {i}", limit=1)
-            if rep.verdict != SAFE or not vals:
-                return
-            pos = skip(vals[0], data, pos, display)
-    except FormatError as e:
-        rep.fail(_line(e))
-        return
-    if pos < len(data):
-        _scan_pickle_run(rep, data, pos, display, "views", limit=1)
 
 
 # --- one file -------------------------------------------------------------------------
@@ -507,22 +439,34 @@ def _scan_tar_records(rep: ScanReport, data: bytes, display: str, skip) -> None:
 _IN_MEMORY = 256 << 20  # smaller files are scanned from bytes (faster), bigger ones mapped
 
 
-def _open_buffer(path: Path):
-    """The file's bytes as the scanners index them: bytes (small local files),
-    a map (big ones), or, for a URL, a view read by range requests (only the
-    ranges judged are fetched: a torch zip's storages never are)."""
+@contextmanager
+def open_buffer(path: Path) -> Iterator:
+    """The file's bytes as the scanners index them (closed after): bytes (small
+    local files), a map (big ones), or, for a URL, a view read by range
+    requests (only the ranges judged are fetched: a torch zip's storages never are)."""
     if is_remote(path):
         from .remote import RemoteBuffer
         from .tensor import FileHandle
 
-        return RemoteBuffer(FileHandle(path))
+        buf = RemoteBuffer(FileHandle(path))
+        try:
+            yield buf
+        finally:
+            buf.close()
+        return
     size = path.stat().st_size
     if size == 0:
-        return b""
+        yield b""
+        return
     with open(path, "rb") as f:
         if size <= _IN_MEMORY:
-            return f.read()
-        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            yield f.read()
+            return
+        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        yield buf
+    finally:
+        buf.close()
 
 
 def scan(path: str | os.PathLike) -> ScanReport:
@@ -537,81 +481,89 @@ def scan(path: str | os.PathLike) -> ScanReport:
         if p.is_dir():
             rep.fail(f"{p}: is a folder (scan_paths walks folders)")
             return rep
-        buf = _open_buffer(p)
-        try:
-            _scan_file(rep, p, buf, display)
-        finally:
-            if not isinstance(buf, bytes):
-                buf.close()
+        _scan_file(rep, p, display)
     except UnsafePickleError as e:
         rep.verdict = UNSAFE
-        rep.reasons.append(_line(e))
+        rep.reasons.append(one_line(e))
     except (CkptconvError, OSError, tarfile.TarError, EOFError) as e:
-        rep.fail(_line(e) if isinstance(e, CkptconvError) else f"{display}: {type(e).__name__}: "
-                 f"{_line(e)}")
+        rep.fail(one_line(e) if isinstance(e, CkptconvError) else f"{display}: {type(e).__name__}: "
+                 f"{one_line(e)}")
     return rep
 
 
-def _scan_file(rep: ScanReport, p: Path, buf, display: str) -> None:
-    from .adapters.torch import LEGACY_HEAD
-    from .ziputil import is_zip
+def _scan_file(rep: ScanReport, p: Path, display: str) -> None:
+    from .registry import hook, pickle_format
 
-    head = bytes(buf[:_SNIFF])
+    with open_source(p) as f:
+        head = f.read(SNIFF)
     if not head:
         rep.kind = "empty file"
         rep.notes.append("0 bytes, no pickle")
         return
-    # a SavedModel's files are found by their names, as TensorFlow finds them
-    saved_model_file = p.name in _SAVED_MODEL_FILES and (p.parent / "saved_model.pb").is_file()
-    fmt = _SAVED_MODEL_FILES[p.name] if saved_model_file else _known_format(p)
+    fmt = _SAVED_MODEL_FILES.get(p.name) if _in_saved_model(p) else _known_format(p)
+    if fmt is not None and fmt == pickle_format():
+        hook(fmt, "scan", p)(p, rep)   # the loader that unpickles: its layouts, all of the file
+        return
+    with open_buffer(p) as buf:
+        scan_contents(rep, p, buf, display, fmt)
+    if fmt is not None and rep.verdict != UNSAFE:
+        _scan_format(rep, p, fmt)
+
+
+def scan_contents(rep: ScanReport, p: Path, buf, display: str, fmt: str | None) -> None:
+    """What any file holds, told by its first bytes: a zip's members, a tar
+    (given to the pickle format's loader, which reads tars), a numpy array, a
+    pickle at the start, an archive we cannot open, text."""
+    from .ziputil import is_zip
+
+    head = bytes(buf[:SNIFF])
     if is_zip(head) or head[:4] == b"PK\x05\x06":
-        _scan_zip(rep, p)
-    elif _is_tar(head):
-        _scan_tar(rep, p, display)
+        scan_zip(rep, p)
+    elif is_tar(head):
+        from .registry import hook, pickle_format
+
+        hook(pickle_format(), "scan", p)(p, rep)
     elif head.startswith(_NPY_MAGIC):
         rep.kind = "numpy .npy"
         _scan_npy(rep, buf, display, display)
         if not rep.pickles and not rep.reasons:
             rep.kind = "numpy .npy (no pickle)"
-    elif head.startswith(LEGACY_HEAD):
-        _scan_legacy(rep, buf, display)
     elif archive_kind(head):
         rep.kind = f"{archive_kind(head)} archive"
         rep.fail(f"{display}: a {archive_kind(head)} archive: ckptconv cannot look inside it; "
                  "not scanned")
-    elif starts_a_pickle(head) or (head[:1] in _PICKLE_OPCODES and _pickle_end(buf, 0)[1]):
-        _scan_bare_pickle(rep, buf, display, fmt)
+    elif starts_a_pickle(head) or (head[:1] in PICKLE_OPCODES and pickle_end(buf, 0)[1]):
+        _scan_pickle_prefix(rep, buf, display, fmt)
     elif fmt is not None:
         rep.kind = f"{fmt}, no pickles"
-    elif saved_model_file:
+    elif _in_saved_model(p):
         rep.kind = "TensorFlow SavedModel fingerprint (numbers only)"
     elif _is_text(head):
         rep.kind = "text, no pickle"
     else:
         rep.kind = "unknown"
         rep.fail(f"{display}: not a format ckptconv judges (first bytes {head[:8]!r}); not scanned")
-    if fmt is not None and rep.verdict != UNSAFE:
-        _scan_format(rep, p, fmt)
 
 
-def _scan_bare_pickle(rep: ScanReport, buf, display: str, fmt: str | None) -> None:
-    """A file that starts with a pickle. Alone (a bare pickle), it is judged
-    whole: data after its STOP too. In front of another format (an HDF5
-    user block), the pickle is what torch.load runs; the rest is that format."""
-    end, complete = _pickle_end(buf, 0)
-    rep.kind = "pickle" if fmt in (None, "torch") else f"{fmt} file that starts with a pickle"
-    whole = fmt in (None, "torch") or not complete
-    pr, value = check_pickle_bytes(bytes(buf if whole else buf[:end]), display, "pickle at offset 0")
-    if pr.verdict == UNSCANNED and value is None and complete and _is_legacy_magic_at_start(buf):
-        rep.kind = "torch legacy"
-        _scan_legacy(rep, buf, display)
-        return
-    rep.add(pr)
+def _scan_pickle_prefix(rep: ScanReport, buf, display: str, fmt: str | None) -> None:
+    """A file that starts with a pickle. Alone (a bare pickle no format
+    claims), it is judged whole: data after its STOP too. In front of another
+    format (an HDF5 user block), the pickle is what a pickle loader runs; the
+    rest is that format."""
+    end, complete = pickle_end(buf, 0)
+    rep.kind = "pickle" if fmt is None else f"{fmt} file that starts with a pickle"
+    whole = fmt is None or not complete
+    rep.add(judge_pickle(bytes(buf if whole else buf[:end]), display, "pickle at offset 0")[0])
 
 
 # Files of a SavedModel folder (next to saved_model.pb) and who judges them
 _SAVED_MODEL_FILES = {"saved_model.pb": "tf", "keras_metadata.pb": "keras-h5",
                       "fingerprint.pb": None}
+
+
+def _in_saved_model(p: Path) -> bool:
+    """A SavedModel's files are found by their names, as TensorFlow finds them."""
+    return p.name in _SAVED_MODEL_FILES and (p.parent / "saved_model.pb").is_file()
 
 
 def _scan_format(rep: ScanReport, p: Path, fmt: str) -> None:
@@ -622,25 +574,11 @@ def _scan_format(rep: ScanReport, p: Path, fmt: str) -> None:
     if fmt not in available_formats() or "scan" not in format_info(fmt).hooks:
         return
     try:
-        found = hook(fmt, "scan", p)(p)
+        hook(fmt, "scan", p)(p, rep)
     except CkptconvError as e:
-        rep.fail(_line(e))
-        return
+        rep.fail(one_line(e))
     except ImportError as e:
         rep.fail(f"{p.name}: judging {fmt} content needs {e.name}; not scanned")
-        return
-    for reason in found.reasons:
-        (rep.refuse if found.verdict == UNSAFE else rep.fail)(reason)
-    rep.notes += found.notes
-
-
-def code_on_load_report(path: Path, kind: str, reasons: list[str]) -> ScanReport:
-    """What an adapter's ``scan`` hook returns: unsafe with one reason per
-    place that runs code on load, else safe."""
-    rep = ScanReport(str(path), kind=kind)
-    for reason in reasons:
-        rep.refuse(reason)
-    return rep
 
 
 def _known_format(p: Path) -> str | None:
@@ -650,18 +588,6 @@ def _known_format(p: Path) -> str | None:
         return detect_format(p)
     except Exception:  # noqa: BLE001 - only a label for the report
         return None
-
-
-def _is_legacy_magic_at_start(buf) -> bool:
-    """A torch legacy file written with another pickle protocol: its first
-    pickle is the magic number, data after it is the rest of the format."""
-    from .adapters.torch import LEGACY_MAGIC
-
-    end, complete = _pickle_end(buf, 0)
-    if not complete:
-        return False
-    pr, value = check_pickle_bytes(bytes(buf[:end]), "magic", "magic")
-    return type(value) is int and value == LEGACY_MAGIC
 
 
 # --- many files -------------------------------------------------------------------------

@@ -93,6 +93,37 @@ def test_nothing_below_the_api_imports_it():
     assert users == []
 
 
+# The core reaches adapters only through the registry's table (dotted paths it imports by name)
+REACHES_ADAPTERS_BY_NAME = {"ckptconv.registry"}
+
+
+def _imported_by_name(path: Path) -> set[str]:
+    """Module names given as literals to ``importlib.import_module`` or ``__import__``."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if (isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant)
+                and isinstance(node.args[0].value, str)
+                and getattr(node.func, "attr", getattr(node.func, "id", None))
+                in ("import_module", "__import__")):
+            out.add(node.args[0].value)
+    return out
+
+
+def test_the_core_imports_no_adapter():
+    """ckptconv/ knows no format: no core module imports ``ckptconv.adapters``
+    (at the top or inside functions, by an import statement or by name)."""
+    modules = _modules()
+    core = {m: p for m, p in modules.items()
+            if not m.startswith("ckptconv.adapters") and m not in REACHES_ADAPTERS_BY_NAME}
+    offenders = {}
+    for m, p in core.items():
+        found = {n for n in _imports(m, p, modules) | _imported_by_name(p)
+                 if n.startswith("ckptconv.adapters")}
+        if found:
+            offenders[m] = sorted(found)
+    assert offenders == {}
+
+
 def test_the_cli_imports_only_the_api_and_errors():
     modules = _modules()
     used = _imports("ckptconv.cli", modules["ckptconv.cli"], modules)

@@ -73,11 +73,11 @@ class HDF5Adapter(Adapter):
     extra = "hdf5"
     description = "plain HDF5 (numeric datasets, nested groups as '/' names, attributes)"
 
-    def scan(self, path: Path, **options):
-        """``ckptconv scan``'s hook: code that runs on load outside pickles."""
-        from ..keras_scan import scan
+    def scan(self, path: Path, report, **options) -> None:
+        """``ckptconv scan``'s hook: each place that runs code on load outside pickles."""
+        from ..keras_scan import code_on_load
 
-        return scan(path)
+        report.refuse_all(code_on_load(path))
 
     def read(self, path: Path, **options) -> Checkpoint:
         with h5_errors(path):

@@ -90,11 +90,11 @@ class KerasH5Adapter(Adapter):
     extra = "hdf5"
     description = "Keras weights: Keras 2 .h5 (weights or full model), Keras 3 .weights.h5 / .keras"
 
-    def scan(self, path: Path, **options):
-        """``ckptconv scan``'s hook: code that runs on load outside pickles."""
-        from ..keras_scan import scan
+    def scan(self, path: Path, report, **options) -> None:
+        """``ckptconv scan``'s hook: each place that runs code on load outside pickles."""
+        from ..keras_scan import code_on_load
 
-        return scan(path)
+        report.refuse_all(code_on_load(path))
 
     def read(self, path: Path, **options) -> Checkpoint:
         with h5_errors(path):

@@ -60,11 +60,11 @@ class OnnxAdapter(Adapter):
     extra = "onnx"
     description = "ONNX (initializers, Constant nodes, subgraphs, external data)"
 
-    def scan(self, path: Path, **options):
-        """``ckptconv scan``'s hook: code that runs on load outside pickles."""
-        from ..onnx_scan import scan
+    def scan(self, path: Path, report, **options) -> None:
+        """``ckptconv scan``'s hook: each place that runs code on load outside pickles."""
+        from ..onnx_scan import code_on_load
 
-        return scan(path)
+        report.refuse_all(code_on_load(path))
 
     def read(self, path: Path, **options) -> Checkpoint:
         scan = scan_onnx(path)

@@ -50,11 +50,11 @@ class TFBundleAdapter(Adapter):
     extensions = (".ckpt", ".index")
     description = "TensorFlow checkpoint (prefix.index + prefix.data-*; TF1 and TF2; SavedModel variables/)"
 
-    def scan(self, path: Path, **options):
-        """``ckptconv scan``'s hook: code that runs on load outside pickles."""
-        from ..tf_scan import scan
+    def scan(self, path: Path, report, **options) -> None:
+        """``ckptconv scan``'s hook: each place that runs code on load outside pickles."""
+        from ..tf_scan import code_on_load
 
-        return scan(path)
+        report.refuse_all(code_on_load(path))
 
     def read(self, path: Path, verify: bool = False, **options) -> Checkpoint:
         return read_bundle(path, verify=verify)

@@ -7,7 +7,8 @@ torch zip files written; ``check`` and ``sanitize`` for torch's
 Modules, by concern: ``unpickling`` (the torch allowlist over the restricted
 pickle engine), ``zip_reader``, ``legacy_reader`` (legacy and bare pickles),
 ``writer``, ``weights_only`` (what each torch release loads), ``check``,
-``sanitize``, ``adapter`` (the registry's entry point).
+``sanitize``, ``scan`` (the layouts ``ckptconv scan`` judges), ``adapter``
+(the registry's entry point).
 
 The names below are the stable import path for other adapters that read
 torch blobs (DCP, DeepSpeed): import them from ``ckptconv.adapters.torch``.

@@ -1,6 +1,6 @@
 """The ``torch`` format's adapter: sniffing, reading (zip, legacy, bare
 pickle, sharded ``*.bin.index.json``), writing, and the torch-only verbs
-``check`` and ``sanitize``."""
+``check``, ``sanitize`` and ``scan``'s layouts."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -82,6 +82,19 @@ class TorchAdapter(Adapter):
         return write_zip_checkpoint(ckpt, path, force, torch_compat)
 
     # --- torch-only verbs (adapter hooks) ------------------------------------
+
+    def scan(self, path: Path, report, **options) -> None:
+        """``ckptconv scan``: the layouts torch.load unpickles (zip, legacy, tar, bare pickle)."""
+        from .scan import scan_torch
+
+        scan_torch(path, report)
+
+    def interpret_pickle(self, data: bytes, display: str, listing: list):
+        """Judge one pickle that ``scan`` found anywhere, with torch's allowlist
+        (the table's ``reads_pickles`` format): see ``check_pickle``."""
+        from .unpickling import check_pickle
+
+        return check_pickle(data, display, listing)
 
     def check(self, path: Path, **options):
         """``ckptconv check``: minimum torch, and what blocks ``weights_only=True``."""
