@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from .errors import CkptconvError, UsageError
-from .registry import (check_options, detect_format, format_for_target, format_info,
-                       formats_with_hook, given_options, hook, option_flag, read_checkpoint,
-                       resolve_target, write_checkpoint)
+from .registry import (check_options, declared_options, detect_format, format_for_target,
+                       format_info, formats_with_hook, given_options, hook, option_flag,
+                       read_checkpoint, resolve_target, write_checkpoint)
 from .registry import source_format as registry_source_format
 from .remote import as_path, remote_stats, remote_use
 from .remote import storage_options as using_storage_options
@@ -188,17 +188,17 @@ def check(path: str | os.PathLike, *, allow_globals=None, storage_options: dict 
 
 def sanitize(src: str | os.PathLike, dst: str | os.PathLike, force: bool = False,
              torch_compat: str | None = None, *, to: str | None = None, allow_globals=None,
-             storage_options: dict | None = None):
+             storage_options: dict | None = None, **options):
     """Rewrite ``src`` (any format) so that the target format's own safe loader
     loads it (torch: torch's weights-only loader): the target format's
     ``sanitize`` hook. The target is ``to``, else from ``dst``'s extension, else
-    the one format that has the hook."""
+    the one format that has the hook. ``options``: the target writer's."""
     src_p, dst_p = Path(src), Path(dst)
     if src_p.exists() and dst_p.exists() and src_p.resolve() == dst_p.resolve():
         raise UsageError(f"{dst_p}: source and target are the same file")
     target = _sanitize_target(dst_p, to)
     sanitize_into = hook(target, "sanitize", dst_p)
-    options = check_options(target, "write", {"torch_compat": torch_compat})
+    options = check_options(target, "write", {"torch_compat": torch_compat, **options})
     ck = load(src_p, allow_globals=allow_globals, storage_options=storage_options)
     return sanitize_into(ck, dst_p, force=force, **options)
 
@@ -386,6 +386,12 @@ def load_state_dict(path, device="cpu", mmap: bool = True, select: str | None = 
         path = load(path, allow_globals=allow_globals, storage_options=storage_options)
     return load_state_dict_of(path, device=device, mmap=mmap, select=select,
                               mapping=_mapping(mapping))
+
+
+def declared_flags(kind: str, with_hook: str | None = None) -> dict[str, tuple[str, list[str]]]:
+    """Option -> (its CLI flag, the built-in formats whose reader (``kind="read"``)
+    or writer (``"write"``) takes it), from the format table: the CLI's flags."""
+    return {o: (option_flag(o), fs) for o, fs in declared_options(kind, with_hook).items()}
 
 
 def formats():

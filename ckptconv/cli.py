@@ -44,6 +44,41 @@ def _byte_size(text: str) -> int:
     return value
 
 
+# How the CLI takes each declared reader/writer option (argparse keywords); the
+# flag comes from the option's name and the formats that take it from the
+# registry's table, so an option added to a table row is a flag at once.
+OPTION_ARGUMENTS: dict[str, dict[str, Any]] = {
+    "shard_size": dict(type=_byte_size, metavar="SIZE", help="shard output (e.g. 5GB)"),
+    "dedupe_tied": dict(action="store_true", help="store tied tensors once"),
+    "template": dict(metavar="MODEL.onnx",
+                     help="replace the weights of this exported graph by name"),
+    "external_data": dict(action="store_true",
+                          help="store tensors in a data file beside the model"),
+    "torch_compat": dict(metavar="VERSION",
+                         help="write what this torch version can load (1.13: floats become "
+                              "0-d tensors), or fail"),
+    "jobs": dict(type=int, metavar="N",
+                 help="write shards in parallel; with --out-dir: N local processes"),
+}
+_OTHER_OPTION = dict(metavar="VALUE", help="an option")
+
+
+def _writing(sp: argparse.ArgumentParser, with_hook: str | None = None) -> list[str]:
+    """The writers' declared options as flags (of the formats with ``with_hook``
+    if given), each help naming the formats that take it; returns the options."""
+    from . import api
+
+    declared = api.declared_flags("write", with_hook)
+    order = list(OPTION_ARGUMENTS)
+    for option in sorted(declared, key=lambda o: (o not in order, order.index(o) if o in order
+                                                  else 0, o)):
+        flag, formats = declared[option]
+        spec = dict(OPTION_ARGUMENTS.get(option, _OTHER_OPTION))
+        spec["help"] = f"{', '.join(formats)}: {spec['help']}"
+        sp.add_argument(flag, dest=option, **spec)
+    return list(declared)
+
+
 def _reading(sp: argparse.ArgumentParser) -> None:
     """Options of every verb that reads checkpoints."""
     sp.add_argument("--allow-global", dest="allow_globals", action="append", metavar="MODULE.NAME",
@@ -84,19 +119,11 @@ def _convert_arguments(c: argparse.ArgumentParser):
                    help="unmatched mapping keys, and anything the target cannot hold, are errors")
     c.add_argument("--select", metavar="TREE.PATH", help="convert only this subtree")
     c.add_argument("--dtype", metavar="DTYPE", help="cast floating-point tensors (bf16, fp16, ...)")
-    c.add_argument("--shard-size", type=_byte_size, metavar="SIZE", help="shard output (e.g. 5GB)")
-    c.add_argument("--dedupe-tied", action="store_true",
-                   help="store tied tensors once (safetensors, onnx)")
-    c.add_argument("--template", metavar="MODEL.onnx",
-                   help="onnx: replace the weights of this exported graph by name")
-    c.add_argument("--external-data", action="store_true",
-                   help="onnx: store tensors in a data file beside the model")
-    c.add_argument("--torch-compat", metavar="VERSION",
-                   help="torch: write what this torch version can load, or fail")
     c.add_argument("--manifest", action="store_true", help="also write <DST>.sha256.json")
-    c.add_argument("--jobs", type=int, metavar="N",
-                   help="write shards in parallel; with --out-dir: N local processes")
     c.add_argument("--force", action="store_true", help="replace DST if it exists")
+    writer_options = _writing(c)
+    if "jobs" not in writer_options:   # --out-dir runs the sources in N local processes
+        c.add_argument("--jobs", type=int, metavar="N", help="with --out-dir: N local processes")
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
     _reading(c)
     _many(c, jobs=False)
@@ -108,10 +135,9 @@ def _convert_arguments(c: argparse.ArgumentParser):
             raise UsageError("convert takes SRC DST, or sources and --out-dir DIR|URL")
         return list(a.paths), dict(
             to=a.to, format=a.from_, mapping=a.map, select=a.select, force=a.force,
-            dtype=a.dtype, strict=a.strict, shard_size=a.shard_size, dedupe_tied=a.dedupe_tied,
-            template=a.template, external_data=a.external_data, torch_compat=a.torch_compat,
-            jobs=a.jobs, manifest=a.manifest, progress=_progress_enabled(a),
-            allow_globals=a.allow_globals)
+            dtype=a.dtype, strict=a.strict, jobs=a.jobs, manifest=a.manifest,
+            progress=_progress_enabled(a), allow_globals=a.allow_globals,
+            **{o: getattr(a, o) for o in writer_options if o != "jobs"})
     return call
 
 
@@ -150,11 +176,10 @@ def _sanitize_arguments(s: argparse.ArgumentParser):
     s.add_argument("src")
     s.add_argument("dst")
     s.add_argument("--force", action="store_true", help="replace DST if it exists")
-    s.add_argument("--torch-compat", metavar="VERSION",
-                   help="also loadable by this torch (1.13: floats become 0-d tensors)")
+    writer_options = _writing(s, with_hook="sanitize")
     _reading(s)
-    return lambda a: ([a.src, a.dst], dict(force=a.force, torch_compat=a.torch_compat,
-                                           allow_globals=a.allow_globals))
+    return lambda a: ([a.src, a.dst], dict(force=a.force, allow_globals=a.allow_globals,
+                                           **{o: getattr(a, o) for o in writer_options}))
 
 
 def _verify_arguments(v: argparse.ArgumentParser):

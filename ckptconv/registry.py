@@ -396,6 +396,19 @@ def given_options(options: dict[str, Any]) -> dict[str, Any]:
                                                                       set, frozenset)) and not v)}
 
 
+def declared_options(kind: str, with_hook: str | None = None) -> dict[str, list[str]]:
+    """Option -> the built-in formats whose reader (``kind="read"``) or writer
+    (``"write"``) declares it, in table order; only formats with the hook
+    ``with_hook`` if given. The CLI makes its flags from this (plugins are not
+    loaded for it)."""
+    out: dict[str, list[str]] = {}
+    for info in FORMATS.values():
+        if with_hook is None or with_hook in info.hooks:
+            for option in sorted(info.read_options if kind == "read" else info.write_options):
+                out.setdefault(option, []).append(info.name)
+    return out
+
+
 def check_options(fmt: str, kind: str, options: dict[str, Any]) -> dict[str, Any]:
     """The given options, once each is known to be taken by ``fmt``'s reader or
     writer (``kind`` "read" or "write"); otherwise a usage error naming the

@@ -4,6 +4,7 @@ hooks that say which formats have them, the table agreeing with the adapters."""
 from __future__ import annotations
 
 import ast
+import dataclasses
 import inspect
 import json
 import subprocess
@@ -188,6 +189,26 @@ def test_a_writer_option_the_target_does_not_take_is_a_usage_error(tmp_path, st_
     with pytest.raises(UsageError, match="--colour is not an option of the safetensors writer; "
                                          "no format's writer takes it"):
         ckptconv.save({"w": np.ones(2, np.float32)}, tmp_path / "d.safetensors", colour="red")
+
+
+def test_every_declared_writer_option_is_a_cli_flag(monkeypatch):
+    from ckptconv import cli
+
+    def flags(verb: str) -> dict[str, str]:
+        sub = next(a for a in cli.build_parser()._actions if a.dest == "verb")
+        return {o: a.help for a in sub.choices[verb]._actions for o in a.option_strings}
+
+    convert = flags("convert")
+    for option, formats in registry.declared_options("write").items():
+        assert ", ".join(formats) + ": " in convert[registry.option_flag(option)], option
+    assert set(flags("sanitize")) >= {"--torch-compat"}
+    # a writer option added to a table row is a flag at once, help naming the format
+    onnx = registry.FORMATS["onnx"]
+    monkeypatch.setitem(registry.FORMATS, "onnx", dataclasses.replace(
+        onnx, write_options=onnx.write_options | {"opset_version"}))
+    assert flags("convert")["--opset-version"].startswith("onnx: ")
+    args = cli.build_parser().parse_args(["convert", "a.pt", "b.onnx", "--opset-version", "17"])
+    assert args.api_call(args)[1]["opset_version"] == "17"
 
 
 def test_options_left_at_their_defaults_are_not_given(tmp_path, st_file):
