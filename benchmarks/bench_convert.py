@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from _common import print_table
+
 HERE = Path(__file__).resolve().parent
 PY = sys.executable
 
@@ -188,12 +190,8 @@ def rss_sweep(work: Path, sizes=(0.5, 1, 2, 4), markdown: bool = False) -> int:
         rows.append((f"{gib:g} GiB", f"{rss1:.0f}", f"{rss2:.0f}"))
         for p in (pt, st, back):
             p.unlink(missing_ok=True)
-    head = ("input", "pth -> safetensors peak RSS MiB", "safetensors -> pth peak RSS MiB")
-    if markdown:
-        print("| " + " | ".join(head) + " |")
-        print("|" + "---|" * len(head))
-    for r in [head] * (not markdown) + rows:
-        print("| " + " | ".join(r) + " |" if markdown else "  ".join(r))
+    print_table(("input", "pth -> safetensors peak RSS MiB", "safetensors -> pth peak RSS MiB"),
+                rows, markdown)
     return 0
 
 
@@ -270,16 +268,8 @@ def main(argv=None) -> int:
             sync_t = statistics.median(s for s, _ in sync_base) if sync_base else None
             ratio2 = f"{med / sync_t:.2f}x" if sync_t else "-"
             rows.append((task, who, f"{med:.2f}", ratio, ratio2, f"{rss:.0f}"))
-    head = ("task", "contender", "median s", "vs cp", "vs cp+fsync", "peak RSS MiB")
-    if args.markdown:
-        print("| " + " | ".join(head) + " |")
-        print("|" + "---|" * len(head))
-        for r in rows:
-            print("| " + " | ".join(r) + " |")
-    else:
-        widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
-        for r in [head] + rows:
-            print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)))
+    print_table(("task", "contender", "median s", "vs cp", "vs cp+fsync", "peak RSS MiB"), rows,
+                args.markdown)
     return 0
 
 

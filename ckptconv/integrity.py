@@ -105,10 +105,7 @@ def file_digest(path: Path) -> dict:
     h = hashlib.sha256()
     size = 0
     with open(path, "rb") as f:
-        while True:
-            chunk = f.read(_CHUNK)
-            if not chunk:
-                break
+        for chunk in iter(lambda: f.read(_CHUNK), b""):
             size += len(chunk)
             h.update(chunk)
     return {"size": size, "sha256": h.hexdigest()}

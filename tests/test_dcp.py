@@ -22,26 +22,8 @@ import ckptconv  # noqa: E402
 from ckptconv.errors import FormatError, UnsafePickleError  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
+from conftest import assert_tree_equal  # noqa: E402
 from dist_workers import launch  # noqa: E402
-
-
-def assert_same(expected, got, path="") -> None:
-    """Every leaf equal, every tensor bit-equal with the same dtype and shape."""
-    assert type(got) is type(expected), (path, type(expected), type(got))
-    if isinstance(expected, dict):
-        assert list(got) == list(expected), path
-        for k in expected:
-            assert_same(expected[k], got[k], f"{path}.{k}")
-    elif isinstance(expected, (list, tuple)):
-        assert len(got) == len(expected), path
-        for i, (a, b) in enumerate(zip(expected, got)):
-            assert_same(a, b, f"{path}.{i}")
-    elif isinstance(expected, torch.Tensor):
-        assert (got.dtype, got.shape) == (expected.dtype, expected.shape), path
-        assert torch.equal(got.reshape(-1).view(torch.uint8),
-                           expected.reshape(-1).view(torch.uint8)), path
-    else:
-        assert got == expected, (path, expected, got)
 
 
 def oracle(folder: Path, tmp: Path):
@@ -86,11 +68,11 @@ def test_equals_dcp_to_torch_save(fixture, request, tmp_path):
     expected = oracle(folder, tmp_path)
     rep = ckptconv.convert(folder, tmp_path / "out.pt")
     assert rep.source_format == "dcp"
-    assert_same(expected, torch.load(tmp_path / "out.pt", weights_only=True))
+    assert_tree_equal(torch.load(tmp_path / "out.pt", weights_only=True), expected)
     # and through safetensors (tree in its metadata) and back to torch
     ckptconv.convert(folder, tmp_path / "out.safetensors")
     ckptconv.convert(tmp_path / "out.safetensors", tmp_path / "back.pt")
-    assert_same(expected, torch.load(tmp_path / "back.pt", weights_only=True))
+    assert_tree_equal(torch.load(tmp_path / "back.pt", weights_only=True), expected)
 
 
 def test_sharded_tensors_are_file_ranges(fsdp2_dcp):
@@ -215,10 +197,10 @@ def test_written_folder_loads_without_process_group(tmp_path):
         template["model"][name] = torch.zeros_like(t)
     template["step"] = 0
     dcp.load(template, checkpoint_id=out, no_dist=True)
-    assert_same(plain_state_dict()["model"], template["model"])
+    assert_tree_equal(template["model"], plain_state_dict()["model"])
     assert template["step"] == 7
     # and everything, as torch rebuilds it
-    assert_same(torch.load(src, weights_only=True), oracle(out, tmp_path))
+    assert_tree_equal(oracle(out, tmp_path), torch.load(src, weights_only=True))
 
 
 def test_written_folder_loads_into_fsdp2(fsdp2_dcp, tmp_path):
@@ -231,7 +213,7 @@ def test_written_folder_loads_into_fsdp2(fsdp2_dcp, tmp_path):
 
 def test_dcp_to_dcp_round_trip_is_exact(fsdp2_dcp, tmp_path):
     ckptconv.convert(fsdp2_dcp, tmp_path / "again", to="dcp")
-    assert_same(oracle(fsdp2_dcp, tmp_path), oracle(tmp_path / "again", tmp_path))
+    assert_tree_equal(oracle(tmp_path / "again", tmp_path), oracle(fsdp2_dcp, tmp_path))
 
 
 # --- memory: a 1 GiB folder consolidates in flat memory ------------------------------
