@@ -259,7 +259,10 @@ VERBS: dict[str, tuple[str, Callable, str]] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(verbs: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; only the arguments of ``verbs`` (default: all) are added, so
+    that ``ckptconv --help`` and a verb's run build no other verb's flags (the
+    writer flags come from the format table, through the API)."""
     p = _Parser(prog=PROG, description="Convert, inspect and check model checkpoints "
                 "(PyTorch, safetensors, TensorFlow, HDF5/Keras, ONNX) without running their code.")
     p.add_argument("--version", action="version", version=f"{PROG} {_version()}")
@@ -269,8 +272,14 @@ def build_parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help_, description=help_)
         sp.add_argument("--debug", action="store_true", help="show tracebacks on errors")
         sp.add_argument("--json", action="store_true", help="print a JSON report")
-        sp.set_defaults(api_call=add_arguments(sp))
+        if verbs is None or name in verbs:
+            sp.set_defaults(api_call=add_arguments(sp))
     return p
+
+
+def _verb_of(argv: Sequence[str]) -> list[str]:
+    """The verb named on the command line (the first word that is one), if any."""
+    return [a for a in argv if a in VERBS][:1]
 
 
 def _version() -> str:
@@ -373,7 +382,8 @@ def _install_signal_handlers() -> dict:
 def main(argv: Sequence[str] | None = None) -> int:
     import signal
 
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(_verb_of(argv))
     args = parser.parse_args(argv)
     previous = _install_signal_handlers()
     try:

@@ -211,6 +211,15 @@ def test_every_declared_writer_option_is_a_cli_flag(monkeypatch):
     assert args.api_call(args)[1]["opset_version"] == "17"
 
 
+def test_top_level_help_builds_no_verb_flags():
+    """``ckptconv --help`` lists the verbs without importing the API (start-up time)."""
+    code = ("import sys\nfrom ckptconv.cli import main\ntry:\n    main(['--help'])\n"
+            "except SystemExit:\n    pass\nprint('ckptconv.api' in sys.modules)\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       cwd=REPO)
+    assert "convert" in p.stdout and p.stdout.strip().splitlines()[-1] == "False", p.stderr
+
+
 def test_options_left_at_their_defaults_are_not_given(tmp_path, st_file):
     # the CLI passes every flag; the ones not given (None/False) are not options
     p = run_cli("convert", st_file, tmp_path / "b.pt", "--json")
