@@ -31,6 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _common import print_table
+
 HERE = Path(__file__).resolve().parent
 PY = sys.executable
 MiB = 1 << 20
@@ -197,15 +199,7 @@ def main(argv=None) -> int:
     srv.stop()
     head = ("task", "contender", "median s", "vs plain copy", "MiB/s", "peak RSS MiB",
             "requests")
-    if args.markdown:
-        print("| " + " | ".join(head) + " |")
-        print("|" + "---|" * len(head))
-        for r in table:
-            print("| " + " | ".join(r) + " |")
-    else:
-        widths = [max(len(str(r[i])) for r in [head, *table]) for i in range(len(head))]
-        for r in [head, *table]:
-            print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)))
+    print_table(head, table, args.markdown)
     return 0
 
 
