@@ -16,11 +16,8 @@ import struct
 from pathlib import Path
 
 from ckptconv import dtypes as _dt
-from ckptconv.atomic import atomic_file, atomic_files
 from ckptconv.errors import FormatError, UnsupportedError, UsageError
 from ckptconv.registry import Adapter
-from ckptconv.sharding import read_sharded, shard_files
-from ckptconv.streaming import OutFile
 from ckptconv.tensor import FileHandle, FileSource, StoredTensor, TensorRef
 from ckptconv.tree import Checkpoint, iter_tensors, tree_from_metadata, tree_to_metadata
 from ckptconv.views import flat_format_losses
@@ -97,6 +94,8 @@ def read_safetensors_file(path: Path) -> tuple[dict[str, TensorRef], dict[str, s
 
 
 def _read_index(path: Path) -> tuple[dict[str, TensorRef], dict[str, str]]:
+    from ckptconv.sharding import read_sharded
+
     tensors, index_meta, shard_meta = read_sharded(path, read_safetensors_file)
     meta = {k: v for m in shard_meta for k, v in m.items() if not k.startswith("ckptconv.")}
     meta.update({k: v for k, v in index_meta.items() if isinstance(v, str)})
@@ -128,6 +127,8 @@ class SafetensorsAdapter(Adapter):
     def check_integrity(self, path: Path, report) -> None:
         """The header's offsets against the data block of every file (the format
         carries no checksums: a flipped bit inside a tensor needs a manifest)."""
+        from ckptconv.sharding import shard_files
+
         for f in shard_files(path):
             check_layout(f, report)
         report.notes.append("safetensors carries no checksums: a flipped bit inside a tensor "
@@ -167,6 +168,8 @@ class SafetensorsAdapter(Adapter):
         else:
             if sharded:
                 raise UsageError(f"{path}: give --shard-size to write a sharded index")
+            from ckptconv.atomic import atomic_file   # writing only: reading does without it
+
             with atomic_file(path, force) as tmp:
                 _write_one(tmp, entries, metadata)
             files = [str(path)]
@@ -198,6 +201,8 @@ class SafetensorsAdapter(Adapter):
                               **{k: v for k, v in metadata.items()
                                  if k not in ("format", "total_size")}},
                  "weight_map": {name: shard_names[k] for k, sh in enumerate(shards) for name, _ in sh}}
+        from ckptconv.atomic import atomic_files
+
         with atomic_files(targets, force) as tmps:
             work = [(tmps[k], shards[k], shard_md) for k in range(n)]
             if jobs > 1 and n > 1:
@@ -228,6 +233,8 @@ def _write_one(path: Path, entries, metadata: dict[str, str]) -> None:
                         "data_offsets": spans[i]}
     raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
     raw += b" " * (-len(raw) % 8)
+    from ckptconv.streaming import OutFile
+
     with OutFile(path) as out:
         out.write(struct.pack("<Q", len(raw)))
         out.write(raw)

@@ -21,9 +21,15 @@ from pathlib import Path
 from ckptconv.errors import FormatError
 from ckptconv.remote import as_path, is_remote, open_source, path_or_reader
 from ckptconv.tensor import FileHandle
-from ckptconv.ziputil import is_zip, read_members
 
-from ._io import DecodeError, read_varint
+# ckptconv.ziputil and ._io are imported by the sniffers that need them, once
+# the head says so: detecting a safetensors file (``load_state_dict``'s first
+# call) then imports neither the zip reader nor the crc32c helpers.
+ZIP_MAGIC = b"PK\x03\x04"  # a zip's first local file header (ckptconv.ziputil.is_zip)
+
+
+def is_zip(head: bytes) -> bool:
+    return head[:4] == ZIP_MAGIC
 
 # --- torch (torch/serialization.py) ---------------------------------------------
 
@@ -38,12 +44,14 @@ def is_bare_pickle(head: bytes, path: Path | None = None) -> bool:
     header that happens to start with 0x80: its 9th byte is '{'), or a
     protocol 0/1 pickle that parses to its STOP, or names a dangerous global,
     within its first MiB (``ckptconv.pickle.starts_a_pickle``)."""
-    from ckptconv.pickle import starts_a_pickle
-
     if len(head) >= 3 and head[0] == 0x80:
+        from ckptconv.pickle import starts_a_pickle
+
         return starts_a_pickle(head) and head[8:9] != b"{"
     if not head or head[:1].decode("latin1") not in PICKLE_OPCODES or path is None:
         return False
+    from ckptconv.pickle import starts_a_pickle
+
     with open_source(path) as f:
         return starts_a_pickle(f.read(TEXT_PICKLE_SNIFF))
 
@@ -60,6 +68,8 @@ def sniff_torch(head: bytes, path: Path) -> bool:
         name_length = int.from_bytes(head[26:28], "little")
         if 30 + name_length <= len(head) and head[30:30 + name_length].endswith(b"data.pkl"):
             return True
+        from ckptconv.ziputil import read_members
+
         try:
             members = read_members(FileHandle(path))
         except FormatError:
@@ -272,6 +282,8 @@ def sniff_keras_h5(head: bytes, path: Path) -> bool:
     if not path.is_file():
         return False
     if is_zip(head):
+        from ckptconv.ziputil import read_members
+
         try:
             return KERAS_WEIGHTS_MEMBER in read_members(FileHandle(path))
         except FormatError:
@@ -301,6 +313,8 @@ def looks_like_onnx(head: bytes) -> bool:
     """ModelProto serializations start with ir_version (field 1) and only hold
     ModelProto fields with their proper wire types (checked as far as ``head``
     goes: a field running past it ends the check)."""
+    from ._io import DecodeError, read_varint
+
     if len(head) < 4 or head[0] != 0x08:
         return False
     pos, seen = 0, 0

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import subprocess
@@ -68,14 +67,27 @@ CHILD = textwrap.dedent("""
         with safe_open(spec["shapes"], "np") as f:  # the names and shapes of the state dict
             names = sorted(f.keys(), key=lambda n: int(n.split(".")[1]))
             model = Model([tuple(f.get_slice(n).get_shape()) for n in names])
-    import ckptconv, safetensors.torch  # noqa: E401 (imports are not timed)
-    if kind.startswith("h5py"):
-        import h5py
+    cold = spec.get("cold")
+    if cold is None:   # a warm call: the loaders' modules are imported untimed
+        import ckptconv, safetensors.torch  # noqa: E401
+        ckptconv.load_state_dict  # noqa: B018 (imports ckptconv.api)
+        if kind.startswith("h5py"):
+            import h5py
+        if kind.startswith("tf."):
+            import tensorflow as tf
+    elif cold == "call":   # the entry point imported untimed (`from X import f` at the top)
+        import ckptconv, safetensors.torch  # noqa: E401
+        ckptconv.load_state_dict  # noqa: B018 (imports ckptconv.api)
     import gc; gc.collect()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak RSS
     before = rss("VmRSS:")
     t0 = time.perf_counter()
+    if cold == "import+call":   # the loader's own import is part of the first call
+        if kind.startswith("ckptconv"):
+            import ckptconv
+        elif kind.startswith("st."):
+            import safetensors.torch
     if kind == "st.load_model":
         safetensors.torch.load_model(model, path, strict=False)
     elif kind == "st.load_file":
@@ -84,12 +96,28 @@ CHILD = textwrap.dedent("""
         model.load_state_dict(torch.load(path, mmap=spec["mmap"], weights_only=True), strict=False)
     elif kind == "torch.load":
         sd = torch.load(path, mmap=spec["mmap"], weights_only=True)
-    elif kind == "h5py+load_state_dict":
+    elif kind.startswith("h5py"):
         with h5py.File(path, "r") as f:
             sd = {}
             f.visititems(lambda n, o: sd.__setitem__(n.replace("/", "."), torch.from_numpy(o[()]))
                          if isinstance(o, h5py.Dataset) else None)
-        model.load_state_dict(sd, strict=False)
+        if kind == "h5py+load_state_dict":
+            model.load_state_dict(sd, strict=False)
+    elif kind.startswith("tf."):
+        reader = tf.train.load_checkpoint(path)
+        sd = {n: torch.from_numpy(reader.get_tensor(n)) for n in reader.get_variable_to_shape_map()}
+        if kind == "tf.load_checkpoint+load_state_dict":
+            model.load_state_dict({n.replace("/", "."): t for n, t in sd.items()}, strict=False)
+    elif kind == "floor.read":
+        # the bytes from the page cache into untouched memory, one read call per file:
+        # what any loader into fresh parameters has to do at least
+        for name in spec["files"]:
+            with open(name, "rb", buffering=0) as f:
+                buf = torch.empty(os.fstat(f.fileno()).st_size, dtype=torch.uint8)
+                f.readinto(memoryview(buf.numpy()))
+    elif kind == "floor.map":
+        # a private map of the file (what mmap loaders start from; no page touched)
+        m = torch.UntypedStorage.from_file(path, shared=False, nbytes=os.path.getsize(path))
     elif kind == "ckptconv.load_into":
         r = ckptconv.load_into(model, path)
         assert not r.missing, r
@@ -100,6 +128,7 @@ CHILD = textwrap.dedent("""
     seconds = time.perf_counter() - t0
     grown = rss("VmHWM:") - before
     if spec.get("check") and model is not None:
+        import safetensors.torch
         # the values landed (cheap spot check: first and last element of each)
         ref = safetensors.torch.load_file(spec["check"])
         for k, v in model.state_dict().items():
@@ -160,41 +189,93 @@ def generate(work: Path, total_bytes: int, small_count: int) -> dict[str, Path]:
 
 # --- the plan --------------------------------------------------------------------------------
 
+def role(contender: str) -> str:
+    """ours (ckptconv), floor (the least any loader must do) or peer (everyone else)."""
+    return "ours" if contender.startswith("ckptconv") else \
+        "floor" if contender.startswith("floor") else "peer"
+
+
 def tasks(files: dict[str, Path]) -> list[tuple[str, list[tuple[str, dict]]]]:
-    """(task, [(contender, child spec), ...]); the first contender is the peer."""
+    """(task, [(contender, child spec), ...])."""
     big, small = str(files["st"]), str(files["small_st"])
 
-    def spec(kind, path, model=True, mmap=True, shapes=big):
-        return {"kind": kind, "path": str(path), "model": model, "mmap": mmap, "shapes": shapes}
+    def spec(kind, path, model=True, mmap=True, shapes=big, cold=None):
+        out = {"kind": kind, "path": str(path), "model": model, "mmap": mmap, "shapes": shapes}
+        if cold:
+            out["cold"] = cold
+        return out
+
+    def floor_read(path, shapes=big):
+        p = Path(path)
+        names = sorted(str(q) for q in p.parent.glob(p.name + ".data-*")) if "_tf" in str(p) \
+            else [str(p)]
+        return ("floor: read the file into fresh memory",
+                dict(spec("floor.read", path, model=False, shapes=shapes), files=names))
+
+    def floor_map(path):
+        return ("floor: map the file", spec("floor.map", path, model=False))
 
     st, pt, legacy, tf, h5 = (files[k] for k in ("st", "pt", "legacy", "tf", "h5"))
     into = "ckptconv.load_into"
     sd_ = "ckptconv.load_state_dict"
-    return [
+    plan = []
+    for label, cold in (("import + first call", "import+call"), ("first call", "call")):
+        plan += [
+            (f"cold {label}: load_state_dict .safetensors", [
+                ("safetensors.torch.load_file", spec("st.load_file", st, model=False, cold=cold)),
+                (sd_, spec(sd_, st, model=False, cold=cold))]),
+            (f"cold {label}: load_state_dict zip .pt", [
+                ("torch.load(mmap)", spec("torch.load", pt, model=False, cold=cold)),
+                (sd_, spec(sd_, pt, model=False, cold=cold))]),
+        ]
+    plan += [
         ("load_into .safetensors", [("safetensors.torch.load_model", spec("st.load_model", st)),
-                                    (into, spec(into, st))]),
+                                    floor_read(st), (into, spec(into, st))]),
         ("load_into zip .pt", [("torch.load(mmap) + load_state_dict",
-                                spec("torch.load+load_state_dict", pt)), (into, spec(into, pt))]),
-        ("load_state_dict 50,000 tensors .pt", [
-            ("torch.load(mmap)", spec("torch.load", files["small"], model=False, shapes=small)),
-            (sd_, spec(sd_, files["small"], model=False, shapes=small))]),
+                                spec("torch.load+load_state_dict", pt)),
+                               floor_read(pt), (into, spec(into, pt))]),
+        ("load_into legacy .pt", [("torch.load + load_state_dict",
+                                   spec("torch.load+load_state_dict", legacy, mmap=False)),
+                                  floor_read(legacy), (into, spec(into, legacy))]),
+        ("load_into TF bundle", [("tf.train.load_checkpoint + load_state_dict",
+                                  spec("tf.load_checkpoint+load_state_dict", tf)),
+                                 ("torch.load(mmap) + load_state_dict of the same in .pt",
+                                  spec("torch.load+load_state_dict", pt)),
+                                 floor_read(tf), (into, spec(into, tf))]),
+        ("load_into HDF5", [("h5py + load_state_dict", spec("h5py+load_state_dict", h5)),
+                            floor_read(h5), (into, spec(into, h5))]),
         ("load_into 50,000 tensors .pt", [
             ("torch.load(mmap) + load_state_dict",
              spec("torch.load+load_state_dict", files["small"], shapes=small)),
+            floor_read(files["small"], shapes=small),
             (into, spec(into, files["small"], shapes=small))]),
         ("load_state_dict .safetensors", [("safetensors.torch.load_file",
                                            spec("st.load_file", st, model=False)),
-                                          (sd_, spec(sd_, st, model=False))]),
+                                          floor_map(st), (sd_, spec(sd_, st, model=False))]),
         ("load_state_dict zip .pt", [("torch.load(mmap)", spec("torch.load", pt, model=False)),
-                                     (sd_, spec(sd_, pt, model=False))]),
-        ("load_into legacy .pt", [("torch.load + load_state_dict",
-                                   spec("torch.load+load_state_dict", legacy, mmap=False)),
-                                  (into, spec(into, legacy))]),
-        ("load_into TF bundle", [("torch.load(mmap) + load_state_dict of the .pt",
-                                  spec("torch.load+load_state_dict", pt)), (into, spec(into, tf))]),
-        ("load_into HDF5", [("h5py + load_state_dict", spec("h5py+load_state_dict", h5)),
-                            (into, spec(into, h5))]),
+                                     floor_map(pt), (sd_, spec(sd_, pt, model=False))]),
+        ("load_state_dict legacy .pt", [("torch.load", spec("torch.load", legacy, model=False,
+                                                            mmap=False)),
+                                        floor_map(legacy), (sd_, spec(sd_, legacy, model=False))]),
+        ("load_state_dict TF bundle", [("tf.train.load_checkpoint",
+                                        spec("tf.load_checkpoint", tf, model=False)),
+                                       (sd_, spec(sd_, tf, model=False))]),
+        ("load_state_dict HDF5", [("h5py", spec("h5py", h5, model=False)), floor_map(h5),
+                                  (sd_, spec(sd_, h5, model=False))]),
+        ("load_state_dict 50,000 tensors .pt", [
+            ("torch.load(mmap)", spec("torch.load", files["small"], model=False, shapes=small)),
+            (sd_, spec(sd_, files["small"], model=False, shapes=small))]),
     ]
+    return plan
+
+
+def byte_compile() -> None:
+    """Bytecode as a regular install has it (pip compiles at install time; an editable
+    install under PYTHONDONTWRITEBYTECODE would compile ckptconv's sources in every
+    fresh process, and a cold first call would time the compiler)."""
+    subprocess.run([PY, "-c", "import compileall, importlib.util as u, os; "
+                    "[compileall.compile_dir(os.path.dirname(u.find_spec(m).origin), quiet=1) "
+                    "for m in ('ckptconv', 'ckptconv.adapters')]"], check=True)
 
 
 def main(argv=None) -> int:
@@ -203,15 +284,19 @@ def main(argv=None) -> int:
     ap.add_argument("--small-count", type=int, default=50_000)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="256 MiB inputs, 5,000 small tensors, 3 runs")
-    ap.add_argument("--only", help="run only the tasks whose name contains this text")
-    ap.add_argument("--work", type=Path, default=HERE / "_work" / "load")
+    ap.add_argument("--only", action="append",
+                    help="run only the tasks whose name contains this text (repeatable)")
+    ap.add_argument("--work", type=Path, help="where the inputs are made once and kept "
+                    "(default /tmp/ckptconv-bench-load-SIZE-COUNT)")
     ap.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     args = ap.parse_args(argv)
     if args.quick:
         args.size, args.small_count, args.repeat = 0.25, 5_000, 3
-    files = generate(args.work, int(args.size * (1 << 30)), args.small_count)
-    plan = [t for t in tasks(files) if not args.only or args.only in t[0]]
-    head = ("task", "contender", "median s", "vs peer", "peak RSS growth MiB")
+    work = args.work or Path(f"/tmp/ckptconv-bench-load-{args.size:g}GiB-{args.small_count}")
+    files = generate(work, int(args.size * (1 << 30)), args.small_count)
+    byte_compile()
+    plan = [t for t in tasks(files) if not args.only or any(o in t[0] for o in args.only)]
+    head = ("task", "contender", "median s", "vs fastest peer", "vs floor", "peak RSS growth MiB")
     if args.markdown:
         print("| " + " | ".join(head) + " |")
         print("|" + "---|" * len(head))
@@ -219,15 +304,18 @@ def main(argv=None) -> int:
         print("  ".join(head))
     for task, contenders in plan:   # rows printed as each task ends
         results: dict[str, list[dict]] = {}
-        for _ in range(args.repeat):  # interleaved: peer, ours, peer, ours, ...
+        for _ in range(args.repeat):  # interleaved: peer, floor, ours, peer, floor, ours, ...
             for who, spec in contenders:
                 warm([Path(spec["path"]).parent if "_tf" in spec["path"] else Path(spec["path"])])
                 results.setdefault(who, []).append(child(spec))
-        peer = statistics.median(r["seconds"] for r in results[contenders[0][0]])
+        median = {who: statistics.median(r["seconds"] for r in results[who]) for who, _ in contenders}
+        peer = min(m for who, m in median.items() if role(who) == "peer")
+        floor = [m for who, m in median.items() if role(who) == "floor"]
         for who, _ in contenders:
-            med = statistics.median(r["seconds"] for r in results[who])
+            med = median[who]
             grown = max(r["rss_growth"] for r in results[who]) / (1 << 20)
-            row = (task, who, f"{med:.3f}", f"{med / peer:.2f}x", f"{grown:.0f}")
+            row = (task, who, f"{med:.3f}", f"{med / peer:.2f}x",
+                   f"{med / floor[0]:.2f}x" if floor and floor[0] > 0 else "-", f"{grown:.0f}")
             print("| " + " | ".join(row) + " |" if args.markdown else "  ".join(row), flush=True)
     return 0
 

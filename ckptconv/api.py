@@ -51,6 +51,8 @@ def save(ck: Checkpoint | dict, path: str | os.PathLike, format: str | None = No
 
 @dataclass
 class ConvertReport(Report):
+    """What ``convert`` did: source, target, formats, bytes, seconds, notes."""
+
     source: str
     source_format: str
     target: str

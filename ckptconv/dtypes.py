@@ -19,6 +19,8 @@ _NUMPY: dict[str, object] = {}  # canonical name -> numpy dtype (or None), fille
 
 @dataclass(frozen=True)
 class DType:
+    """One element type and its names in numpy, safetensors and legacy torch storages."""
+
     name: str            # canonical (torch) name
     itemsize: int        # bytes per element; sub-byte types are packed
     numpy_type: str | None  # "numpy.<t>" or "ml_dtypes.<t>" (resolved lazily: see ``numpy``)

@@ -38,6 +38,8 @@ _CENTRAL = struct.Struct("<IHHHHHHIIIHHHHHII")
 
 @dataclass
 class Member:
+    """One archive member: where its data starts and its sizes."""
+
     name: str
     data_offset: int
     compressed_size: int

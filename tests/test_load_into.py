@@ -367,6 +367,51 @@ def test_cuda_through_small_pinned_buffers(net_files, monkeypatch):
             assert v.device.type == "cuda" and torch.equal(v.cpu(), want[k]), (kind, k)
 
 
+NO_CUDA = "needs no CUDA device (checks the error a CPU-only machine gives)"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason=NO_CUDA)
+def test_cuda_without_a_cuda_device_is_a_usage_error(net_files):
+    from ckptconv.errors import UsageError
+
+    _, files = net_files
+    dst = fresh_net()
+    before = {k: v.clone() for k, v in dst.state_dict().items()}
+    with pytest.raises(UsageError, match="device 'cuda'.*is_available"):
+        ckptconv.load_into(dst, files["safetensors"], device="cuda")
+    for k, v in dst.state_dict().items():    # refused before anything was loaded or moved
+        assert v.device.type == "cpu" and torch.equal(v, before[k]), k
+    with pytest.raises(UsageError, match="device 'cuda:0'"):
+        ckptconv.load_state_dict(files["zip"], device="cuda:0")
+    with pytest.raises(UsageError, match="device 'gpu'"):
+        ckptconv.load_state_dict(files["zip"], device="gpu")
+
+
+def test_device_staging_path_on_cpu(tmp_path, monkeypatch):
+    """The GPU path's double buffering (read into one staging buffer while the other
+    is copied out), run with CPU targets and tiny buffers: every piece lands at its
+    place, casts included. Pinning and CUDA events are what only a GPU run checks."""
+    from safetensors.torch import save_file
+
+    from ckptconv.verbs import torch_fill
+
+    monkeypatch.setattr(torch_fill, "STAGING_BYTES", 96)
+    torch.manual_seed(5)
+    sd = {"a": torch.randn(37, 5), "b": torch.randint(-900, 900, (1001,), dtype=torch.int16),
+          "c": torch.randn(7, 3).to(torch.bfloat16), "d": torch.randn(24)}
+    path = tmp_path / "stage.safetensors"
+    save_file(sd, path)
+    refs = ckptconv.load(path).tensors()
+    with torch_fill.Filler() as filler:
+        got = {}
+        for name, ref in refs.items():
+            dtype = torch.float64 if name == "d" else sd[name].dtype   # "d" is cast
+            got[name] = torch.empty(sd[name].shape, dtype=dtype)
+            filler._fill_device(got[name], ref, ref.file_span())
+    for name, want in sd.items():
+        assert torch.equal(got[name], want.to(got[name].dtype)), name
+
+
 RSS_CHILD = """
 import json, sys, torch, ckptconv
 shapes = json.loads(sys.argv[2])

@@ -26,7 +26,7 @@ from ..errors import MappingError
 from ..reports import Report
 from ..tensor import TensorRef
 from ..tree import Checkpoint, join_path
-from .torch_fill import Filler, TorchMaterializer, gc_paused
+from .torch_fill import Filler, TorchMaterializer, gc_paused, torch_device
 
 PREFERRED = ("state_dict", "model", "model_state", "model_state_dict", "module", "net")
 BATCH_BYTES = 64 << 20  # mapped tensors handed to load_state_dict at a time (hooked modules)
@@ -34,6 +34,8 @@ BATCH_BYTES = 64 << 20  # mapped tensors handed to load_state_dict at a time (ho
 
 @dataclass
 class LoadReport(Report):
+    """What ``load_into`` loaded, and what it did not (missing, unexpected, mismatched)."""
+
     loaded: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)       # in the module, not in the checkpoint
     unexpected: list[str] = field(default_factory=list)    # in the checkpoint, not in the module
@@ -68,6 +70,8 @@ def _few(names: list[str], n: int = 10) -> str:
 
 @dataclass
 class _Candidate:
+    """A subtree that may hold the module's weights, with how well it fits."""
+
     path: tuple
     ck: Checkpoint
     strip: str = ""          # a leading "prefix." removed from every name
@@ -174,8 +178,8 @@ def load_into(module, ck: Checkpoint, mapping=None, strict: bool = False, device
     ``_load_from_state_dict`` override, a load pre-hook) are handed to
     ``load_state_dict`` as views of the mapped file, ``BATCH_BYTES`` at a time.
     """
-    import torch
-
+    if device is not None:
+        device = torch_device(device)
     state = module.state_dict()
     expected = {k: tuple(v.shape) for k, v in state.items()}
     best, notes = find_weights(ck, expected, mapping, select)
@@ -203,7 +207,7 @@ def load_into(module, ck: Checkpoint, mapping=None, strict: bool = False, device
     with gc_paused():
         _fill_and_load(module, state, tensors, report.loaded, plain_loading_names(module, state))
     if device is not None:
-        report.notes.append(f"module moved to {torch.device(device)}")
+        report.notes.append(f"module moved to {device}")
     return report
 
 

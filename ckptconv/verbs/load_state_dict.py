@@ -18,11 +18,11 @@ from .torch_fill import TorchMaterializer, gc_paused
 def load_state_dict(ck: Checkpoint, device="cpu", mmap: bool = True, select: str | None = None,
                     mapping=None) -> dict:
     """``{name: torch.Tensor}`` of every tensor in ``ck`` (after ``select`` and ``mapping``)."""
+    materialize = TorchMaterializer(mmap=mmap, device=device)   # checks the device first
     if select:
         ck = ck.select(select)
     if mapping is not None:
         ck = mapping.apply(ck)
-    materialize = TorchMaterializer(mmap=mmap, device=device)
     try:
         with gc_paused():
             return {name: materialize(ref) for name, ref in ck.tensors().items()}

@@ -38,7 +38,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
-from ..errors import FormatError, UnsupportedError
+from ..errors import FormatError, UnsupportedError, UsageError
 from ..tensor import StoredTensor, TensorRef
 
 PIECE_BYTES = 16 << 20      # one preadv call: a thread's share of a big tensor
@@ -54,6 +54,21 @@ def torch_dtype(name: str):
     if not isinstance(dt, torch.dtype):
         raise UnsupportedError(f"torch has no dtype {name}")
     return dt
+
+
+def torch_device(device):
+    """``device`` as a ``torch.device``; a device this torch cannot reach is a usage
+    error before anything is read (not torch's AssertionError halfway through)."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise UsageError(f"device {device!r}: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"device {device!r}: torch.cuda.is_available() is False "
+                         f"(torch {torch.__version__}, no CUDA device or a CPU-only build)")
+    return dev
 
 
 def byte_view(t) -> memoryview:
@@ -210,14 +225,17 @@ class Filler:
             dst[i:i + step].copy_(src[i:i + step])
 
     def _fill_device(self, dst, ref: TensorRef, span) -> None:
-        """Through two pinned buffers: read into one while the other goes to the GPU."""
+        """Through two pinned buffers: read into one while the other goes to the GPU
+        (for a CUDA ``dst``; another device, or a CPU ``dst`` in a test, takes the same
+        path with plain buffers and synchronous copies)."""
         import torch
 
         if not dst.is_contiguous():
             self._copy_blocks(dst, mapped_view(ref))
             return
+        cuda = dst.device.type == "cuda"
         if self._pinned is None:
-            self._pinned = [torch.empty(STAGING_BYTES, dtype=torch.uint8, pin_memory=True)
+            self._pinned = [torch.empty(STAGING_BYTES, dtype=torch.uint8, pin_memory=cuda)
                             for _ in range(2)]
         handle, offset, nbytes = span
         size = ref.dtype.itemsize
@@ -231,9 +249,10 @@ class Filler:
             count = min(per, ref.numel - start)
             stage = self._pinned[k][:count * size]
             preadv_into(handle.fileno(), byte_view(stage), offset + start * size, handle.display)
-            out[start:start + count].copy_(stage.view(src_dtype), non_blocking=True)
-            ev = self._events[k] = torch.cuda.Event()
-            ev.record()
+            out[start:start + count].copy_(stage.view(src_dtype), non_blocking=cuda)
+            if cuda:
+                ev = self._events[k] = torch.cuda.Event()
+                ev.record()
 
     def wait(self) -> None:
         pending, self._pending = self._pending, []
@@ -264,7 +283,7 @@ class TorchMaterializer:
     def __init__(self, mmap: bool = True, device=None):
         import torch
 
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.device = torch_device(device) if device is not None else torch.device("cpu")
         self.mmap = mmap and self.device.type == "cpu"
         self._maps: dict = {}        # file path -> storage of the whole file
         self._storages: dict = {}    # id(byte source) -> (source, storage)
