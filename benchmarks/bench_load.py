@@ -22,7 +22,10 @@ first call" rows time the loader's own import as well. Contenders of a task
 run interleaved (peer, floor, ours, peer, ...); the table gives the median, its
 ratio to the fastest peer and to the floor (the least any loader must do:
 read the file's bytes into fresh memory for ``load_into``, map the file for
-``load_state_dict``). Caches cannot be dropped here (no root on the host's
+``load_state_dict``). "CPU s" is the process's CPU time over the same span (all
+its threads): on a loaded machine a 20 ms first call waits for a core several
+times over, and CPU time leaves those waits out (the cold rows are one thread
+on both sides, so their CPU ratio is the fair one). Caches cannot be dropped here (no root on the host's
 page cache): every input is read once before each run, so all contenders
 find it in the page cache. Seconds swing between runs on this shared VM: read
 the ratios within one run.
@@ -90,6 +93,7 @@ CHILD = textwrap.dedent("""
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak RSS
     before = rss("VmRSS:")
+    c0 = time.process_time()
     t0 = time.perf_counter()
     if cold == "import+call":   # the loader's own import is part of the first call
         if kind.startswith("ckptconv"):
@@ -134,6 +138,7 @@ CHILD = textwrap.dedent("""
     else:
         raise SystemExit(f"unknown contender {kind}")
     seconds = time.perf_counter() - t0
+    cpu = time.process_time() - c0
     grown = rss("VmHWM:") - before
     if spec.get("check") and model is not None:
         import safetensors.torch
@@ -142,7 +147,7 @@ CHILD = textwrap.dedent("""
         for k, v in model.state_dict().items():
             r = ref[k].reshape(-1)
             assert v.reshape(-1)[0] == r[0] and v.reshape(-1)[-1] == r[-1], k
-    print(json.dumps({"seconds": seconds, "rss_growth": grown}))
+    print(json.dumps({"seconds": seconds, "cpu": cpu, "rss_growth": grown}))
 """)
 
 
@@ -305,7 +310,8 @@ def main(argv=None) -> int:
     files = generate(work, int(args.size * (1 << 30)), args.small_count)
     byte_compile()
     plan = [t for t in tasks(files) if not args.only or any(o in t[0] for o in args.only)]
-    head = ("task", "contender", "median s", "vs fastest peer", "vs floor", "peak RSS growth MiB")
+    head = ("task", "contender", "median s", "vs fastest peer", "vs floor", "median CPU s",
+            "CPU vs fastest peer", "peak RSS growth MiB")
     if args.markdown:
         print("| " + " | ".join(head) + " |")
         print("|" + "---|" * len(head))
@@ -318,13 +324,16 @@ def main(argv=None) -> int:
                 warm([Path(spec["path"]).parent if "_tf" in spec["path"] else Path(spec["path"])])
                 results.setdefault(who, []).append(child(spec))
         median = {who: statistics.median(r["seconds"] for r in results[who]) for who, _ in contenders}
+        cpu = {who: statistics.median(r["cpu"] for r in results[who]) for who, _ in contenders}
         peer = min(m for who, m in median.items() if role(who) == "peer")
+        peer_cpu = min(m for who, m in cpu.items() if role(who) == "peer")
         floor = [m for who, m in median.items() if role(who) == "floor"]
         for who, _ in contenders:
             med = median[who]
             grown = max(r["rss_growth"] for r in results[who]) / (1 << 20)
             row = (task, who, f"{med:.3f}", f"{med / peer:.2f}x",
-                   f"{med / floor[0]:.2f}x" if floor and floor[0] > 0 else "-", f"{grown:.0f}")
+                   f"{med / floor[0]:.2f}x" if floor and floor[0] > 0 else "-", f"{cpu[who]:.3f}",
+                   f"{cpu[who] / peer_cpu:.2f}x" if peer_cpu > 0 else "-", f"{grown:.0f}")
             print("| " + " | ".join(row) + " |" if args.markdown else "  ".join(row), flush=True)
     return 0
 
