@@ -179,6 +179,7 @@ import copyreg  # noqa: E402
 import datetime  # noqa: E402
 import decimal  # noqa: E402
 import os  # noqa: E402
+import re  # noqa: E402
 import struct  # noqa: E402
 import subprocess  # noqa: E402
 
@@ -293,13 +294,19 @@ _MUTATION_SNIPPETS = [
 
 def _hostile_allocation(data: bytes) -> bool:
     """CPython allocates a counted BINBYTES/BINBYTES8/BYTEARRAY8 before reading
-    it: skip inputs that could make the oracle allocate gigabytes."""
-    for op, width in ((b"B", 4), (b"\x8e", 8), (b"\x96", 8)):
+    it, and the C unpickler grows its memo table to twice a LONG_BINPUT/PUT
+    index (16 bytes an index: ``r`` with 2**27 takes 2 GiB; a mutated index
+    near 2**30 got a 50,000-example run OOM-killed at 20 GiB): skip inputs that could make the oracle allocate gigabytes. ckptconv
+    itself refuses a memo index past 10,000,000 as malformed."""
+    for op, width in ((b"B", 4), (b"\x8e", 8), (b"\x96", 8), (b"r", 4)):
         i = data.find(op)
         while i >= 0:
             if int.from_bytes(data[i + 1:i + 1 + width], "little") > 1 << 24:
                 return True
             i = data.find(op, i + 1)
+    for line in re.finditer(rb"p(-?\d{8,})", data):
+        if abs(int(line.group(1))) > 1 << 24:
+            return True
     return False
 
 
