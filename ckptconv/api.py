@@ -195,14 +195,15 @@ def sanitize(src: str | os.PathLike, dst: str | os.PathLike, force: bool = False
     loads it (torch: torch's weights-only loader): the target format's
     ``sanitize`` hook. The target is ``to``, else from ``dst``'s extension, else
     the one format that has the hook. ``options``: the target writer's."""
-    src_p, dst_p = Path(src), Path(dst)
-    if src_p.exists() and dst_p.exists() and src_p.resolve() == dst_p.resolve():
-        raise UsageError(f"{dst_p}: source and target are the same file")
-    target = _sanitize_target(dst_p, to)
-    sanitize_into = hook(target, "sanitize", dst_p)
-    options = check_options(target, "write", {"torch_compat": torch_compat, **options})
-    ck = load(src_p, allow_globals=allow_globals, storage_options=storage_options)
-    return sanitize_into(ck, dst_p, force=force, **options)
+    with using_storage_options(storage_options):
+        src_p, dst_p = as_path(src), as_path(dst)
+        if src_p.exists() and dst_p.exists() and src_p.resolve() == dst_p.resolve():
+            raise UsageError(f"{dst_p}: source and target are the same file")
+        target = _sanitize_target(dst_p, to)
+        sanitize_into = hook(target, "sanitize", dst_p)
+        options = check_options(target, "write", {"torch_compat": torch_compat, **options})
+        ck = load(src_p, allow_globals=allow_globals)
+        return sanitize_into(ck, dst_p, force=force, **options)
 
 
 def _sanitize_target(dst: Path, to: str | None) -> str:

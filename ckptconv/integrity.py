@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from .errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_UNSAFE, CkptconvError, UnsafePickleError
+from .remote import as_path, open_source
 from .reports import Report
 
 MANIFEST_SUFFIX = ".sha256.json"
@@ -104,7 +105,7 @@ def tensor_digests(ck, report: VerifyReport | None = None) -> dict[str, dict]:
 def file_digest(path: Path) -> dict:
     h = hashlib.sha256()
     size = 0
-    with open(path, "rb") as f:
+    with open_source(path) as f:  # local, or a URL read by range requests
         for chunk in iter(lambda: f.read(_CHUNK), b""):
             size += len(chunk)
             h.update(chunk)
@@ -115,7 +116,7 @@ def file_digest(path: Path) -> dict:
 
 def manifest_path(target: str | os.PathLike) -> Path:
     """``<target>.sha256.json`` next to the target (a TF prefix or a folder too)."""
-    t = Path(target)
+    t = as_path(target)
     return t.with_name(t.name + MANIFEST_SUFFIX)
 
 
@@ -226,7 +227,7 @@ def verify_checkpoint(path: str | os.PathLike, format: str | None = None,
     unsafe is reported unsafe (exit 3), not corrupt."""
     from .registry import detect_format, read_checkpoint
 
-    src = Path(path)
+    src = as_path(path)  # a local Path, or a RemotePath for a URL
     report = VerifyReport(str(src))
     try:
         fmt = format or detect_format(src)

@@ -10,12 +10,13 @@ from __future__ import annotations
 import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath, PureWindowsPath
+from pathlib import PurePosixPath, PureWindowsPath
 
 import numpy as np
 
 from ckptconv import dtypes as _dt
 from ckptconv.errors import FormatError, UnsupportedError
+from ckptconv.remote import as_path
 from ckptconv.reports import Report
 from ckptconv.tensor import ArrayTensor, TensorRef
 from ckptconv.tree import Checkpoint, ObjectRecord
@@ -268,7 +269,7 @@ def sanitize_checkpoint(ck: Checkpoint, dst: str | os.PathLike, force: bool = Fa
     ``torch_compat="1.13"`` also turns Python floats into 0-d float64 tensors:
     torch 1.13's weights-only loader has no float opcode.
     """
-    dst_p = Path(dst)
+    dst_p = as_path(dst)  # a local Path, or a RemotePath for a URL (uploaded atomically)
     want = parse_version(torch_compat)
     target = want or DEFAULT_SANITIZE_TARGET
     s = _Sanitizer(target, floats_as_tensors=target < (2, 0))

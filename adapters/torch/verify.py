@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ckptconv.remote import open_source
 from ckptconv.sharding import shard_files
 from ckptconv.ziputil import check_member_crcs, is_zip
 
 
 def verify_torch(path: Path, report) -> None:
     for f in shard_files(path):
-        with open(f, "rb") as fh:
+        with open_source(f) as fh:  # local, or a URL (one small range request)
             head = fh.read(4)
         if is_zip(head):
             problems, members = check_member_crcs(f)

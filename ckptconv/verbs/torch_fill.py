@@ -157,6 +157,9 @@ class Filler:
         if dst.numel() == 0:
             return
         spans = ref.file_spans()
+        if spans is not None and any(handle.is_remote for handle, _, _ in spans):
+            self._fill_from_remote(dst, ref, spans)
+            return
         if spans is not None:
             for span in spans:
                 _check_span(span)
@@ -183,6 +186,21 @@ class Filler:
             self._copy_blocks(dst, mapped_view(base).permute(*axes))
             return
         dst.copy_(ref.torch())                          # computed, remote or in-memory
+
+    @staticmethod
+    def _fill_from_remote(dst, ref: TensorRef, spans) -> None:
+        """Object storage: range reads in bounded pieces, straight into ``dst``
+        when it takes the bytes as they are, else through ``ref.torch()``."""
+        if not (dst.device.type == "cpu" and dst.is_contiguous()
+                and ref.dtype.name == _dtype_name(dst)):
+            dst.copy_(ref.torch())
+            return
+        buf, pos = byte_view(dst), 0
+        for handle, offset, nbytes in spans:
+            _check_span((handle, offset, nbytes))
+            for piece in handle.fetch_many([(offset, nbytes)]):
+                buf[pos:pos + len(piece)] = piece
+                pos += len(piece)
 
     def _read(self, buf: memoryview, span) -> None:
         handle, offset, nbytes = span
@@ -316,7 +334,14 @@ class TorchMaterializer:
             return hit[1]
         handle, base = fr
         _check_span((handle, base, source.nbytes))
-        if self.mmap:
+        if handle.is_remote:  # no file to map or preadv: range reads, in bounded pieces
+            cpu = torch.empty(source.nbytes, dtype=torch.uint8)
+            view, done = byte_view(cpu), 0
+            for piece in handle.fetch_many([(base, source.nbytes)]):
+                view[done:done + len(piece)] = piece
+                done += len(piece)
+            storage = cpu.to(self.device).untyped_storage()
+        elif self.mmap:
             whole = self._maps.get(handle.path)
             if whole is None:
                 whole = self._maps[handle.path] = file_map(handle.path, handle.size)
