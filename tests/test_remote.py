@@ -83,23 +83,6 @@ def test_inspect_reads_ranges_not_the_file(cli, s3, tmp_path, ext):
     assert 0 < remote["requests"] <= 60, remote
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("ext", [".pt", ".safetensors"])
-def test_inspect_512mib_object_transfers_at_most_4mib(s3, tmp_path, ext):
-    import safetensors.torch
-
-    sd = {f"w{i}": torch.zeros(1024, 1024) for i in range(128)}  # 128 x 4 MiB
-    local = tmp_path / f"huge{ext}"
-    torch.save(sd, local) if ext == ".pt" else safetensors.torch.save_file(sd, local)
-    assert local.stat().st_size >= 512 * MiB
-    url = _put(s3, s3.bucket(), local, f"huge{ext}")
-    local.unlink()
-    proc = run_cli("inspect", url, "--json")
-    assert proc.returncode == 0, proc.stderr
-    remote = json.loads(proc.stdout)["remote"]
-    assert remote["bytes_read"] <= 4 * MiB, remote
-
-
 def test_api_counts_requests_and_reads_lazily(s3, local_sources):
     import ckptconv
     from ckptconv.remote import remote_stats, stats_since
@@ -172,6 +155,52 @@ def test_keras_archive_on_s3_reads_in_place(s3, tmp_path):
     assert (tmp_path / "remote.safetensors").read_bytes() == \
         (tmp_path / "local.safetensors").read_bytes()
     assert stats_since(before)["requests"] > 0
+
+
+def test_verify_check_sanitize_on_s3(s3, local_sources, tmp_path):
+    """The torch verbs on URLs: verify (zip CRCs by range reads; a flipped byte is
+    found), check, and sanitize from S3 to S3 (what torch's weights-only loader loads)."""
+    import argparse
+    import io
+
+    import ckptconv
+
+    d, sd = local_sources
+    bucket = s3.bucket()
+    good = _put(s3, bucket, d / "model.pt", "model.pt")
+    report = ckptconv.verify(good)
+    assert report.exit_code == 0 and report.checked.get("zip members (crc32)"), report
+    data = bytearray((d / "model.pt").read_bytes())
+    at = data.index(sd["layers.0.weight"].numpy().tobytes()[:64])
+    data[at] ^= 0xFF
+    (tmp_path / "bad.pt").write_bytes(bytes(data))
+    bad = ckptconv.verify(_put(s3, bucket, tmp_path / "bad.pt", "bad.pt"))
+    assert bad.exit_code == 1 and any("CRC-32" in p for p in bad.problems), bad.problems
+    assert ckptconv.check(good).weights_only
+    torch.save({"sd": sd, "args": argparse.Namespace(lr=0.1)}, tmp_path / "ns.pt")
+    src = _put(s3, bucket, tmp_path / "ns.pt", "ns.pt")
+    assert not ckptconv.check(src).weights_only
+    ckptconv.sanitize(src, f"s3://{bucket}/clean.pt")
+    back = torch.load(io.BytesIO(_get(s3, f"s3://{bucket}/clean.pt")), weights_only=True)
+    assert torch.equal(back["sd"]["layers.0.weight"], sd["layers.0.weight"])
+    assert back["args"]["lr"] == 0.1
+
+
+def test_load_state_dict_and_load_into_from_s3(s3, local_sources):
+    """Loading into torch from a URL: range reads into the tensors' memory (no
+    file to map), values equal to torch.load of the same file."""
+    import ckptconv
+
+    d, sd = local_sources
+    url = _put(s3, s3.bucket(), d / "model.pt", "model.pt")
+    got = ckptconv.load_state_dict(url)
+    assert set(got) == set(sd)
+    for k, v in sd.items():
+        assert torch.equal(got[k], v), k
+    net = torch.nn.Linear(256, 64)
+    report = ckptconv.load_into(net, url, mapping="layers.0.{p} -> {p}")
+    assert "weight" in report.loaded
+    assert torch.equal(net.weight, sd["layers.0.weight"])
 
 
 def _h5_content(data: bytes) -> dict:
@@ -407,29 +436,122 @@ def test_missing_backend_names_the_extra():
 
 # --- memory stays flat (big files: slow) --------------------------------------------------------
 
-_RSS_SCRIPT = """
-import resource, sys
+@pytest.fixture(scope="module")
+def s3_apart():
+    """moto's S3 server in a process of its own, for the big-object tests: moto
+    reads a whole object for every range GET (its cost, not ours), so it must
+    neither run in the processes measured nor slow down pytest's."""
+    import socket
+    import urllib.request
+
+    from conftest import S3Endpoint
+
+    pytest.importorskip("moto.server")
+    pytest.importorskip("s3fs")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
+                               str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            urllib.request.urlopen(endpoint, timeout=5).close()
+            break
+        except OSError:
+            assert server.poll() is None and time.monotonic() < deadline, "moto server did not start"
+            time.sleep(0.2)
+    try:
+        yield S3Endpoint(endpoint)
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+
+# Runs one verb in a fresh interpreter and prints what it used: its own peak
+# RSS (VmHWM of its own memory map: a child's getrusage/wait4 figure would
+# count the pages of the pytest process that forked it) and the requests and
+# bytes it moved.
+_MEASURED = """
+import json, sys
 import ckptconv
-ckptconv.convert(sys.argv[1], sys.argv[2], force=True)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+verb, args = sys.argv[1], sys.argv[2:]
+report = ckptconv.convert(*args, force=True) if verb == "convert" else ckptconv.inspect(*args)
+with open("/proc/self/status") as f:
+    hwm_kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+print(json.dumps({"peak_rss_mib": round(hwm_kib / 1024, 1), "remote": report.remote}))
 """
+
+
+def _measured(server, verb: str, *args) -> dict:
+    proc = subprocess.run([sys.executable, "-c", _MEASURED, verb, *map(str, args)],
+                          capture_output=True, text=True, env={**os.environ, **server.env},
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(f"\n{verb} {' '.join(map(str, args))}: {got}")  # the numbers, for benchmarks/README
+    return got
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ext", [".pt", ".safetensors"])
+def test_inspect_512mib_object_transfers_at_most_4mib(s3_apart, tmp_path, ext):
+    import safetensors.torch
+
+    sd = {f"w{i}": torch.zeros(1024, 1024) for i in range(128)}  # 128 x 4 MiB
+    local = tmp_path / f"huge{ext}"
+    torch.save(sd, local) if ext == ".pt" else safetensors.torch.save_file(sd, local)
+    del sd
+    assert local.stat().st_size >= 512 * MiB
+    url = _put(s3_apart, s3_apart.bucket(), local, f"huge{ext}")
+    local.unlink()
+    got = _measured(s3_apart, "inspect", url)
+    assert 0 < got["remote"]["bytes_read"] <= 4 * MiB, got
+
+
+@pytest.fixture(scope="module")
+def big_source(tmp_path_factory):
+    """512 MiB of safetensors (twice the memory allowed) and the sha256 of its
+    local conversion to .pt (the reference bytes)."""
+    import safetensors.torch
+
+    import ckptconv
+
+    d = tmp_path_factory.mktemp("big")
+    safetensors.torch.save_file({f"w{i}": torch.full((1024, 1024), i / 7) for i in range(128)},
+                                d / "big.safetensors")  # 128 x 4 MiB
+    ckptconv.convert(d / "big.safetensors", d / "ref.pt")
+    with open(d / "ref.pt", "rb") as f:
+        digest = _sha256(f)
+    (d / "ref.pt").unlink()
+    return d / "big.safetensors", digest
+
+
+def _sha256(f) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    while chunk := f.read(16 * MiB):
+        h.update(chunk)
+    return h.hexdigest()
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("direction", ["s3->local", "local->s3", "s3->s3"])
-def test_convert_peak_rss_is_flat(s3, tmp_path, direction):
-    import safetensors.torch
-
-    src_local = tmp_path / "big.safetensors"
-    safetensors.torch.save_file({f"w{i}": torch.ones(1024, 1024) for i in range(160)}, src_local)
-    bucket = s3.bucket()
-    src = _put(s3, bucket, src_local, "big.safetensors") if direction.startswith("s3") \
+def test_convert_peak_rss_is_flat(s3_apart, big_source, tmp_path, direction):
+    """Converting 512 MiB in each direction: the converting process's own peak
+    RSS stays <= 256 MiB, and the output is the local conversion's bytes."""
+    src_local, want = big_source
+    bucket = s3_apart.bucket()
+    src = _put(s3_apart, bucket, src_local, "big.safetensors") if direction.startswith("s3") \
         else str(src_local)
     dst = f"s3://{bucket}/out/big.pt" if direction.endswith("s3") else str(tmp_path / "out.pt")
-    proc = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, src, dst], capture_output=True,
-                          text=True, env={**os.environ, **s3.env}, timeout=600)
-    assert proc.returncode == 0, proc.stderr
-    assert int(proc.stdout.split()[-1]) <= 256, proc.stdout
+    got = _measured(s3_apart, "convert", src, dst)
+    assert got["peak_rss_mib"] <= 256, got
+    with (s3_apart.fs.open(dst.split("://", 1)[1], "rb") if direction.endswith("s3")
+          else open(dst, "rb")) as f:
+        assert _sha256(f) == want
 
 
 def test_cli_and_local_work_import_no_storage_or_cluster_library(local_sources, tmp_path):
