@@ -32,6 +32,7 @@ from ckptconv.atomic import atomic_dir
 from ckptconv.errors import FormatError, UnsupportedError
 from ckptconv.pickle import Global, Pending, short_repr
 from ckptconv.registry import Adapter
+from ckptconv.remote import as_path
 from ckptconv.streaming import OutFile
 from ckptconv.tensor import (ArrayTensor, BufferSource, ConcatTensor, FileHandle, FileSource,
                              LazyTensor, StoredTensor, TensorRef, array_bytes, contiguous_strides,
@@ -556,7 +557,7 @@ class DcpAdapter(Adapter):
     description = "torch.distributed.checkpoint folder (.metadata + *.distcp)"
 
     def read(self, path: Path, allow_globals=(), **options) -> Checkpoint:
-        return read_dcp(Path(path), allow_globals or ())
+        return read_dcp(as_path(path), allow_globals or ())
 
     def verify(self, path: Path, **options):
         """``ckptconv verify``: the checks below, then every tensor read in full."""
@@ -565,7 +566,7 @@ class DcpAdapter(Adapter):
         return verify_checkpoint(path, self.name, self.check_integrity, **options)
 
     def check_integrity(self, path: Path, report) -> None:
-        verify_dcp(Path(path), report)
+        verify_dcp(as_path(path), report)
 
     def layout(self, ckpt: Checkpoint) -> dict:
         return dict(ckpt.info.get("dcp", {}))

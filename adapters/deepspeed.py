@@ -32,6 +32,7 @@ from typing import Any
 from ckptconv.errors import FormatError
 from ckptconv.pickle import short_repr
 from ckptconv.registry import Adapter
+from ckptconv.remote import as_path
 from ckptconv.tensor import ByteSource, ConcatTensor, FileHandle, StoredTensor, TensorRef, cast
 from ckptconv.tree import Checkpoint, ObjectRecord
 
@@ -300,7 +301,7 @@ class DeepSpeedAdapter(Adapter):
     can_write = False
 
     def read(self, path: Path, allow_globals=(), **options) -> Checkpoint:
-        return read_deepspeed(Path(path), allow_globals or ())
+        return read_deepspeed(as_path(path), allow_globals or ())
 
     def layout(self, ckpt: Checkpoint) -> dict:
         return dict(ckpt.info.get("deepspeed", {}))

@@ -370,7 +370,7 @@ def sniff_dcp(head: bytes, path: Path) -> bool:
     meta = path / ".metadata"
     if not (path.is_dir() and meta.is_file()):
         return False
-    with open(meta, "rb") as f:
+    with open_source(meta) as f:  # local, or a URL (one small range request)
         start = f.read(256)
     return start[:1] == b"\x80" and b"torch.distributed.checkpoint" in start
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from .errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_UNSAFE, CkptconvError, UnsafePickleError
-from .remote import as_path, open_source
+from .remote import as_path, is_remote, open_source
 from .reports import Report
 
 MANIFEST_SUFFIX = ".sha256.json"
@@ -135,21 +135,19 @@ def write_manifest(out_path: str | os.PathLike, files: Iterable[str | os.PathLik
     from .registry import read_checkpoint
     from .atomic import atomic_file
 
-    out = Path(out_path)
+    out = as_path(out_path)  # a local Path, or a RemotePath for a URL
     base = out.parent
     entries = {}
     for f in files:
-        fp = Path(f)
+        fp = as_path(f)
         if fp.is_dir():
-            for root, _, names in os.walk(fp):
-                for n in sorted(names):
-                    p = Path(root) / n
-                    entries[os.path.relpath(p, base)] = file_digest(p)
+            for p in _files_under(fp):
+                entries[_relative(p, base)] = file_digest(p)
         elif fp.is_file():
-            entries[os.path.relpath(fp, base)] = file_digest(fp)
+            entries[_relative(fp, base)] = file_digest(fp)
     # what to read back: the target, or the index of a sharded target
-    readable = out if out.exists() or Path(str(out) + ".index").exists() else next(
-        (Path(f) for f in files if str(f).endswith(".index.json")), out)
+    readable = out if out.exists() or as_path(str(out) + ".index").exists() else next(
+        (as_path(f) for f in files if str(f).endswith(".index.json")), out)
     ck = read_checkpoint(readable)
     manifest = {"kind": MANIFEST_KIND, "version": 1, "target": out.name, "format": ck.format,
                 "files": entries, "tensors": tensor_digests(ck)}
@@ -159,6 +157,17 @@ def write_manifest(out_path: str | os.PathLike, files: Iterable[str | os.PathLik
     with atomic_file(target, force=True) as tmp:
         tmp.write_text(json.dumps(manifest, indent=1, sort_keys=False) + "\n")
     return target
+
+
+def _files_under(folder) -> list:
+    """Every file below ``folder`` (an object store's prefix: its objects)."""
+    if is_remote(folder):
+        return folder.rglob("*")
+    return [Path(root) / n for root, _, names in sorted(os.walk(folder)) for n in sorted(names)]
+
+
+def _relative(p, base) -> str:
+    return p.relative_to(base) if is_remote(p) else os.path.relpath(p, base)
 
 
 def check_manifest(src: Path, ck, digests: dict[str, dict] | None, report: VerifyReport) -> None:

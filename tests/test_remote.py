@@ -203,6 +203,32 @@ def test_load_state_dict_and_load_into_from_s3(s3, local_sources):
     assert torch.equal(net.weight, sd["layers.0.weight"])
 
 
+def test_manifest_and_dcp_folder_on_s3(s3, local_sources, tmp_path):
+    """convert --manifest to a URL writes <target>.sha256.json beside it and
+    verify --manifest checks it; a DCP folder under a prefix reads as locally."""
+    import ckptconv
+
+    d, sd = local_sources
+    bucket = s3.bucket()
+    src = _put(s3, bucket, d / "model.pt", "model.pt")
+    dst = f"s3://{bucket}/out/model.safetensors"
+    ckptconv.convert(src, dst, manifest=True)
+    assert s3.fs.exists(f"{bucket}/out/model.safetensors.sha256.json")
+    assert ckptconv.verify(dst, manifest=True).exit_code == 0
+    data = bytearray(_get(s3, dst))
+    data[-1] ^= 0xFF
+    s3.fs.pipe_file(f"{bucket}/out/model.safetensors", bytes(data))
+    report = ckptconv.verify(dst, manifest=True)
+    assert report.exit_code == 1 and any("SHA-256" in p for p in report.problems), report
+    ckptconv.convert(d / "model.pt", tmp_path / "dcp", to="dcp")
+    for f in sorted((tmp_path / "dcp").iterdir()):
+        s3.fs.put_file(str(f), f"{bucket}/dcp/{f.name}")
+    ck = ckptconv.load(f"s3://{bucket}/dcp")
+    assert ck.format == "dcp"
+    for k, v in sd.items():
+        assert torch.equal(ck.tensors()[k].torch(), v), k
+
+
 def _h5_content(data: bytes) -> dict:
     import io
 
