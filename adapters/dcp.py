@@ -572,4 +572,4 @@ class DcpAdapter(Adapter):
         return dict(ckpt.info.get("dcp", {}))
 
     def write(self, ckpt: Checkpoint, path: Path, force: bool = False, **options) -> dict:
-        return write_dcp(ckpt, Path(path), force)
+        return write_dcp(ckpt, as_path(path), force)

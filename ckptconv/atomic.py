@@ -178,6 +178,9 @@ def atomic_file(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
 def atomic_dir(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     """Like ``atomic_file`` for outputs that are folders (a DCP checkpoint):
     files written into the yielded temp folder appear at ``path`` together."""
+    if is_remote(path):
+        raise UsageError(f"{path}: a folder output (a DCP checkpoint) is written to a local "
+                         "folder, then uploaded; object storage takes the file formats directly")
     path = Path(path)
     check_target(path, force)
     path.parent.mkdir(parents=True, exist_ok=True)

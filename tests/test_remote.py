@@ -227,6 +227,8 @@ def test_manifest_and_dcp_folder_on_s3(s3, local_sources, tmp_path):
     assert ck.format == "dcp"
     for k, v in sd.items():
         assert torch.equal(ck.tensors()[k].torch(), v), k
+    proc = run_cli("convert", src, f"s3://{bucket}/dcp-out", "--to", "dcp", env=s3.env)
+    assert_one_line_error(proc, 2, "dcp-out", "local folder")
 
 
 def _h5_content(data: bytes) -> dict:
