@@ -175,12 +175,41 @@ def atomic_file(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
+def _remote_dir(target, force: bool) -> Iterator[Path]:
+    """A folder output under an object-storage prefix: written to a local
+    staging folder, then every file uploaded (multipart, committed only when
+    all are up; aborted on error). ``.metadata`` is committed last, so a
+    reader never finds a folder whose index names data not yet there. With
+    ``force``, objects of the previous folder that the new one does not have
+    are removed after the commit."""
+    from .uploads import publish_uploads
+
+    check_target(target, force)
+    old = {p.fs_path for p in target.rglob("*")} if target.exists() else set()
+    staging = Path(tempfile.mkdtemp(prefix="ckptconv-dir-", dir=os.environ.get("CKPTCONV_TMPDIR")))
+    try:
+        yield staging
+        files = sorted((p for p in staging.rglob("*") if p.is_file()),
+                       key=lambda p: (p.name == ".metadata", p.as_posix()))
+        targets = [target.joinpath(*p.relative_to(staging).parts) for p in files]
+        publish_uploads(targets, [str(p) for p in files])
+        for stale in sorted(old - {t.fs_path for t in targets}):
+            target.fs.rm_file(stale)
+    except OSError as e:
+        raise WriteError(_describe(e, target)) from e
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     """Like ``atomic_file`` for outputs that are folders (a DCP checkpoint):
-    files written into the yielded temp folder appear at ``path`` together."""
+    files written into the yielded temp folder appear at ``path`` together
+    (under a URL: uploaded when the writer is done, see ``_remote_dir``)."""
     if is_remote(path):
-        raise UsageError(f"{path}: a folder output (a DCP checkpoint) is written to a local "
-                         "folder, then uploaded; object storage takes the file formats directly")
+        with _remote_dir(as_path(path), force) as tmp:
+            yield tmp
+        return
     path = Path(path)
     check_target(path, force)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -205,7 +205,8 @@ def test_load_state_dict_and_load_into_from_s3(s3, local_sources):
 
 def test_manifest_and_dcp_folder_on_s3(s3, local_sources, tmp_path):
     """convert --manifest to a URL writes <target>.sha256.json beside it and
-    verify --manifest checks it; a DCP folder under a prefix reads as locally."""
+    verify --manifest checks it; a DCP folder under a prefix reads as locally
+    and is written there as one upload."""
     import ckptconv
 
     d, sd = local_sources
@@ -227,8 +228,28 @@ def test_manifest_and_dcp_folder_on_s3(s3, local_sources, tmp_path):
     assert ck.format == "dcp"
     for k, v in sd.items():
         assert torch.equal(ck.tensors()[k].torch(), v), k
+    # a DCP folder written to a prefix: uploaded when complete (.metadata last),
+    # read back by torch's own DCP reader from a download, and by ckptconv from S3
     proc = run_cli("convert", src, f"s3://{bucket}/dcp-out", "--to", "dcp", env=s3.env)
-    assert_one_line_error(proc, 2, "dcp-out", "local folder")
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(s3.fs.ls(f"{bucket}/dcp-out")) == [f"{bucket}/dcp-out/.metadata",
+                                                     f"{bucket}/dcp-out/__0_0.distcp"]
+    proc = run_cli("convert", src, f"s3://{bucket}/dcp-out", "--to", "dcp", env=s3.env)
+    assert_one_line_error(proc, 2, "dcp-out", "--force")
+    s3.fs.pipe_file(f"{bucket}/dcp-out/stale.distcp", b"old")
+    assert run_cli("convert", src, f"s3://{bucket}/dcp-out", "--to", "dcp", "--force",
+                   env=s3.env).returncode == 0
+    assert not s3.fs.exists(f"{bucket}/dcp-out/stale.distcp")
+    s3.fs.get(f"{bucket}/dcp-out/", str(tmp_path / "dcp-down"), recursive=True)
+    import torch.distributed.checkpoint as dcp
+
+    template = {k: torch.empty_like(v) for k, v in sd.items()}
+    dcp.load(template, checkpoint_id=str(tmp_path / "dcp-down"), no_dist=True)
+    for k, v in sd.items():
+        assert torch.equal(template[k], v), k
+    back = ckptconv.load(f"s3://{bucket}/dcp-out")
+    for k, v in sd.items():
+        assert torch.equal(back.tensors()[k].torch(), v), k
 
 
 def _h5_content(data: bytes) -> dict:
