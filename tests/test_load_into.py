@@ -320,6 +320,32 @@ def test_modules_own_hooks_run_as_with_load_state_dict(tmp_path):
     assert ours.seen and ours.seen[-1] == oracle.seen[-1] == []
 
 
+class OwnLoader(Net):
+    """A model whose own ``load_state_dict`` does more than torch's."""
+
+    def load_state_dict(self, state_dict, strict=True, assign=False):
+        self.calls = getattr(self, "calls", 0) + 1
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+def test_a_post_hook_alone_or_an_own_load_state_dict_still_runs(net_files):
+    """Plain modules only: the copies onto themselves are skipped, but a load
+    post-hook (on any module) or an overridden load_state_dict runs as before."""
+    want, files = net_files
+    for hooked_at in ("", "bn"):
+        dst = fresh_net()
+        seen = []
+        dst.get_submodule(hooked_at).register_load_state_dict_post_hook(
+            lambda m, keys: seen.append(list(keys.missing_keys)))
+        report = ckptconv.load_into(dst, files["zip"])
+        assert not report.missing and seen == [[]], hooked_at
+    dst = OwnLoader()
+    report = ckptconv.load_into(dst, files["zip"])
+    assert not report.missing and dst.calls == 1
+    for k, v in dst.state_dict().items():
+        assert torch.equal(v, want[k]), k
+
+
 def test_strided_sources_and_a_strided_parameter(tmp_path):
     """A transposed view saved by torch (strided bytes in the file) and a parameter
     that is itself a transposed view: copied through a map of the file."""

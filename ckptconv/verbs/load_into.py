@@ -174,7 +174,8 @@ def load_into(module, ck: Checkpoint, mapping=None, strict: bool = False, device
     for every parameter and buffer whose module loads the plain way; then
     ``module.load_state_dict`` runs with those very tensors, so that modules'
     hooks run and see the values (``copy_`` of a tensor onto its own memory
-    returns at once). Tensors of modules with their own loading code (a
+    returns at once) -- when there is code to run (a load post-hook, an
+    overridden ``load_state_dict``); else the copies onto themselves are skipped. Tensors of modules with their own loading code (a
     ``_load_from_state_dict`` override, a load pre-hook) are handed to
     ``load_state_dict`` as views of the mapped file, ``BATCH_BYTES`` at a time.
     """
@@ -225,7 +226,10 @@ def _fill_and_load(module, state: dict, tensors: dict, names: list[str], plain: 
                 filler.wait()            # as load_state_dict's copies go one after another
             filled.add(t.data_ptr())
             filler.fill(t, tensors[name])
-    batch = {name: state[name] for name in direct}
+    # load_state_dict with the filled tensors only copies each onto itself, unless
+    # something is there to run: skipped then (torch's recursion filters the whole
+    # dict at every module with children: quadratic for 50,000 one-tensor modules)
+    batch = {name: state[name] for name in direct} if _runs_loading_code(module) else {}
     size = 0
     materialize = TorchMaterializer(mmap=True)
     for name in names:
@@ -238,6 +242,15 @@ def _fill_and_load(module, state: dict, tensors: dict, names: list[str], plain: 
             batch, size, materialize = {}, 0, TorchMaterializer(mmap=True)
     if batch:
         _load_batch(module, batch)
+
+
+def _runs_loading_code(module) -> bool:
+    """Whether ``module.load_state_dict`` would run code of its own beyond the plain
+    loaders' copies: an overridden ``load_state_dict``, or a load post-hook anywhere."""
+    import torch
+
+    return type(module).load_state_dict is not torch.nn.Module.load_state_dict or \
+        any(m._load_state_dict_post_hooks for m in module.modules())
 
 
 # Loaders that only copy the tensor of each name into the parameter or buffer
