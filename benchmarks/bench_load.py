@@ -73,7 +73,16 @@ CHILD = textwrap.dedent("""
 
     kind, path = spec["kind"], spec["path"]
     model = None
-    if spec["model"]:
+    if spec["model"] == "blocks":   # 50,000 tensors in BLOCKS modules of PER parameters each
+        class Many(torch.nn.Module):
+            def __init__(self, per):
+                super().__init__()
+                for j in range(per):
+                    setattr(self, f"p{j}", torch.nn.Parameter(torch.empty(64)))
+
+        model = torch.nn.Module()
+        model.blocks = torch.nn.ModuleList(Many(spec["per"]) for _ in range(spec["blocks"]))
+    elif spec["model"]:
         from safetensors import safe_open
         with safe_open(spec["shapes"], "np") as f:  # the names and shapes of the state dict
             names = sorted(f.keys(), key=lambda n: int(n.split(".")[1]))
@@ -200,6 +209,25 @@ def generate(work: Path, total_bytes: int, small_count: int) -> dict[str, Path]:
     return files
 
 
+BLOCKS, PER_BLOCK = 500, 100   # the 50,000 tensors of "blocks.pt", by module
+
+
+def generate_blocks(work: Path) -> Path:
+    """50,000 tensors of 64 floats held 100 to a module (``blocks.{b}.p{j}``): a
+    model torch's ``load_state_dict`` handles in seconds (one module per tensor,
+    as in small.pt, costs it 50,000 x 50,000 key tests: minutes)."""
+    path = work / "blocks.pt"
+    if not path.exists():
+        import torch
+
+        g = torch.Generator().manual_seed(1)
+        sd = {f"blocks.{b}.p{j}": torch.randn(64, generator=g)
+              for b in range(BLOCKS) for j in range(PER_BLOCK)}
+        torch.save(sd, work / "blocks.tmp")
+        (work / "blocks.tmp").rename(path)
+    return path
+
+
 # --- the plan --------------------------------------------------------------------------------
 
 def role(contender: str) -> str:
@@ -253,11 +281,13 @@ def tasks(files: dict[str, Path]) -> list[tuple[str, list[tuple[str, dict]]]]:
                                  floor_read(tf), (into, spec(into, tf))]),
         ("load_into HDF5", [("h5py + load_state_dict", spec("h5py+load_state_dict", h5)),
                             floor_read(h5), (into, spec(into, h5))]),
-        ("load_into 50,000 tensors .pt", [
+        ("load_into 50,000 tensors in 500 modules .pt", [
             ("torch.load(mmap) + load_state_dict",
-             spec("torch.load+load_state_dict", files["small"], shapes=small)),
-            floor_read(files["small"], shapes=small),
-            (into, spec(into, files["small"], shapes=small))]),
+             dict(spec("torch.load+load_state_dict", files["blocks"]), model="blocks",
+                  blocks=BLOCKS, per=PER_BLOCK)),
+            floor_read(files["blocks"]),
+            (into, dict(spec(into, files["blocks"]), model="blocks", blocks=BLOCKS,
+                        per=PER_BLOCK))]),
         ("load_state_dict legacy .pt", [("torch.load", spec("torch.load", legacy, model=False,
                                                             mmap=False)),
                                         floor_map(legacy), (sd_, spec(sd_, legacy, model=False))]),
@@ -279,6 +309,11 @@ def tasks(files: dict[str, Path]) -> list[tuple[str, list[tuple[str, dict]]]]:
         ("load_state_dict 50,000 tensors .pt", [
             ("torch.load(mmap)", spec("torch.load", files["small"], model=False, shapes=small)),
             (sd_, spec(sd_, files["small"], model=False, shapes=small))]),
+        ("load_into 50,000 tensors .pt", [   # one module per tensor: minutes for torch
+            ("torch.load(mmap) + load_state_dict",
+             spec("torch.load+load_state_dict", files["small"], shapes=small)),
+            floor_read(files["small"], shapes=small),
+            (into, spec(into, files["small"], shapes=small))]),
     ]
     return plan
 
@@ -308,6 +343,7 @@ def main(argv=None) -> int:
         args.size, args.small_count, args.repeat = 0.25, 5_000, 3
     work = args.work or Path(f"/tmp/ckptconv-bench-load-{args.size:g}GiB-{args.small_count}")
     files = generate(work, int(args.size * (1 << 30)), args.small_count)
+    files["blocks"] = generate_blocks(work)
     byte_compile()
     plan = [t for t in tasks(files) if not args.only or any(o in t[0] for o in args.only)]
     head = ("task", "contender", "median s", "vs fastest peer", "vs floor", "median CPU s",
