@@ -19,10 +19,18 @@ from .adapter import TorchAdapter
 from .legacy_reader import LEGACY_HEAD, LEGACY_MAGIC, read_bare_pickle, read_legacy_checkpoint
 from .unpickling import TorchUnpickler, check_pickle
 from .weights_only import DTYPE_MIN_TORCH
-from .writer import write_zip_archive, write_zip_checkpoint
 from .zip_reader import read_torch_blob, read_zip_checkpoint
 
 __all__ = ["TorchAdapter", "TorchUnpickler", "check_pickle", "read_zip_checkpoint", "read_torch_blob",
            "read_legacy_checkpoint", "read_bare_pickle", "write_zip_checkpoint", "write_zip_archive",
            "LEGACY_HEAD",
            "LEGACY_MAGIC", "DTYPE_MIN_TORCH"]
+
+
+def __getattr__(name: str):
+    """The writer's names, imported when first asked for (a read never needs them)."""
+    if name in ("write_zip_archive", "write_zip_checkpoint"):
+        from . import writer
+
+        return getattr(writer, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -14,7 +14,6 @@ from ckptconv.tensor import TensorRef
 from ckptconv.tree import Checkpoint
 
 from .legacy_reader import LEGACY_HEAD, is_bare_pickle, read_bare_pickle, read_legacy_checkpoint
-from .writer import write_zip_checkpoint
 from .zip_reader import read_zip_checkpoint
 
 
@@ -79,6 +78,8 @@ class TorchAdapter(Adapter):
 
     def write(self, ckpt: Checkpoint, path: Path, force: bool = False,
               torch_compat: str | None = None, **options) -> dict:
+        from .writer import write_zip_checkpoint  # the writer only when writing
+
         return write_zip_checkpoint(ckpt, path, force, torch_compat)
 
     # --- torch-only verbs (adapter hooks) ------------------------------------
