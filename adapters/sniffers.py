@@ -387,3 +387,22 @@ def sniff_deepspeed(head: bytes, path: Path) -> bool:
         if tag and "/" not in tag and "\\" not in tag and (path / tag).is_dir():
             folder = path / tag
     return any(folder.glob("*_optim_states.pt")) and any(folder.glob("*model_states.pt"))
+
+
+# --- SavedModel folders ---------------------------------------------------------
+
+# The files of a SavedModel folder, found by name beside saved_model.pb as
+# TensorFlow finds them: the format whose scan judges each (None: no format
+# does; its bytes are still scanned) and what the file is
+_SAVED_MODEL_FILES = {
+    "saved_model.pb": ("tf", "TensorFlow SavedModel graph"),
+    "keras_metadata.pb": ("keras-h5", "Keras SavedModel metadata"),
+    "fingerprint.pb": (None, "TensorFlow SavedModel fingerprint (numbers only)"),
+}
+
+
+def saved_model_member(path) -> tuple[str | None, str] | None:
+    """(judging format, description) for a file of a SavedModel folder, else None."""
+    if path.name not in _SAVED_MODEL_FILES or not (path.parent / "saved_model.pb").is_file():
+        return None
+    return _SAVED_MODEL_FILES[path.name]

@@ -432,6 +432,14 @@ def _takes_quietly(name: str, kind: str, option: str) -> bool:
         return False
 
 
+def folder_member(path) -> tuple[str | None, str] | None:
+    """A file that a folder format finds by its name (a SavedModel's
+    ``saved_model.pb`` ...): (the format whose ``scan`` judges it, or None;
+    what the file is). None for any other file. The names are the adapters'
+    (``adapters/sniffers.py``)."""
+    return _resolve(_sniffer("saved_model_member"))(path)
+
+
 def pickle_format() -> str:
     """The format whose loader unpickles files (the first row that says so)."""
     for info in FORMATS.values():

@@ -492,7 +492,7 @@ def scan(path: str | os.PathLike) -> ScanReport:
 
 
 def _scan_file(rep: ScanReport, p: Path, display: str) -> None:
-    from .registry import hook, pickle_format
+    from .registry import folder_member, hook, pickle_format
 
     with open_source(p) as f:
         head = f.read(SNIFF)
@@ -500,7 +500,8 @@ def _scan_file(rep: ScanReport, p: Path, display: str) -> None:
         rep.kind = "empty file"
         rep.notes.append("0 bytes, no pickle")
         return
-    fmt = _SAVED_MODEL_FILES.get(p.name) if _in_saved_model(p) else _known_format(p)
+    member = folder_member(p)
+    fmt = member[0] if member is not None else _known_format(p)
     if fmt is not None and fmt == pickle_format():
         hook(fmt, "scan", p)(p, rep)   # the loader that unpickles: its layouts, all of the file
         return
@@ -514,6 +515,7 @@ def scan_contents(rep: ScanReport, p: Path, buf, display: str, fmt: str | None) 
     """What any file holds, told by its first bytes: a zip's members, a tar
     (given to the pickle format's loader, which reads tars), a numpy array, a
     pickle at the start, an archive we cannot open, text."""
+    from .registry import folder_member
     from .ziputil import is_zip
 
     head = bytes(buf[:SNIFF])
@@ -536,8 +538,8 @@ def scan_contents(rep: ScanReport, p: Path, buf, display: str, fmt: str | None) 
         _scan_pickle_prefix(rep, buf, display, fmt)
     elif fmt is not None:
         rep.kind = f"{fmt}, no pickles"
-    elif _in_saved_model(p):
-        rep.kind = "TensorFlow SavedModel fingerprint (numbers only)"
+    elif (member := folder_member(p)) is not None:
+        rep.kind = member[1]
     elif _is_text(head):
         rep.kind = "text, no pickle"
     else:
@@ -556,14 +558,6 @@ def _scan_pickle_prefix(rep: ScanReport, buf, display: str, fmt: str | None) -> 
     rep.add(judge_pickle(bytes(buf if whole else buf[:end]), display, "pickle at offset 0")[0])
 
 
-# Files of a SavedModel folder (next to saved_model.pb) and who judges them
-_SAVED_MODEL_FILES = {"saved_model.pb": "tf", "keras_metadata.pb": "keras-h5",
-                      "fingerprint.pb": None}
-
-
-def _in_saved_model(p: Path) -> bool:
-    """A SavedModel's files are found by their names, as TensorFlow finds them."""
-    return p.name in _SAVED_MODEL_FILES and (p.parent / "saved_model.pb").is_file()
 
 
 def _scan_format(rep: ScanReport, p: Path, fmt: str) -> None:

@@ -236,3 +236,22 @@ def test_scan_json_status_words(tmp_path):
     assert [f["verdict"] for f in rep["files"]] == ["safe", "unsafe", "unscanned"]
     assert rep["counts"] == {"safe": 1, "unsafe": 1, "unscanned": 1}
     shutil.rmtree(tmp_path)
+
+
+def test_saved_model_files_are_found_by_name(tmp_path):
+    """A SavedModel folder's files are judged as TensorFlow finds them, by name
+    beside saved_model.pb (the names are the adapters', reached through the
+    registry): the graph by tf's scan, the fingerprint as numbers only."""
+    import ckptconv
+
+    folder = tmp_path / "sm"
+    folder.mkdir()
+    shutil.copy(Path(__file__).parent / "code_on_load" / "savedmodel_pyfunc" / "saved_model.pb",
+                folder / "saved_model.pb")
+    (folder / "fingerprint.pb").write_bytes(b"\x08\x96\x01\x10\x05")
+    fingerprint = ckptconv.scan(folder / "fingerprint.pb")
+    assert (fingerprint.kind, fingerprint.verdict) == (
+        "TensorFlow SavedModel fingerprint (numbers only)", "safe")
+    assert ckptconv.scan(folder / "saved_model.pb").verdict == "unsafe"
+    (tmp_path / "fingerprint.pb").write_bytes(b"\x08\x96\x01\x10\x05")   # not in a SavedModel
+    assert ckptconv.scan(tmp_path / "fingerprint.pb").verdict == "unscanned"
