@@ -553,8 +553,6 @@ def write_dcp(ckpt: Checkpoint, folder: Path, force: bool = False) -> dict:
 
 class DcpAdapter(Adapter):
     name = "dcp"
-    extensions = ()
-    description = "torch.distributed.checkpoint folder (.metadata + *.distcp)"
 
     def read(self, path: Path, allow_globals=(), **options) -> Checkpoint:
         return read_dcp(as_path(path), allow_globals or ())

@@ -296,9 +296,6 @@ def _optimizer_state(optims: list, fp32: list, consolidate, names_by_group: list
 
 class DeepSpeedAdapter(Adapter):
     name = "deepspeed"
-    extensions = ()
-    description = "DeepSpeed ZeRO 1/2/3 checkpoint folder, consolidated to fp32 (read)"
-    can_write = False
 
     def read(self, path: Path, allow_globals=(), **options) -> Checkpoint:
         return read_deepspeed(as_path(path), allow_globals or ())

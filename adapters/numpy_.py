@@ -488,8 +488,6 @@ def _dtype_note(refs) -> list[str]:
 
 class NpyAdapter(Adapter):
     name = "npy"
-    extensions = (".npy",)
-    description = "NumPy .npy (one array; np.save)"
 
     def read(self, path: Path, allow_globals=None, **options) -> Checkpoint:
         """``allow_globals``: ``MODULE.NAME``s an object array may call, read as inert records."""
@@ -519,8 +517,6 @@ class NpyAdapter(Adapter):
 
 class NpzAdapter(Adapter):
     name = "npz"
-    extensions = (".npz",)
-    description = "NumPy .npz (zip of .npy; np.savez, np.savez_compressed)"
 
     def read(self, path: Path, allow_globals=None, **options) -> Checkpoint:
         """``allow_globals``: ``MODULE.NAME``s an object array may call, read as inert records."""

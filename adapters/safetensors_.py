@@ -104,8 +104,6 @@ def _read_index(path: Path) -> tuple[dict[str, TensorRef], dict[str, str]]:
 
 class SafetensorsAdapter(Adapter):
     name = "safetensors"
-    extensions = (".safetensors", ".safetensors.index.json")
-    description = "safetensors (single file or sharded *.index.json)"
 
     def read(self, path: Path, **options) -> Checkpoint:
         if path.name.endswith(".index.json"):

@@ -64,6 +64,16 @@ class Adapter:
     read_options: tuple[str, ...] = ()  # keyword options read() takes (beyond the path)
     write_options: tuple[str, ...] = ()  # keyword options write() takes (beyond force)
 
+    def __init_subclass__(cls, **kwargs):
+        """A built-in adapter takes what its table row holds: the row is the one
+        place for its extensions, description, extra and requirements."""
+        super().__init_subclass__(**kwargs)
+        info = FORMATS.get(cls.__dict__.get("name", ""))
+        if info is not None and cls.__module__.startswith("ckptconv.adapters."):
+            cls.extensions, cls.description = info.extensions, info.description
+            cls.requires, cls.extra = info.requires, info.extra
+            cls.can_read, cls.can_write = info.reads, info.writes
+
     def sniff(self, head: bytes, path: Path) -> bool:
         """True when the file or folder at ``path`` (first bytes ``head``) is this format.
         Built-ins sniff with the function their table row names."""

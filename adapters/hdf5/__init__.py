@@ -68,10 +68,6 @@ class HDF5Adapter(Adapter):
     """Plain HDF5: every numeric dataset is a tensor named by its "/" path."""
 
     name = "hdf5"
-    extensions = (".h5", ".hdf5", ".hdf", ".he5")
-    requires = ("h5py",)
-    extra = "hdf5"
-    description = "plain HDF5 (numeric datasets, nested groups as '/' names, attributes)"
 
     def scan(self, path: Path, report, **options) -> None:
         """``ckptconv scan``'s hook: each place that runs code on load outside pickles."""

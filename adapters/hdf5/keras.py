@@ -85,10 +85,6 @@ class KerasH5Adapter(Adapter):
     """
 
     name = "keras-h5"
-    extensions = (".weights.h5", ".keras")
-    requires = ("h5py",)
-    extra = "hdf5"
-    description = "Keras weights: Keras 2 .h5 (weights or full model), Keras 3 .weights.h5 / .keras"
 
     def scan(self, path: Path, report, **options) -> None:
         """``ckptconv scan``'s hook: each place that runs code on load outside pickles."""

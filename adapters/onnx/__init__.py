@@ -55,10 +55,6 @@ from .read import scan_onnx
 
 class OnnxAdapter(Adapter):
     name = "onnx"
-    extensions = (".onnx",)
-    requires = ("onnx",)
-    extra = "onnx"
-    description = "ONNX (initializers, Constant nodes, subgraphs, external data)"
 
     def scan(self, path: Path, report, **options) -> None:
         """``ckptconv scan``'s hook: each place that runs code on load outside pickles."""

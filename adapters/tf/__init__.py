@@ -47,8 +47,6 @@ from .bundle import check_bundle, read_bundle
 
 class TFBundleAdapter(Adapter):
     name = "tf"
-    extensions = (".ckpt", ".index")
-    description = "TensorFlow checkpoint (prefix.index + prefix.data-*; TF1 and TF2; SavedModel variables/)"
 
     def scan(self, path: Path, report, **options) -> None:
         """``ckptconv scan``'s hook: each place that runs code on load outside pickles."""

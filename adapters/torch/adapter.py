@@ -19,8 +19,6 @@ from .zip_reader import read_zip_checkpoint
 
 class TorchAdapter(Adapter):
     name = "torch"
-    extensions = (".pt", ".pth", ".bin", ".ckpt.pt", ".tar")
-    description = "PyTorch torch.save (zip and legacy), TorchScript weights"
 
     def read(self, path: Path, allow_globals=None, **options) -> Checkpoint:
         """``allow_globals``: ``MODULE.NAME``s read as inert records in this run,
