@@ -32,12 +32,12 @@ from ckptconv.atomic import atomic_dir
 from ckptconv.errors import FormatError, UnsupportedError
 from ckptconv.pickle import Global, Pending, short_repr
 from ckptconv.registry import Adapter
-from ckptconv.remote import as_path
+from ckptconv.paths import as_path
 from ckptconv.streaming import OutFile
 from ckptconv.tensor import (ArrayTensor, BufferSource, ConcatTensor, FileHandle, FileSource,
                              LazyTensor, StoredTensor, TensorRef, array_bytes, contiguous_strides,
                              human_bytes)
-from ckptconv.ziputil import ZipWriter
+from ckptconv.zipstream import ZipWriter
 from ckptconv.tree import Checkpoint, ObjectRecord
 
 from .torch import TorchUnpickler, read_torch_blob, write_zip_archive

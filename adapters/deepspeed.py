@@ -32,7 +32,7 @@ from typing import Any
 from ckptconv.errors import FormatError
 from ckptconv.pickle import short_repr
 from ckptconv.registry import Adapter
-from ckptconv.remote import as_path
+from ckptconv.paths import as_path
 from ckptconv.tensor import ByteSource, ConcatTensor, FileHandle, StoredTensor, TensorRef, cast
 from ckptconv.tree import Checkpoint, ObjectRecord
 

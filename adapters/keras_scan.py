@@ -32,7 +32,7 @@ def model_config(path: Path) -> str | None:
     from ckptconv.tensor import FileHandle
     from ckptconv.ziputil import is_zip, read_member_bytes, read_members
 
-    from ckptconv.remote import open_source, path_or_reader
+    from ckptconv.paths import open_source, path_or_reader
 
     with open_source(path) as f:  # local, or a URL read by range requests
         head = f.read(4)

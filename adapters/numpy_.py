@@ -46,7 +46,8 @@ from ckptconv.tree import (Checkpoint, ObjectRecord, iter_tensors, to_canonical,
                            tree_from_metadata, tree_to_metadata)
 from ckptconv.pickle import (Global, Pending, RestrictedUnpickler, checked_allow_globals,
                              python3_name, short_repr)
-from ckptconv.ziputil import ZipWriter, read_member_bytes, read_members
+from ckptconv.zipstream import ZipWriter
+from ckptconv.ziputil import read_member_bytes, read_members
 
 from .sniffers import NPY_MAGIC as MAGIC
 ALIGN = 64                    # numpy's ARRAY_ALIGN: data start at a multiple of 64

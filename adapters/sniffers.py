@@ -19,7 +19,7 @@ import struct
 from pathlib import Path
 
 from ckptconv.errors import FormatError
-from ckptconv.remote import as_path, is_remote, open_source, path_or_reader
+from ckptconv.paths import as_path, is_remote, open_source, path_or_reader
 from ckptconv.tensor import FileHandle
 
 # ckptconv.ziputil and ._io are imported by the sniffers that need them, once
@@ -40,14 +40,18 @@ PICKLE_OPCODES = frozenset(op.code for op in pickletools.opcodes)
 
 
 def is_bare_pickle(head: bytes, path: Path | None = None) -> bool:
-    """A plain pickle: PROTO 2..5 and a valid opcode next (not a safetensors
-    header that happens to start with 0x80: its 9th byte is '{'), or a
-    protocol 0/1 pickle that parses to its STOP, or names a dangerous global,
-    within its first MiB (``ckptconv.pickle.starts_a_pickle``)."""
+    """A plain pickle: PROTO 2..5 and a valid opcode next, or a protocol 0/1
+    pickle that parses to its STOP, or names a dangerous global, within its
+    first MiB (``ckptconv.pickle.starts_a_pickle``). Never a safetensors
+    header (a length safetensors accepts, then '{'), whatever its first byte:
+    that is the safetensors reader's, and telling it apart imports no pickle
+    parser (``scan`` still judges a pickle at the start of any file)."""
+    if head[8:9] == b"{" and _safetensors_length(head):
+        return False   # what the safetensors reader takes (its header is never unpickled)
     if len(head) >= 3 and head[0] == 0x80:
         from ckptconv.pickle import starts_a_pickle
 
-        return starts_a_pickle(head) and head[8:9] != b"{"
+        return starts_a_pickle(head)
     if not head or head[:1].decode("latin1") not in PICKLE_OPCODES or path is None:
         return False
     from ckptconv.pickle import starts_a_pickle
@@ -93,7 +97,12 @@ def sniff_safetensors(head: bytes, path: Path) -> bool:
             return False
         with open_source(path) as f:  # a long "metadata" can push it past the head
             return b'"weight_map"' in f.read(1 << 20)
-    if len(head) < 10 or head[8:9] != b"{":
+    return head[8:9] == b"{" and _safetensors_length(head)
+
+
+def _safetensors_length(head: bytes) -> bool:
+    """The first 8 bytes are a header length safetensors accepts."""
+    if len(head) < 10:
         return False
     (n,) = struct.unpack("<Q", head[:8])
     return 2 <= n <= MAX_HEADER
@@ -103,7 +112,8 @@ def sniff_safetensors(head: bytes, path: Path) -> bool:
 
 TABLE_MAGIC = 0xDB4775248B80FB57
 FOOTER_SIZE = 48                 # two BlockHandles padded to 40 bytes + 8-byte magic
-DATA_FILE_RE = re.compile(r"^(?P<prefix>.*)\.data-(?P<k>\d{5})-of-(?P<n>\d{5})$")
+# a bundle's data file name (compiled on first use, by re's own cache: not at import)
+DATA_FILE = r"^(?P<prefix>.*)\.data-(?P<k>\d{5})-of-(?P<n>\d{5})$"
 
 
 def has_table_magic(index: Path) -> bool:
@@ -125,7 +135,7 @@ def has_data_files(prefix: str) -> bool:
     try:
         names = ([c.name for c in as_path(folder).iterdir()] if is_remote(prefix)
                  else os.listdir(folder or "."))
-        return any(DATA_FILE_RE.match(name) and name.startswith(base + ".data-") for name in names)
+        return any(re.match(DATA_FILE, name) and name.startswith(base + ".data-") for name in names)
     except OSError:
         return False
 
@@ -185,7 +195,7 @@ def find_prefix(path: str | os.PathLike, strict: bool = True) -> str | None:
             return find_prefix(p.parent, strict)
         if s.endswith(".index") and p.is_file():
             return s[: -len(".index")]
-        m = DATA_FILE_RE.match(s)
+        m = re.match(DATA_FILE, s)
         if m and p.is_file():
             return m.group("prefix")
         if as_path(s + ".index").is_file():

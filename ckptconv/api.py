@@ -9,22 +9,22 @@ naming the option and the formats that take it.
 """
 from __future__ import annotations
 
-import inspect as _inspect
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from .errors import CkptconvError, UsageError
+from .paths import as_path, remote_stats, remote_use
+from .paths import storage_options as using_storage_options
 from .registry import (check_options, declared_options, detect_format, format_for_target,
                        format_info, formats_with_hook, given_options, hook, option_flag,
                        read_checkpoint, resolve_target, write_checkpoint)
 from .registry import source_format as registry_source_format
-from .remote import as_path, remote_stats, remote_use
-from .remote import storage_options as using_storage_options
-from .reports import Report
 from .tree import Checkpoint
+
+if TYPE_CHECKING:
+    from .verbs.convert import ConvertReport
 
 
 # --- load, save, convert ---------------------------------------------------------------
@@ -47,31 +47,6 @@ def save(ck: Checkpoint | dict, path: str | os.PathLike, format: str | None = No
         ck = Checkpoint.from_state_dict(ck)
     return write_checkpoint(ck, path, format=format, force=force, lossless=lossless,
                             storage_options=storage_options, **options)
-
-
-@dataclass
-class ConvertReport(Report):
-    """What ``convert`` did: source, target, formats, bytes, seconds, notes."""
-
-    source: str
-    source_format: str
-    target: str
-    target_format: str
-    tensors: int = 0
-    bytes: int = 0
-    seconds: float = 0.0
-    files: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    mapping: dict | None = None
-    remote: dict | None = None      # object-storage requests and bytes, when a URL was involved
-
-    def __str__(self) -> str:
-        from .tensor import human_bytes
-
-        lines = [f"{self.source} ({self.source_format}) -> {self.target} ({self.target_format}): "
-                 f"{self.tensors} tensors, {human_bytes(self.bytes)} in {self.seconds:.2f} s"]
-        lines += [f"  note: {n}" for n in self.notes]
-        return "\n".join(lines)
 
 
 def cast_floats(ck: Checkpoint, dtype: str) -> Checkpoint:
@@ -123,6 +98,8 @@ def _convert(src, dst, to, mapping, select, force, dtype, format, strict, allow_
     write_options = check_options(target_format, "write", options)
     if select:
         ck = ck.select(select)
+    from .verbs.convert import ConvertReport
+
     report = ConvertReport(str(src), source_format, str(dst), target_format)
     m = _mapping(mapping)
     if m is not None:
@@ -281,8 +258,10 @@ def _call_passing(fn: Callable, verb: str, args: list, **options):
 
 
 def _call_here(fn: Callable, verb: str, args: list, **options):
+    from inspect import signature   # not at the top: ~10 ms to import without torch
+
     given = given_options(options)
-    params = _inspect.signature(fn).parameters
+    params = signature(fn).parameters
     takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
     for name in given:
         if name not in params and not takes_any:

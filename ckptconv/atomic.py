@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .errors import CkptconvError, UsageError
-from .remote import as_path, is_remote
+from .paths import as_path, is_remote
 
 
 class WriteError(CkptconvError):

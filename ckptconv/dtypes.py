@@ -8,7 +8,6 @@ safetensors code and to torch's name. Sources of truth: safetensors' README
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import lru_cache
 
 from ._lazy import ml_dtypes, np
@@ -17,15 +16,43 @@ from .errors import FormatError
 _NUMPY: dict[str, object] = {}  # canonical name -> numpy dtype (or None), filled on first use
 
 
-@dataclass(frozen=True)
 class DType:
-    """One element type and its names in numpy, safetensors and legacy torch storages."""
+    """One element type and its names in numpy, safetensors and legacy torch storages.
 
+    Immutable; one instance per type (``DTYPES``). A plain class rather than a
+    frozen dataclass: this module is imported by every load, and a frozen
+    dataclass costs ~1 ms to create."""
+
+    __slots__ = ("name", "itemsize", "numpy_type", "safetensors", "storage_class")
     name: str            # canonical (torch) name
     itemsize: int        # bytes per element; sub-byte types are packed
     numpy_type: str | None  # "numpy.<t>" or "ml_dtypes.<t>" (resolved lazily: see ``numpy``)
     safetensors: str | None
-    storage_class: str | None = None  # legacy torch.<X>Storage name, if any
+    storage_class: str | None  # legacy torch.<X>Storage name, if any
+
+    def __init__(self, name: str, itemsize: int, numpy_type: str | None, safetensors: str | None,
+                 storage_class: str | None = None):
+        for slot, value in zip(self.__slots__, (name, itemsize, numpy_type, safetensors,
+                                                 storage_class)):
+            object.__setattr__(self, slot, value)
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"DType is immutable: cannot set {name}")
+
+    def _key(self) -> tuple:
+        return (self.name, self.itemsize, self.numpy_type, self.safetensors, self.storage_class)
+
+    def __eq__(self, other) -> bool:
+        return self is other or (type(other) is DType and self._key() == other._key())
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return "DType(" + ", ".join(f"{s}={getattr(self, s)!r}" for s in self.__slots__) + ")"
+
+    def __reduce__(self):
+        return (DType, self._key())
 
     def __str__(self) -> str:
         return self.name

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from .errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_UNSAFE, CkptconvError, UnsafePickleError
-from .remote import as_path, is_remote, open_source
+from .paths import as_path, is_remote, open_source
 from .reports import Report
 
 MANIFEST_SUFFIX = ".sha256.json"

@@ -27,7 +27,6 @@ AbstractBufferedFile), ``config.py``; s3fs ``core.py`` (S3File.commit/discard).
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import io
 import json
 import posixpath
@@ -37,8 +36,9 @@ from collections import OrderedDict
 from typing import Any, Iterator
 
 from .errors import FormatError, MissingDependencyError, UsageError
-
-_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
+from .paths import (as_path, count_transfer, current_storage_options, is_remote,  # noqa: F401
+                    open_source, path_or_reader, remote_stats, remote_use, stats_since,
+                    storage_options, url_protocol)
 
 # protocol -> (module that implements it, pip package), for the install hint
 _BACKENDS = {
@@ -60,44 +60,7 @@ FETCH_PARALLEL = 4       # ... this many at a time (what `aws s3 cp` does too)
 MERGE_GAP = 64 << 10     # small ranges this close are fetched in one request
 
 
-def url_protocol(path: Any) -> str | None:
-    """The protocol of a URL string (``s3``), or None for local paths."""
-    if isinstance(path, RemotePath):
-        return path.protocol
-    if not isinstance(path, str):
-        return None
-    m = _URL.match(path)
-    return m.group(1).lower() if m else None
-
-
-def is_remote(path: Any) -> bool:
-    """True for a RemotePath or a URL string other than ``file://``."""
-    if isinstance(path, RemotePath):
-        return True
-    proto = url_protocol(path)
-    return proto is not None and proto not in ("file", "local")
-
-
-def as_path(path: Any, storage_options: dict | None = None):
-    """A ``RemotePath`` for a URL, a ``pathlib.Path`` for a local path or ``file://`` URL."""
-    from pathlib import Path
-
-    if isinstance(path, RemotePath):
-        return path.with_options(storage_options) if storage_options else path
-    if isinstance(path, str):
-        proto = url_protocol(path)
-        if proto in ("file", "local"):
-            return Path(path.split("://", 1)[1])
-        if proto is not None:
-            return RemotePath(path, storage_options)
-    return Path(path)
-
-
 # --- storage options ----------------------------------------------------------
-
-_options: contextvars.ContextVar[dict] = contextvars.ContextVar("ckptconv_storage_options",
-                                                                default={})
-
 
 def parse_storage_options(items: list[str] | None) -> dict:
     """``KEY=VALUE`` strings -> dict; values are JSON when they parse (true,
@@ -119,23 +82,6 @@ def parse_storage_options(items: list[str] | None) -> dict:
                 raise UsageError(f"--storage-option {item}: '{p}' is not a group of options")
         node[leaf] = value
     return out
-
-
-@contextlib.contextmanager
-def storage_options(options: dict | None) -> Iterator[None]:
-    """Use ``options`` for every URL opened inside the block (the API's ``storage_options=``)."""
-    if not options:
-        yield
-        return
-    token = _options.set({**_options.get(), **options})
-    try:
-        yield
-    finally:
-        _options.reset(token)
-
-
-def current_storage_options() -> dict:
-    return dict(_options.get())
 
 
 def _env_options(protocol: str) -> dict:
@@ -177,37 +123,6 @@ def filesystem(protocol: str, options: dict | None = None):
         raise UsageError(f"{protocol}://: bad storage options: {e}") from e
     except TypeError as e:
         raise UsageError(f"{protocol}://: bad storage options: {e}") from e
-
-
-# --- request accounting ---------------------------------------------------------
-
-_stats_lock = threading.Lock()
-_stats = {"requests": 0, "bytes_read": 0, "bytes_written": 0}
-
-
-def count_transfer(requests: int = 0, read: int = 0, written: int = 0) -> None:
-    """Add requests made and bytes moved to this process's counts (remote_stats)."""
-    with _stats_lock:
-        _stats["requests"] += requests
-        _stats["bytes_read"] += read
-        _stats["bytes_written"] += written
-
-
-def remote_stats() -> dict[str, int]:
-    """Requests made and bytes moved to/from object storage by this process so far."""
-    with _stats_lock:
-        return dict(_stats)
-
-
-def stats_since(before: dict[str, int]) -> dict[str, int]:
-    now = remote_stats()
-    return {k: now[k] - before.get(k, 0) for k in now}
-
-
-def remote_use(before: dict[str, int], *paths) -> dict[str, int] | None:
-    """What reports show: the requests and bytes since ``before``, when any of
-    ``paths`` is remote (None for local work)."""
-    return stats_since(before) if any(is_remote(p) for p in paths) else None
 
 
 # --- paths ------------------------------------------------------------------------
@@ -720,24 +635,6 @@ class RemoteBuffer:
 
     def close(self) -> None:
         self.block = b""
-
-
-def open_source(path):
-    """A binary file object for reading ``path`` (local: the built-in ``open``)."""
-    if is_remote(path):
-        return as_path(path).open("rb")
-    return open(path, "rb")
-
-
-@contextlib.contextmanager
-def path_or_reader(path) -> Iterator[Any]:
-    """What a library that opens files itself (h5py) is handed: a local path
-    as it is, a URL as a seekable file object read by range requests."""
-    if not is_remote(path):
-        yield path
-        return
-    with as_path(path).open("rb") as f:
-        yield f
 
 
 # --- many sources -----------------------------------------------------------------------

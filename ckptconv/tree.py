@@ -17,7 +17,6 @@ import base64
 import json
 import math
 from collections import OrderedDict
-from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from ._lazy import np
@@ -31,7 +30,6 @@ ALIASES_KEY = "ckptconv.aliases"
 SOURCE_KEY = "ckptconv.source"
 
 
-@dataclass(eq=False)
 class ObjectRecord:
     """An object from a pickle, recorded inertly: never imported nor called.
 
@@ -46,9 +44,12 @@ class ObjectRecord:
     """
 
     cls: str
-    state: Any = None
-    args: tuple = ()
-    kind: str = "newobj"
+    state: Any
+    args: tuple
+    kind: str
+
+    def __init__(self, cls: str, state: Any = None, args: tuple = (), kind: str = "newobj"):
+        self.cls, self.state, self.args, self.kind = cls, state, args, kind
 
     def __eq__(self, other):
         return (isinstance(other, ObjectRecord) and self.cls == other.cls
@@ -155,15 +156,35 @@ def _collect_tensors(node, prefix: str | None, out: list) -> None:
             _collect_tensors(v, name, out)
 
 
-@dataclass
 class Checkpoint:
-    """A lazily loaded checkpoint: ``tree`` plus ``metadata`` (str -> str)."""
+    """A lazily loaded checkpoint: ``tree`` plus ``metadata`` (str -> str).
+
+    This module's two records are plain classes, not dataclasses: every load
+    imports them, and creating a dataclass costs ~0.7 ms."""
 
     tree: Any
-    metadata: dict[str, str] = field(default_factory=dict)
-    format: str | None = None
-    path: str | None = None
-    info: dict[str, Any] = field(default_factory=dict)  # reader notes (object paths, writer...)
+    metadata: dict[str, str]
+    format: str | None
+    path: str | None
+    info: dict[str, Any]   # reader notes (object paths, writer...)
+
+    def __init__(self, tree: Any, metadata: dict[str, str] | None = None,
+                 format: str | None = None, path: str | None = None,
+                 info: dict[str, Any] | None = None):
+        self.tree = tree
+        self.metadata = {} if metadata is None else metadata
+        self.format, self.path = format, path
+        self.info = {} if info is None else info
+
+    def _fields(self) -> tuple:
+        return (self.tree, self.metadata, self.format, self.path, self.info)
+
+    def __eq__(self, other):
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return self._fields() == other._fields()
+
+    __hash__ = None   # mutable
 
     def close(self) -> None:
         """Release the files this checkpoint holds open, now.

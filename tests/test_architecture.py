@@ -4,7 +4,6 @@ hooks that say which formats have them, the table agreeing with the adapters."""
 from __future__ import annotations
 
 import ast
-import dataclasses
 import inspect
 import json
 import subprocess
@@ -204,8 +203,8 @@ def test_every_declared_writer_option_is_a_cli_flag(monkeypatch):
     assert set(flags("sanitize")) >= {"--torch-compat"}
     # a writer option added to a table row is a flag at once, help naming the format
     onnx = registry.FORMATS["onnx"]
-    monkeypatch.setitem(registry.FORMATS, "onnx", dataclasses.replace(
-        onnx, write_options=onnx.write_options | {"opset_version"}))
+    monkeypatch.setitem(registry.FORMATS, "onnx", onnx._replace(
+        write_options=onnx.write_options | {"opset_version"}))
     assert flags("convert")["--opset-version"].startswith("onnx: ")
     args = cli.build_parser().parse_args(["convert", "a.pt", "b.onnx", "--opset-version", "17"])
     assert args.api_call(args)[1]["opset_version"] == "17"

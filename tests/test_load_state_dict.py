@@ -185,3 +185,38 @@ def test_cuda_device(torch_files):
         assert got[k].device.type == "cuda", k
         assert tensor_bytes_equal(got[k].cpu(), w), k
     assert got["model_state_dict.embed.weight"] is got["model_state_dict.head.weight"]
+
+
+# modules a local load never needs: object storage, writers, streaming copies,
+# CRC checks, progress bars, and (for safetensors) the pickle engine
+NOT_ON_THE_LOAD_PATH = ("ckptconv.remote", "fsspec", "ckptconv.zipstream", "ckptconv.streaming",
+                        "ckptconv.progress", "ckptconv.atomic", "ckptconv.crc",
+                        "ckptconv.adapters.torch.writer", "ckptconv.adapters._io",
+                        "ckptconv.verbs.convert", "ckptconv.mapping")
+
+
+@pytest.mark.parametrize("kind", ["safetensors", "zip .pt"])
+def test_a_first_load_imports_only_what_it_uses(tmp_path, kind):
+    """The first ``load_state_dict`` of a process (#14: a cold call against
+    ``load_file`` / ``torch.load``) imports the reader's modules, not the rest."""
+    import json
+    import subprocess
+    import sys
+
+    from safetensors.torch import save_file
+
+    sd = {"w": torch.arange(6.0).reshape(2, 3), "b": torch.ones(3)}
+    path = tmp_path / ("m.safetensors" if kind == "safetensors" else "m.pt")
+    save_file(sd, path) if kind == "safetensors" else torch.save(sd, path)
+    code = ("import sys, json, torch, ckptconv\n"
+            f"sd = ckptconv.load_state_dict({str(path)!r})\n"
+            "assert sorted(sd) == ['b', 'w'], sorted(sd)\n"
+            "print(json.dumps(sorted(m for m in sys.modules if m.startswith(('ckptconv', 'fsspec')))))\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    loaded = set(json.loads(p.stdout.strip().splitlines()[-1]))
+    unused = set(NOT_ON_THE_LOAD_PATH) | ({"ckptconv.pickle", "ckptconv.adapters.torch"}
+                                         if kind == "safetensors" else set())
+    assert loaded & unused == set()
+    reader = "ckptconv.adapters.safetensors_" if kind == "safetensors" else "ckptconv.adapters.torch"
+    assert reader in loaded

@@ -24,12 +24,13 @@ from ckptconv._lazy import np
 from ckptconv.atomic import atomic_file
 from ckptconv.errors import FormatError, UnsupportedError
 from ckptconv.registry import Adapter
-from ckptconv.remote import open_source
+from ckptconv.paths import open_source
 from ckptconv.reports import name_list
 from ckptconv.tensor import FileHandle, FileSource, StoredTensor, TensorRef
 from ckptconv.tree import Checkpoint, iter_leaves, iter_tensors, join_path
 from ckptconv.views import record_views
-from ckptconv.ziputil import ZipWriter, check_member_crcs, is_zip
+from ckptconv.zipstream import ZipWriter, check_member_crcs
+from ckptconv.ziputil import is_zip
 
 from .read import as_checkpoint, read_h5
 from ..sniffers import keras_layout, keras_list_attr

@@ -21,7 +21,7 @@ from ckptconv._lazy import np
 
 from ckptconv import dtypes as _dt
 from ckptconv.errors import CkptconvError, FormatError
-from ckptconv.remote import open_source
+from ckptconv.paths import open_source
 from ckptconv.tensor import FileHandle
 from ckptconv.ziputil import read_member_bytes, read_members
 

@@ -40,7 +40,7 @@ from pathlib import Path
 from ckptconv.registry import Adapter
 from ckptconv.tree import Checkpoint
 from ckptconv.views import flat_format_losses
-from ckptconv.remote import as_path
+from ckptconv.paths import as_path
 
 from .bundle import check_bundle, read_bundle
 

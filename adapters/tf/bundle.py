@@ -18,7 +18,7 @@ from ckptconv.errors import FormatError, IntegrityError, UnsupportedError
 from ckptconv.tensor import (CHUNK_BYTES, FileHandle, FileSource, StoredTensor, TensorRef,
                              human_bytes)
 from ckptconv.tree import Checkpoint, ObjectRecord, tree_from_metadata
-from ckptconv.remote import as_path
+from ckptconv.paths import as_path
 
 from .._io import DecodeError, crc32c, unmask_crc
 from ..sniffers import find_prefix

@@ -16,7 +16,7 @@ from ckptconv.errors import FormatError, UnsupportedError
 from ckptconv.streaming import PARALLEL_CRC_MIN, OutFile, crc_of_span
 from ckptconv.tensor import TensorRef
 from ckptconv.tree import TREE_KEY, Checkpoint, ObjectRecord, iter_tensors, tree_to_metadata
-from ckptconv.remote import as_path
+from ckptconv.paths import as_path
 
 from .._io import crc32c, mask_crc, unmask_crc
 from .bundle import RAW_ENTRY_CLASS

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ckptconv.remote import open_source
+from ckptconv.paths import open_source
 from ckptconv.errors import FormatError
 from ckptconv.registry import Adapter
 from ckptconv.sharding import read_sharded

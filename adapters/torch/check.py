@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from ckptconv.remote import as_path, open_source
+from ckptconv.paths import as_path, open_source
 from ckptconv._lazy import np
 
 from ckptconv.errors import EXIT_OK, EXIT_UNSAFE, FormatError, UnsafePickleError

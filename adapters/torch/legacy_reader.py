@@ -12,7 +12,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-from ckptconv.remote import open_source
+from ckptconv.paths import open_source
 from ckptconv._lazy import np
 
 from ckptconv import dtypes as _dt

@@ -16,7 +16,7 @@ import numpy as np
 
 from ckptconv import dtypes as _dt
 from ckptconv.errors import FormatError, UnsupportedError
-from ckptconv.remote import as_path
+from ckptconv.paths import as_path
 from ckptconv.reports import Report
 from ckptconv.tensor import ArrayTensor, TensorRef
 from ckptconv.tree import Checkpoint, ObjectRecord

@@ -27,7 +27,7 @@ from pathlib import Path
 from ckptconv import dtypes as _dt
 from ckptconv.errors import FormatError
 from ckptconv.pickle import starts_a_pickle
-from ckptconv.remote import open_source
+from ckptconv.paths import open_source
 from ckptconv.safety import (MAX_MEMBER, PICKLE_OPCODES, SAFE, SNIFF, UNSCANNED, ScanReport,
                              is_tar, judge_pickle, one_line, open_buffer, pickle_end,
                              scan_contents, scan_pickle_run, scan_zip)

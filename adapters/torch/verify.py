@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ckptconv.remote import open_source
+from ckptconv.paths import open_source
 from ckptconv.sharding import shard_files
-from ckptconv.ziputil import check_member_crcs, is_zip
+from ckptconv.zipstream import check_member_crcs
+from ckptconv.ziputil import is_zip
 
 
 def verify_torch(path: Path, report) -> None:

@@ -21,7 +21,7 @@ from ckptconv.atomic import atomic_file
 from ckptconv.errors import UnsupportedError
 from ckptconv.tensor import StoredTensor, TensorRef, contiguous_strides
 from ckptconv.tree import Checkpoint, ObjectRecord, iter_tensors
-from ckptconv.ziputil import ZipWriter
+from ckptconv.zipstream import ZipWriter
 
 from .known_globals import DICT, KNOWN_GLOBALS, OMEGACONF_CONTAINERS, PARENT_KEY, PARENT_LINKED
 from .weights_only import DTYPE_MIN_TORCH

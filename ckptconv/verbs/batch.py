@@ -249,7 +249,7 @@ def run_one(fn: Callable, src: str, dst: str | None, options: dict, storage_opti
             keep_report: bool = False) -> SourceResult:
     """Run ``fn(src[, dst], **options)`` and describe the outcome; never raises
     for a bad source (a worker's failure is its result)."""
-    from ..remote import remote_stats, stats_since, storage_options as using
+    from ..paths import remote_stats, stats_since, storage_options as using
 
     t0 = time.perf_counter()
     before = remote_stats()
