@@ -127,7 +127,14 @@ def baselines(task: str, src: str, dst: str) -> list[tuple[str, str, list[str]]]
             (task, "cp + fsync", ["sh", "-c", f"cp {flag}'{src}' '{dst}' && sync '{dst}'"])]
 
 
-def tasks(files: dict[str, Path], out: Path) -> list[tuple[str, str, list[str], list[str]]]:
+def labels(size_gib: float, small_count: int) -> dict[str, str]:
+    """The names of the tasks whose input sizes the options set (``--quick`` included)."""
+    return {"small": f"{small_count:,} small tensors pth -> safetensors",
+            "inspect": f"inspect {size_gib:g} GiB .pt (metadata only)"}
+
+
+def tasks(files: dict[str, Path], out: Path,
+          names: dict[str, str]) -> list[tuple[str, str, list[str], list[str]]]:
     """(task, contender, command, extra files the command writes)."""
     pt, st, small = str(files["pt"]), str(files["st"]), str(files["small"])
     o_st, o_pt = str(out / "out.safetensors"), str(out / "out.pt")
@@ -136,7 +143,7 @@ def tasks(files: dict[str, Path], out: Path) -> list[tuple[str, str, list[str], 
                  "save_file({{k: v.contiguous() for k, v in sd.items()}}, {dst!r})")
     t = []
     for task, src, in_size_file in (("pth -> safetensors", pt, pt),
-                                    ("50,000 small tensors pth -> safetensors", small, small)):
+                                    (names["small"], small, small)):
         t += baselines(task, src, o_st)
         t += [(task, "torch.load + save_file", py(load_save.format(src=src, mm="", dst=o_st))),
               (task, "torch.load(mmap) + save_file",
@@ -168,7 +175,7 @@ def tasks(files: dict[str, Path], out: Path) -> list[tuple[str, str, list[str], 
     t += baselines("bf16 4 shards -> one safetensors", str(shards.parent), str(out / "cpdir"))
     t += [("bf16 4 shards -> one safetensors", "ckptconv convert",
            ckptconv("convert", str(shards), o_st, "--force", "--no-progress"))]
-    t += [("inspect 2 GiB .pt (metadata only)", "ckptconv inspect", ckptconv("inspect", pt)),
+    t += [(names["inspect"], "ckptconv inspect", ckptconv("inspect", pt)),
           ("CLI start-up", "ckptconv --help", ckptconv("--help"))]
     return t
 
@@ -242,9 +249,10 @@ def main(argv=None) -> int:
     files = {k: Path(v) for k, v in json.loads(made.stdout.strip().splitlines()[-1]).items()}
     out = args.work / "out"
     out.mkdir(exist_ok=True)
-    plan = tasks(files, out)
-    inputs = {"pth -> safetensors": [files["pt"]], "inspect 2 GiB .pt (metadata only)": [files["pt"]],
-              "50,000 small tensors pth -> safetensors": [files["small"]],
+    names = labels(args.size, args.small_count)
+    plan = tasks(files, out, names)
+    inputs = {"pth -> safetensors": [files["pt"]], names["inspect"]: [files["pt"]],
+              names["small"]: [files["small"]],
               "safetensors -> pth": [files["st"]], "TF bundle -> safetensors": [files["tf"].parent],
               "h5 -> safetensors": [files["h5"]],
               "bf16 4 shards -> one safetensors": [files["shards"].parent]}

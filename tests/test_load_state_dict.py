@@ -215,8 +215,10 @@ def test_a_first_load_imports_only_what_it_uses(tmp_path, kind):
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     loaded = set(json.loads(p.stdout.strip().splitlines()[-1]))
-    unused = set(NOT_ON_THE_LOAD_PATH) | ({"ckptconv.pickle", "ckptconv.adapters.torch"}
-                                         if kind == "safetensors" else set())
+    unused = set(NOT_ON_THE_LOAD_PATH) | (
+        {"ckptconv.pickle", "ckptconv.adapters.torch"} if kind == "safetensors" else
+        {"ckptconv.adapters.torch.legacy_reader", "ckptconv.adapters.torch.weights_only",
+         "ckptconv.sharding"})
     assert loaded & unused == set()
     reader = "ckptconv.adapters.safetensors_" if kind == "safetensors" else "ckptconv.adapters.torch"
     assert reader in loaded

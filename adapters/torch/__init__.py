@@ -16,21 +16,22 @@ torch blobs (DCP, DeepSpeed): import them from ``ckptconv.adapters.torch``.
 from __future__ import annotations
 
 from .adapter import TorchAdapter
-from .legacy_reader import LEGACY_HEAD, LEGACY_MAGIC, read_bare_pickle, read_legacy_checkpoint
 from .unpickling import TorchUnpickler, check_pickle
-from .weights_only import DTYPE_MIN_TORCH
 from .zip_reader import read_torch_blob, read_zip_checkpoint
 
+# names imported when first asked for: reading a zip .pt needs none of them
+_LAZY = {"write_zip_archive": "writer", "write_zip_checkpoint": "writer",
+         "read_legacy_checkpoint": "legacy_reader", "read_bare_pickle": "legacy_reader",
+         "LEGACY_HEAD": "legacy_reader", "LEGACY_MAGIC": "legacy_reader",
+         "DTYPE_MIN_TORCH": "weights_only"}
+
 __all__ = ["TorchAdapter", "TorchUnpickler", "check_pickle", "read_zip_checkpoint", "read_torch_blob",
-           "read_legacy_checkpoint", "read_bare_pickle", "write_zip_checkpoint", "write_zip_archive",
-           "LEGACY_HEAD",
-           "LEGACY_MAGIC", "DTYPE_MIN_TORCH"]
+           *_LAZY]
 
 
 def __getattr__(name: str):
-    """The writer's names, imported when first asked for (a read never needs them)."""
-    if name in ("write_zip_archive", "write_zip_checkpoint"):
-        from . import writer
+    if name in _LAZY:
+        import importlib
 
-        return getattr(writer, name)
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -9,11 +9,9 @@ from typing import Any
 from ckptconv.paths import open_source
 from ckptconv.errors import FormatError
 from ckptconv.registry import Adapter
-from ckptconv.sharding import read_sharded
 from ckptconv.tensor import TensorRef
 from ckptconv.tree import Checkpoint
 
-from .legacy_reader import LEGACY_HEAD, is_bare_pickle, read_bare_pickle, read_legacy_checkpoint
 from .zip_reader import read_zip_checkpoint
 
 
@@ -30,6 +28,8 @@ class TorchAdapter(Adapter):
             head = f.read(16)
         if head.startswith(b"PK"):
             return read_zip_checkpoint(path, allow)
+        from .legacy_reader import LEGACY_HEAD, is_bare_pickle, read_bare_pickle, read_legacy_checkpoint
+
         if head.startswith(LEGACY_HEAD):
             return read_legacy_checkpoint(path, allow)
         if is_bare_pickle(head, path):
@@ -38,6 +38,8 @@ class TorchAdapter(Adapter):
 
     def _read_sharded(self, path: Path, allow_globals: tuple) -> Checkpoint:
         """``pytorch_model.bin.index.json`` + ``pytorch_model-0000K-of-0000N.bin`` shards."""
+        from ckptconv.sharding import read_sharded
+
         values: dict[str, Any] = {}  # non-tensor entries of the shards (HF shards have none)
 
         def read_shard(p: Path):
