@@ -236,7 +236,7 @@ def role(contender: str) -> str:
         "floor" if contender.startswith("floor") else "peer"
 
 
-def tasks(files: dict[str, Path]) -> list[tuple[str, list[tuple[str, dict]]]]:
+def tasks(files: dict[str, Path], small_count: int) -> list[tuple[str, list[tuple[str, dict]]]]:
     """(task, [(contender, child spec), ...])."""
     big, small = str(files["st"]), str(files["small_st"])
 
@@ -306,10 +306,10 @@ def tasks(files: dict[str, Path]) -> list[tuple[str, list[tuple[str, dict]]]]:
                                           floor_map(st), (sd_, spec(sd_, st, model=False))]),
         ("load_state_dict zip .pt", [("torch.load(mmap)", spec("torch.load", pt, model=False)),
                                      floor_map(pt), (sd_, spec(sd_, pt, model=False))]),
-        ("load_state_dict 50,000 tensors .pt", [
+        (f"load_state_dict {small_count:,} tensors .pt", [
             ("torch.load(mmap)", spec("torch.load", files["small"], model=False, shapes=small)),
             (sd_, spec(sd_, files["small"], model=False, shapes=small))]),
-        ("load_into 50,000 tensors .pt", [   # one module per tensor: minutes for torch
+        (f"load_into {small_count:,} tensors .pt", [   # one module per tensor: minutes for torch
             ("torch.load(mmap) + load_state_dict",
              spec("torch.load+load_state_dict", files["small"], shapes=small)),
             floor_read(files["small"], shapes=small),
@@ -345,7 +345,7 @@ def main(argv=None) -> int:
     files = generate(work, int(args.size * (1 << 30)), args.small_count)
     files["blocks"] = generate_blocks(work)
     byte_compile()
-    plan = [t for t in tasks(files) if not args.only or any(o in t[0] for o in args.only)]
+    plan = [t for t in tasks(files, args.small_count) if not args.only or any(o in t[0] for o in args.only)]
     head = ("task", "contender", "median s", "vs fastest peer", "vs floor", "median CPU s",
             "CPU vs fastest peer", "peak RSS growth MiB")
     if args.markdown:
