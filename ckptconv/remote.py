@@ -3,7 +3,10 @@
 Every path ckptconv takes may be an fsspec URL (``s3://``, ``gs://``,
 ``az://``, ``http(s)://``, ``hf://``, ``memory://``; ``file://`` is a local
 path). Local paths never come here: they keep the ``os.pread`` /
-``copy_file_range`` fast path.
+``copy_file_range`` fast path, and telling them from URLs (``is_remote``,
+``as_path``, ``open_source``) with the storage-option context and the
+request counts lives in ``ckptconv.paths``, which needs nothing of this
+module: a local load never imports it (re-exported here).
 
 Reading: ``RemoteFile`` is the remote kind of ``tensor.FileHandle``. Each
 read is one range request (``fs.cat_file(path, start, end)``); small reads
