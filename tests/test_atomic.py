@@ -40,7 +40,10 @@ def _temps(folder: Path) -> list[Path]:
 
 
 def _start_convert(src: Path, dst: Path) -> subprocess.Popen:
-    code = "import sys\nfrom ckptconv.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+    # Ctrl-C as a terminal sends it: a shell's background job (a CI script run
+    # with `&`) starts with SIGINT ignored, and the child would inherit that
+    code = ("import signal, sys\nsignal.signal(signal.SIGINT, signal.default_int_handler)\n"
+            "from ckptconv.cli import main\nsys.exit(main(sys.argv[1:]))\n")
     return subprocess.Popen([sys.executable, "-c", code, "convert", str(src), str(dst),
                              "--dtype", "float16", "--force"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
