@@ -108,12 +108,9 @@ def parse_npy_header(read: Callable[[int, int], bytes], size: int, display: str)
 
 
 def is_object_descr(descr) -> bool:
-    """Whether a header's dtype holds pickled Python objects (``'|O'``, or a field of one)."""
-    if isinstance(descr, str):
-        return descr.lstrip("<>|=") in ("O", "O8", "O4")
-    if isinstance(descr, (list, tuple)):
-        return any(is_object_descr(x) for x in descr)
-    return False
+    """Whether a header's dtype holds pickled Python objects, as numpy reads it
+    (``ckptconv.dtypes.numpy_descr_holds_objects``; a descr numpy refuses does not)."""
+    return _dt.numpy_descr_holds_objects(descr, undecided=False)
 
 
 def npy_header_bytes(descr: str, fortran_order: bool, shape: tuple[int, ...]) -> bytes:

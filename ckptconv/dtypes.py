@@ -172,3 +172,19 @@ def numpy_dtype(name: str | DType) -> np.dtype:
     if d.numpy is None:
         raise FormatError(f"dtype '{d.name}' has no numpy equivalent")
     return d.numpy
+
+
+def numpy_descr_holds_objects(descr, undecided: bool = True) -> bool:
+    """Whether numpy reads a ``.npy`` header's ``descr`` as a dtype holding Python
+    objects: ``np.save`` pickles such an array after the header and
+    ``np.load(allow_pickle=True)`` unpickles it. numpy's own ``descr_to_dtype``
+    (what ``np.load`` calls on the header) decides, so every spelling it takes
+    counts ('|O', 'O8', '<O', 'object', a field of one): a scanner that read the
+    header otherwise would call such a file safe. A descr numpy refuses gives
+    ``undecided`` (``np.load`` would refuse the file)."""
+    from numpy.lib.format import descr_to_dtype
+
+    try:
+        return bool(descr_to_dtype(descr).hasobject)
+    except Exception:  # noqa: BLE001 - whatever numpy raises on a header it refuses
+        return undecided

@@ -87,9 +87,10 @@ def code_bytes(src: str = PY) -> bytes:
     return marshal.dumps(compile(src, "<payload>", "exec"))
 
 
-def npy_object_file(pickled: bytes) -> bytes:
-    """A .npy file of object dtype: numpy.load(allow_pickle=True) unpickles its body."""
-    header = "{'descr': '|O', 'fortran_order': False, 'shape': (1,), }"
+def npy_object_file(pickled: bytes, descr="|O") -> bytes:
+    """A .npy file of object dtype: numpy.load(allow_pickle=True) unpickles its body.
+    ``descr``: any spelling numpy reads as an object dtype ('O8', 'object', ...)."""
+    header = "{'descr': %r, 'fortran_order': False, 'shape': (1,), }" % (descr,)
     header += " " * (-(10 + len(header) + 1) % 64) + "\n"
     return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(header)) + header.encode() + pickled
 

@@ -126,6 +126,8 @@ CLASSES += [
      "frame.pt", mc.torch_zip(_frame_crossing())),
     ("numpy object array (.npy)", "modelscan, picklescan",
      "objects.npy", mc.npy_object_file(PAYLOAD)),
+    ("numpy object array spelled 'object' (or '<O', 'O8'; numpy reads all as objects)",
+     "(found here)", "object_dtype.npy", mc.npy_object_file(PAYLOAD, "object")),
     ("pickle in front of another format (polyglot)", "fickling",
      "poly.h5", BY["os_system_protocol0"].data + b"\0" * 600),
     ("7z archive", "picklescan", "model.7z", b"7z\xbc\xaf\x27\x1c\x00\x04" + bytes(64)),

@@ -180,6 +180,24 @@ def test_unsafe_object_array_refused(tmp_path):
     assert not (tmp_path / "out.safetensors").exists()
 
 
+@pytest.mark.parametrize("descr", ["<O", "=O", "O8", "|O4", "object", [("a", "<f4"), ("b", "object")]])
+def test_every_spelling_of_an_object_dtype_is_a_pickle(tmp_path, descr):
+    """numpy reads these descrs as object dtypes too (np.load unpickles the body
+    with allow_pickle=True): scan and the reader judge the pickle, whatever the
+    spelling; a scanner that knew only '|O' would call the file safe."""
+    evil = tmp_path / "evil.npy"
+    evil.write_bytes(npy_object_file(_system_p2(), descr))
+    with pytest.raises(ValueError, match="Object arrays cannot be loaded"):
+        np.load(evil, allow_pickle=False)   # numpy's own word: a pickle follows
+    with pytest.raises(UnsafePickleError, match="posix.system"):
+        ckptconv.load(evil)
+    report = ckptconv.scan(evil)
+    assert report.verdict == "unsafe" and "posix.system" in str(report), str(report)
+    with zipfile.ZipFile(tmp_path / "evil.npz", "w") as z:
+        z.writestr("x.npy", evil.read_bytes())
+    assert ckptconv.scan(tmp_path / "evil.npz").verdict == "unsafe"
+
+
 class Phase(enum.Enum):
     """Pickled as a call of the class with its value (REDUCE): refused unless allowed."""
     TRAIN = "train"
