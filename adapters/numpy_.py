@@ -47,7 +47,7 @@ from ckptconv.tree import (Checkpoint, ObjectRecord, iter_tensors, to_canonical,
 from ckptconv.pickle import (Global, Pending, RestrictedUnpickler, checked_allow_globals,
                              python3_name, short_repr)
 from ckptconv.zipstream import ZipWriter
-from ckptconv.ziputil import read_member_bytes, read_members
+from ckptconv.ziputil import DEFLATED, STORED, read_member_bytes, read_members
 
 from .sniffers import NPY_MAGIC as MAGIC
 ALIGN = 64                    # numpy's ARRAY_ALIGN: data start at a multiple of 64
@@ -390,7 +390,7 @@ def read_npy(path: Path, allow_globals=()) -> Checkpoint:
 
 
 def _member_source(handle: FileHandle, m, skip: int, nbytes: int) -> ByteSource:
-    if m.compress_type == 0:
+    if m.compress_type == STORED:
         return FileSource(handle, m.data_offset + skip, nbytes, f"zip member '{m.name}'")
     return InflatedSource(handle, m, skip, nbytes)
 
@@ -404,7 +404,7 @@ def read_npz(path: Path, allow_globals=()) -> Checkpoint:
         if not name.endswith(".npy"):
             notes.append(f"member '{name}' is not an array (skipped)")
             continue
-        if m.compress_type not in (0, 8):
+        if m.compress_type not in (STORED, DEFLATED):
             raise FormatError(f"{handle.display}: zip member '{name}' uses compression "
                               f"{m.compress_type} (np.savez writes stored or deflated members)")
         display = f"{handle.display}:{name}"

@@ -299,7 +299,7 @@ def scan_zip(rep: ScanReport, path: Path, layout: ZipLayout = _plain_zip) -> Non
     (a pickle named ``data.txt`` is a pickle), but those ``layout`` says are
     raw data."""
     from .tensor import FileHandle
-    from .ziputil import is_zip, read_member_bytes, read_members
+    from .ziputil import DEFLATED, STORED, is_zip, read_member_bytes, read_members
 
     handle = FileHandle(path)
     members = read_members(handle)
@@ -310,7 +310,7 @@ def scan_zip(rep: ScanReport, path: Path, layout: ZipLayout = _plain_zip) -> Non
         display = f"{handle.display}:{name}"
         if is_raw_data(name) or name.endswith("/") and not m.size:
             continue
-        if m.compress_type not in (0, 8):
+        if m.compress_type not in (STORED, DEFLATED):
             rep.fail(f"{display}: zip member compressed with method {m.compress_type}; not scanned")
             continue
         head = _member_head(handle, m)
@@ -358,9 +358,11 @@ def _member_head(handle, m, n: int = 1 << 16) -> bytes:
     """The first ``n`` bytes of a zip member, inflating only that much."""
     import zlib
 
-    raw = handle.pread(m.data_offset, min(m.compressed_size, n if m.compress_type == 0 else
+    from .ziputil import STORED
+
+    raw = handle.pread(m.data_offset, min(m.compressed_size, n if m.compress_type == STORED else
                                           max(n, m.compressed_size)), f"zip member '{m.name}'")
-    if m.compress_type == 0:
+    if m.compress_type == STORED:
         return raw
     try:
         return zlib.decompressobj(-15).decompress(raw, n)

@@ -19,7 +19,7 @@ from .errors import FormatError
 from .progress import advance
 from .streaming import PARALLEL_CRC_MIN, OutFile, crc_of_span
 from .tensor import FileHandle, TensorRef
-from .ziputil import _CENTRAL, _LOCAL, Member, read_members
+from .ziputil import CENTRAL_HEADER, DEFLATED, LOCAL_HEADER, STORED, Member, read_members
 
 ALIGN = 64
 
@@ -54,7 +54,7 @@ class ZipWriter:
             extra += struct.pack("<HH", 0x4246, pad - 4) + b"Z" * (pad - 4)  # torch's "FB" padding
         fields = (0x04034B50, 45 if zip64 else 20, 0, 0, 0, 0x21, 0,
                   0xFFFFFFFF if zip64 else size, 0xFFFFFFFF if zip64 else size, len(name), len(extra))
-        return _LOCAL.pack(*fields) + name + extra, pad
+        return LOCAL_HEADER.pack(*fields) + name + extra, pad
 
     def add_bytes(self, name: str, data: bytes) -> None:
         self._add(name, len(data), [data], crc=zlib.crc32(data))
@@ -131,7 +131,7 @@ class ZipWriter:
                 big = size >= 0xFFFFFFFF or offset >= 0xFFFFFFFF
                 if big:
                     extra = struct.pack("<HHQQQ", 1, 24, size, size, offset)
-                out.write(_CENTRAL.pack(
+                out.write(CENTRAL_HEADER.pack(
                     0x02014B50, 45 if big else 20, 45 if big else 20, 0, 0, 0, 0x21, crc,
                     0xFFFFFFFF if big else size, 0xFFFFFFFF if big else size, len(bname), len(extra),
                     0, 0, 0, 0, 0xFFFFFFFF if big else offset) + bname + extra)
@@ -154,9 +154,9 @@ class ZipWriter:
 
 def _member_crc(handle: FileHandle, m: Member, chunk: int = 8 << 20) -> int:
     """CRC-32 of a member's *uncompressed* bytes, read in bounded chunks."""
-    if m.compress_type == 0:
+    if m.compress_type == STORED:
         return crc_of_span(handle, m.data_offset, m.compressed_size, chunk=chunk)
-    if m.compress_type != 8:
+    if m.compress_type != DEFLATED:
         raise FormatError(f"{handle.display}: zip member '{m.name}' uses compression "
                           f"{m.compress_type}")
     d = zlib.decompressobj(-15)

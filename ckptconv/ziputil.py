@@ -25,8 +25,8 @@ _BOMB_MIN = 64 << 20
 STORED, DEFLATED = 0, 8   # compression methods (APPNOTE 4.4.5; zipfile.ZIP_STORED, ZIP_DEFLATED)
 
 
-_LOCAL = struct.Struct("<IHHHHHIIIHH")
-_CENTRAL = struct.Struct("<IHHHHHHIIIHHHHHII")
+LOCAL_HEADER = struct.Struct("<IHHHHHIIIHH")
+CENTRAL_HEADER = struct.Struct("<IHHHHHHIIIHHHHHII")
 
 
 class Member(NamedTuple):
@@ -98,7 +98,7 @@ def read_members(handle: FileHandle, start: int = 0, size: int | None = None) ->
         if pos + 46 > end:
             raise FormatError(f"{name}: corrupt zip central directory (entry past its end)")
         (sig, _, _, flags, method, _, _, crc, csize, usize, nlen, xlen, clen, _, _, _,
-         hoff) = _CENTRAL.unpack_from(cd, pos)
+         hoff) = CENTRAL_HEADER.unpack_from(cd, pos)
         if sig != 0x02014B50:
             raise FormatError(f"{name}: corrupt zip central directory at offset {cd_offset + pos}")
         raw_name = cd[pos + 46:pos + 46 + nlen]
@@ -139,7 +139,7 @@ def read_members(handle: FileHandle, start: int = 0, size: int | None = None) ->
 
 def _member(head: bytes, mname: str, hoff: int, csize: int, usize: int, crc: int, method: int,
             name: str, start: int, size: int) -> Member:
-    lsig, _, _, _, _, _, _, _, _, lnlen, lxlen = _LOCAL.unpack(head)
+    lsig, _, _, _, _, _, _, _, _, lnlen, lxlen = LOCAL_HEADER.unpack(head)
     if lsig != 0x04034B50:
         raise FormatError(f"{name}: corrupt zip: bad local header for '{mname}'")
     data_start = hoff + 30 + lnlen + lxlen

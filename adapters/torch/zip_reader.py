@@ -16,7 +16,7 @@ from typing import Any
 from ckptconv.errors import FormatError
 from ckptconv.tensor import BufferSource, FileHandle, FileSource, TensorRef
 from ckptconv.tree import Checkpoint, ObjectRecord
-from ckptconv.ziputil import Member, member_root, read_member_bytes, read_members
+from ckptconv.ziputil import STORED, Member, member_root, read_member_bytes, read_members
 
 from .unpickling import TorchUnpickler, check_pickle, checkpoint_info
 
@@ -59,7 +59,7 @@ def read_zip_archive(handle: FileHandle, members: dict[str, Member],
         nbytes = numel * (1 if untyped else dtype.itemsize)
         if nbytes > m.size:
             raise FormatError(f"{display}: storage '{key}' needs {nbytes} bytes, member holds {m.size}")
-        if m.compress_type != 0:
+        if m.compress_type != STORED:
             return BufferSource(read_member_bytes(handle, m))
         src = FileSource(handle, m.data_offset, nbytes, f"storage '{key}'")
         if nbytes == m.size:
