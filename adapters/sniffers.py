@@ -48,14 +48,14 @@ def is_bare_pickle(head: bytes, path: Path | None = None) -> bool:
     parser (``scan`` still judges a pickle at the start of any file)."""
     if head[8:9] == b"{" and _safetensors_length(head):
         return False   # what the safetensors reader takes (its header is never unpickled)
-    if len(head) >= 3 and head[0] == 0x80:
-        from ckptconv.pickle import starts_a_pickle
-
-        return starts_a_pickle(head)
-    if not head or head[:1].decode("latin1") not in PICKLE_OPCODES or path is None:
+    binary = len(head) >= 3 and head[0] == 0x80
+    if not binary and (not head or head[:1].decode("latin1") not in PICKLE_OPCODES
+                       or path is None):
         return False
     from ckptconv.pickle import starts_a_pickle
 
+    if binary:
+        return starts_a_pickle(head)
     with open_source(path) as f:
         return starts_a_pickle(f.read(TEXT_PICKLE_SNIFF))
 
